@@ -1,0 +1,304 @@
+"""Site manifest: schema, validation and the patient-level split.
+
+A manifest is a CSV or Parquet file with one row per image/note/EHR record:
+
+``patient_id`` (required), ``label`` (required; one of ``data.labels``), ``image`` (path relative
+to the manifest: DICOM, PNG or JPEG), ``note`` (inline text) or ``note_path`` (relative path to a
+UTF-8 text file), one column per declared tabular field, optional ``split`` (train/val/test) and
+optional ``site``. Empty cells mean the modality or value is absent.
+
+:func:`read_manifest` returns a :class:`SiteData`: the usable :class:`Record` s plus every
+:class:`Problem` found, each naming its row (1-based, header excluded) and file. Rows with an
+error are skipped and counted; warnings (an empty note, identifying DICOM tags) keep the row.
+Problems with the file as a whole (unreadable, a required column missing) raise
+:class:`~clinfuse.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from clinfuse.config import MODALITIES, Config
+from clinfuse.data import tabular as tab
+from clinfuse.data.text import normalize_note
+from clinfuse.errors import InputError
+
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("patient_id", "label")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usable manifest row. ``image`` is an absolute path; absent modalities are ``None``."""
+    row: int
+    patient_id: str
+    label: int
+    image: Path | None
+    note: str | None
+    tabular: dict[str, float | str | None]
+    split: str
+    site: str
+
+    @property
+    def has_tabular(self) -> bool:
+        return any(v is not None for v in self.tabular.values())
+
+    @property
+    def mask(self) -> tuple[bool, bool, bool]:
+        """Modality availability in ``MODALITIES`` order (image, text, tabular)."""
+        return (self.image is not None, self.note is not None, self.has_tabular)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with one row (or, with ``row=None``, with the manifest as a whole)."""
+    file: str
+    row: int | None
+    column: str | None
+    message: str
+    severity: str = "error"  # "error": row skipped; "warning": row kept
+
+    def describe(self) -> str:
+        where = self.file + (f", row {self.row}" if self.row is not None else "")
+        col = f" [{self.column}]" if self.column else ""
+        return f"{self.severity}: {where}{col}: {self.message}"
+
+
+@dataclass
+class SiteData:
+    manifest: Path
+    site: str
+    n_rows: int
+    records: list[Record] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def skipped_rows(self) -> list[int]:
+        return sorted({p.row for p in self.problems if p.severity == "error" and p.row is not None})
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({r.patient_id for r in self.records})
+
+    def summary(self, labels: list[str]) -> dict:
+        """Counts a site engineer reads first: rows, patients, labels, modalities, patterns, splits."""
+        availability = {m: sum(r.mask[i] for r in self.records) for i, m in enumerate(MODALITIES)}
+        return {
+            "manifest": str(self.manifest),
+            "site": self.site,
+            "rows": self.n_rows,
+            "usable_rows": len(self.records),
+            "skipped_rows": len(self.skipped_rows),
+            "patients": len(self.patients),
+            "labels": {name: sum(r.label == i for r in self.records) for i, name in enumerate(labels)},
+            "availability": availability,
+            "patterns": dict(Counter(pattern_name(r.mask) for r in self.records).most_common()),
+            "splits": {s: sum(r.split == s for r in self.records) for s in SPLITS},
+            "errors": sum(p.severity == "error" for p in self.problems),
+            "warnings": sum(p.severity == "warning" for p in self.problems),
+        }
+
+
+def pattern_name(mask) -> str:
+    """Human name of a modality pattern, e.g. ``image+text`` or ``image only`` or ``none``."""
+    present = [m for m, has in zip(MODALITIES, mask) if has]
+    if not present:
+        return "none"
+    return present[0] + " only" if len(present) == 1 else "+".join(present)
+
+
+def patient_split(patient_id: str, cfg: Config) -> str:
+    """Deterministic split of a patient: same id, same seed -> same split, in any process."""
+    digest = hashlib.blake2b(f"{cfg.data.split.seed}:{patient_id}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64
+    if u < cfg.data.split.test_fraction:
+        return "test"
+    if u < cfg.data.split.test_fraction + cfg.data.split.val_fraction:
+        return "val"
+    return "train"
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError("manifest not found", file=path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            # Everything as text: validation decides what a cell means, pandas must not guess.
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+        if suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+            return frame.astype(object).where(frame.notna(), "").map(
+                lambda v: v if isinstance(v, str) else ("" if v is None else str(v)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read the manifest: {exc}".strip(), file=path) from None
+    except Exception as exc:  # pyarrow raises its own error types for corrupt files
+        raise InputError(f"cannot read the manifest: {type(exc).__name__}: {exc}", file=path) from None
+    raise InputError(f"unsupported manifest type '{suffix}': use .csv or .parquet", file=path)
+
+
+def _check_columns(frame: pd.DataFrame, cfg: Config, path: Path) -> None:
+    for column in REQUIRED_COLUMNS:
+        if column not in frame.columns:
+            raise InputError(f"required column '{column}' is missing (columns: {list(frame.columns)})",
+                             file=path, key=column)
+    for column in cfg.data.tabular:
+        if column.name not in frame.columns:
+            raise InputError(
+                f"declared tabular column '{column.name}' is missing; add it (empty cells are allowed) "
+                "or remove it from data.tabular in the config", file=path, key=column.name)
+    if "note" in frame.columns and "note_path" in frame.columns:
+        raise InputError("give notes either inline ('note') or as files ('note_path'), not both",
+                         file=path, key="note_path")
+
+
+def _site_name(frame: pd.DataFrame, path: Path) -> str:
+    if "site" in frame.columns:
+        names = {s.strip() for s in frame["site"] if s.strip()}
+        if len(names) > 1:
+            raise InputError(f"one manifest must hold one site, found {sorted(names)}", file=path, key="site")
+        if names:
+            return names.pop()
+    return path.resolve().parent.name
+
+
+def _read_note_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"note file {path} is not UTF-8 text") from None
+
+
+def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) -> SiteData:
+    """Validate a site manifest against ``cfg`` and return its usable records and problems.
+
+    ``check_files`` opens every image (header-level checks, PHI scan) and note file; switch it off
+    only when the same manifest was just validated.
+    """
+    from clinfuse.data.images import IMAGE_SUFFIXES, check_image, phi_fields  # pydicom is slow to import
+
+    path = Path(path)
+    frame = _read_table(path)
+    _check_columns(frame, cfg, path)
+    site = _site_name(frame, path)
+    base = path.resolve().parent
+    data = SiteData(manifest=path, site=site, n_rows=len(frame))
+    file = str(path)
+    labels = {name: i for i, name in enumerate(cfg.data.labels)}
+    has_split = "split" in frame.columns and any(s.strip() for s in frame["split"])
+
+    candidates: list[Record] = []
+    seen: dict[tuple, int] = {}
+    for index, raw in enumerate(frame.to_dict("records")):
+        row = index + 1
+        errors: list[Problem] = []
+
+        def error(column, message, severity="error", row=row):
+            errors.append(Problem(file, row, column, message, severity))
+
+        patient_id = raw["patient_id"].strip()
+        if not patient_id or patient_id.lower() in ("nan", "none", "null"):
+            error("patient_id", "patient_id is empty")
+        label_text = raw["label"].strip()
+        label = labels.get(label_text)
+        if label is None:
+            error("label", f"label '{label_text}' is not one of the declared labels {cfg.data.labels}"
+                  if label_text else "label is empty")
+
+        image = None
+        if "image" in frame.columns and raw["image"].strip():
+            image = (base / raw["image"].strip()).resolve()
+            if image.suffix.lower() not in IMAGE_SUFFIXES:
+                error("image", f"unsupported image type '{image.suffix}' ({image.name}); "
+                      f"use one of {sorted(IMAGE_SUFFIXES)}")
+            elif not image.is_file():
+                error("image", f"image file not found: {image}")
+            elif check_files:
+                try:
+                    check_image(image)
+                    phi = phi_fields(image)
+                except InputError as exc:
+                    error("image", exc.describe())
+                else:
+                    if phi:
+                        error("image", f"identifying DICOM tags are filled in {image.name}: {', '.join(phi)}",
+                              "error" if cfg.data.require_deidentified else "warning")
+
+        note = None
+        if "note" in frame.columns:
+            note = normalize_note(raw["note"])
+            if raw["note"] and note is None:
+                error("note", "note is empty; counted as a missing note", "warning")
+        elif "note_path" in frame.columns and raw["note_path"].strip():
+            note_file = (base / raw["note_path"].strip()).resolve()
+            if not note_file.is_file():
+                error("note_path", f"note file not found: {note_file}")
+            else:
+                try:
+                    note = normalize_note(_read_note_file(note_file))
+                except ValueError as exc:
+                    error("note_path", str(exc))
+                else:
+                    if note is None:
+                        error("note_path", f"note file {note_file.name} is empty; counted as a missing note",
+                              "warning")
+
+        values = {}
+        for column in cfg.data.tabular:
+            try:
+                values[column.name] = tab.parse_value(column, raw[column.name])
+            except ValueError as exc:
+                error(column.name, str(exc))
+
+        split = raw.get("split", "").strip() if has_split else ""
+        if has_split and split not in SPLITS:
+            error("split", f"split '{split}' must be one of {list(SPLITS)}")
+
+        if not errors or all(p.severity == "warning" for p in errors):
+            if image is None and note is None and not any(v is not None for v in values.values()):
+                error(None, "row has no image, no note and no tabular value")
+
+        key = tuple(sorted((k, v) for k, v in raw.items()))
+        if key in seen:
+            error(None, f"duplicate of row {seen[key]}")
+        else:
+            seen[key] = row
+
+        data.problems.extend(errors)
+        if any(p.severity == "error" for p in errors):
+            continue
+        candidates.append(Record(row=row, patient_id=patient_id, label=label, image=image, note=note,
+                                 tabular=values, split=split or patient_split(patient_id, cfg), site=site))
+
+    data.records = _drop_inconsistent_patients(candidates, data, file, cfg)
+    data.problems.sort(key=lambda p: (p.row or 0, p.severity))
+    return data
+
+
+def _drop_inconsistent_patients(records: list[Record], data: SiteData, file: str, cfg: Config) -> list[Record]:
+    """A patient with two labels (or in two splits) cannot be trusted: report and skip all their rows."""
+    by_patient: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_patient[record.patient_id].append(record)
+    keep = []
+    for patient, rows in by_patient.items():
+        labels = sorted({cfg.data.labels[r.label] for r in rows})
+        splits = sorted({r.split for r in rows})
+        if len(labels) > 1:
+            for r in rows:
+                data.problems.append(Problem(file, r.row, "label",
+                                             f"patient '{patient}' has conflicting labels {labels} "
+                                             f"(rows {[x.row for x in rows]})"))
+        elif len(splits) > 1:
+            for r in rows:
+                data.problems.append(Problem(file, r.row, "split",
+                                             f"patient '{patient}' is in several splits {splits}; "
+                                             "a patient must be in one split"))
+        else:
+            keep.extend(rows)
+    return sorted(keep, key=lambda r: r.row)

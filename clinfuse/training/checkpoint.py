@@ -1,0 +1,129 @@
+"""Checkpoints: weights plus everything needed to use and trust them later.
+
+A checkpoint is a ``torch.save`` dict with ``format``, ``state_dict`` (clean names, never the
+``_module.`` prefix of an Opacus wrapper), ``config`` (the whole study config as JSON data),
+``preprocessing`` (what the inputs must look like), ``metrics``, ``privacy`` (epsilon spent,
+delta, noise, sample rate, steps) and ``versions``. Written to a temporary file and renamed, so
+a crash never leaves a truncated checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+from pathlib import Path
+
+import torch
+
+from clinfuse.config import Config, config_from_dict
+from clinfuse.errors import InputError
+from clinfuse.fileio import atomic_write_bytes
+
+FORMAT = "clinfuse-checkpoint/1"
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages that determine a result."""
+    out = {}
+    for name in ("clinfuse", "torch", "monai", "opacus", "flwr", "pydicom", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the underlying model, with Opacus's ``_module.`` prefix removed, on CPU."""
+    inner = getattr(model, "_module", model)
+    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+
+
+def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over parameter names and bytes: identifies a released model in ledgers."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def preprocessing_metadata(cfg: Config) -> dict:
+    from clinfuse.data.dataset import DECODER_VERSION
+    from clinfuse.data.tabular import tabular_dim
+
+    return {
+        "image": cfg.data.image.model_dump(mode="json"),
+        "text": cfg.data.text.model_dump(mode="json"),
+        "tabular": [c.model_dump(mode="json") for c in cfg.data.tabular],
+        "tabular_dim": tabular_dim(cfg.data.tabular),
+        "labels": list(cfg.data.labels),
+        "decoder_version": DECODER_VERSION,
+    }
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, *, metrics: dict | None = None,
+                    privacy: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically; returns its path."""
+    state = clean_state_dict(model)
+    payload = {
+        "format": FORMAT,
+        "state_dict": state,
+        "model_hash": state_dict_hash(state),
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": cfg.digest(),
+        "preprocessing": preprocessing_metadata(cfg),
+        "metrics": metrics or {},
+        "privacy": privacy or {"enabled": False, "epsilon": None},
+        "versions": versions(),
+        **(extra or {}),
+    }
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict, checked for the clinfuse format."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint not found", file=path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise InputError(f"not a readable checkpoint ({type(exc).__name__}: {exc})", file=path) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"not a clinfuse checkpoint (expected format {FORMAT})", file=path)
+    return payload
+
+
+def build_model_for(cfg: Config):
+    """A fresh model shaped for this config's data (classes, tabular width, tokeniser, image size)."""
+    from clinfuse.data.tabular import tabular_dim
+    from clinfuse.models.fusion import build_model
+
+    return build_model(cfg.model, n_classes=cfg.n_classes, tabular_dim=tabular_dim(cfg.data.tabular),
+                       text_buckets=cfg.data.text.hash_buckets, text_len=cfg.data.text.max_tokens,
+                       image_size=tuple(cfg.data.image.size))
+
+
+def load_checkpoint(path: str | Path):
+    """Load a checkpoint; returns ``(model, cfg, meta)`` with the model in eval mode on CPU."""
+    payload = read_checkpoint(path)
+    cfg = config_from_dict(payload["config"], source=f"{path} (embedded config)")
+    model = build_model_for(cfg)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit the model its config describes: {exc}", file=path) from None
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta["label_names"] = list(cfg.data.labels)
+    meta["epsilon"] = (payload.get("privacy") or {}).get("epsilon")
+    return model, cfg, meta

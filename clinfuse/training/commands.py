@@ -1,0 +1,122 @@
+"""``clinfuse train``: local (pooled or single-site) training, DP-SGD by default."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train the fusion model on one or more site manifests (DP-SGD by default)",
+        description="Train locally on the given manifests (pooled). Differential privacy is on unless "
+                    "--no-dp is given; the accountant lives in --state-dir (default OUT/privacy) and a "
+                    "second run with the same state dir continues it, within the same target epsilon.")
+    p.add_argument("--config", type=Path, default=None, help="study config (default: configs/demo.yaml)")
+    p.add_argument("--manifest", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True, help="run directory for checkpoint and reports")
+    p.add_argument("--no-dp", action="store_true", help="explicitly train WITHOUT differential privacy")
+    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--state-dir", type=Path, default=None, help="where the privacy accountant and ledger live")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_train)
+
+
+def load_split_datasets(manifests, cfg):
+    """Read and validate manifests; return ``{split: MultimodalDataset}`` pooled over them and the SiteData list."""
+    from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
+    from clinfuse.data.manifest import SPLITS, read_manifest
+    from clinfuse.errors import InputError
+
+    sites = [read_manifest(m, cfg) for m in manifests]
+    for site in sites:
+        if not site.records:
+            raise InputError("no usable rows (run 'clinfuse validate' to see why)", file=site.manifest)
+    datasets = {}
+    for split in SPLITS:
+        parts = []
+        for site in sites:
+            records = [r for r in site.records if r.split == split]
+            parts.append(MultimodalDataset(records, cfg, cache_dir=default_cache_dir(site.manifest, cfg)))
+        if len(parts) == 1:
+            datasets[split] = parts[0]
+        else:
+            # Cache entries are keyed by image content, so one site's cache can serve the pool.
+            datasets[split] = MultimodalDataset([r for p in parts for r in p.records], cfg,
+                                                cache_dir=default_cache_dir(sites[0].manifest, cfg))
+    return datasets, sites
+
+
+def _train(args) -> int:
+    import torch
+
+    from clinfuse.config import load_config
+    from clinfuse.errors import BudgetExceededError, InputError
+    from clinfuse.fileio import atomic_write_json
+    from clinfuse.privacy.accountant import SiteAccountant
+    from clinfuse.privacy.ledger import Ledger
+    from clinfuse.training.checkpoint import (build_model_for, clean_state_dict, save_checkpoint,
+                                              state_dict_hash, versions)
+    from clinfuse.training.trainer import LocalTrainer, plan_privacy, seed_everything
+
+    cfg = load_config(args.config)
+    epochs = args.epochs or cfg.train.epochs
+    if epochs < 1:
+        raise InputError("--epochs must be at least 1", key="--epochs")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.train.seed)
+    progress = not args.quiet
+    datasets, sites = load_split_datasets(args.manifest, cfg)
+    train_set = datasets["train"]
+    if len(train_set) == 0:
+        raise InputError("the manifests have no training rows", file=args.manifest[0])
+    train_set.warm(progress)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model_for(cfg)
+
+    dp = cfg.privacy.enabled and not args.no_dp
+    plan = accountant = ledger = None
+    if dp:
+        state_dir = args.state_dir or out / "privacy"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        accountant = SiteAccountant(state_dir / "accountant.json", mechanism=cfg.privacy.accountant)
+        n_patients = len({r.patient_id for r in train_set.records})
+        try:
+            plan = plan_privacy(cfg, n_patients, epochs, history=accountant.history)
+        except ValueError as exc:
+            raise BudgetExceededError(f"{exc} (accountant: {state_dir / 'accountant.json'})") from None
+        ledger = Ledger(state_dir / "ledger.jsonl")
+        ledger.append("config", study=cfg.study, config_hash=cfg.digest(),
+                      max_epsilon=cfg.privacy.target_epsilon, delta=plan.delta, plan=plan.to_dict())
+        print(f"DP-SGD: {n_patients} patients, q={plan.sample_rate:.4f}, noise multiplier "
+              f"{plan.noise_multiplier:.3f}, {plan.horizon_steps} steps, target epsilon "
+              f"{plan.target_epsilon:g} at delta {plan.delta:.2e}")
+    else:
+        print("training WITHOUT differential privacy (--no-dp or privacy.enabled: false)")
+
+    trainer = LocalTrainer(cfg, model, train_set, val_set=datasets["val"] or None, plan=plan,
+                           accountant=accountant, progress=progress)
+    started = time.time()
+    history = trainer.fit(epochs)
+    for record in history:
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
+        print(json.dumps(shown))
+    privacy = trainer.privacy_summary()
+    state = clean_state_dict(trainer.model)
+    if dp:
+        ledger.append("dp-training", study=cfg.study, mechanism=plan.mechanism(trainer.steps, trainer.clipping,
+                                                                               trainer.norms),
+                      epsilon=privacy["epsilon"], delta=plan.delta, config_hash=cfg.digest(),
+                      model_hash=state_dict_hash(state))
+    metrics = {"history": history, "train_seconds": time.time() - started}
+    path = save_checkpoint(out / "model.pt", trainer.model, cfg, metrics=metrics, privacy=privacy)
+    atomic_write_json(out / "run.json", {
+        "command": "train", "manifests": [str(m) for m in args.manifest], "config": cfg.model_dump(mode="json"),
+        "seed": cfg.train.seed, "privacy": privacy, "versions": versions()})
+    print(f"checkpoint: {path}")
+    if dp:
+        print(f"epsilon spent: {privacy['epsilon']:.3f} (delta {plan.delta:.2e}, target {plan.target_epsilon:g})")
+    return 0

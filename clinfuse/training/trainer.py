@@ -1,0 +1,371 @@
+"""Local training: one loop for DP-SGD (Opacus) and non-private training.
+
+Differential privacy here means record-level DP with the *patient* as the unit:
+
+- the training set is :class:`~clinfuse.data.dataset.PatientSampledDataset` (one item per patient),
+  sampled with Poisson sampling at rate ``q = 1 / ceil(n_patients / batch_size)``;
+- the noise multiplier is planned once for the whole horizon (all epochs, or all federated rounds)
+  from the target epsilon, through :mod:`clinfuse.privacy.accountant`, and kept fixed;
+- the site's accountant is loaded before training and saved after every epoch, so a resumed run
+  or a new process continues the same accountant and epsilon is never under-reported.
+
+Everything that changes gradients (auxiliary-loss weights, modality dropout on the mask) happens
+in the forward/loss, before Opacus clips; the FedProx pull towards the global model is applied
+after the optimizer step, as data-independent post-processing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from clinfuse.config import MODALITIES, Config
+from clinfuse.data.dataset import MultimodalDataset, PatientSampledDataset
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from clinfuse.errors import InputError
+            raise InputError("CUDA was requested but no GPU is available", key="train.device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_delta(n_patients: int) -> float:
+    """delta well below 1/n (the probability of failure must be small for every patient)."""
+    return min(1e-5, 0.1 / max(n_patients, 1))
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The DP-SGD mechanism of one site, fixed for the whole horizon before training starts."""
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    max_grad_norm: float
+    n_patients: int
+    batch_size: int
+    steps_per_epoch: int
+    horizon_steps: int
+    target_epsilon: float
+    accountant: str
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.n_patients
+
+    def mechanism(self, steps: int, clipping: str, norms) -> dict:
+        """Mechanism parameters as written to the site's ledger."""
+        return {
+            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+            "n": self.n_patients, "expected_batch_size": self.expected_batch_size, "steps": steps,
+            "max_grad_norm": norms, "clipping": clipping, "poisson": True, "delta": self.delta,
+            "privacy_unit": "patient", "accountant": self.accountant,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_privacy(cfg: Config, n_patients: int, horizon_epochs: int, history=()) -> PrivacyPlan:
+    """Plan the noise multiplier so ``horizon_epochs`` epochs over ``n_patients`` meet the target.
+
+    ``history`` is what the site's accountant already holds; with a non-empty history the plan
+    fits the remaining budget. ``privacy.noise_multiplier`` in the config overrides planning.
+    """
+    from clinfuse.errors import InputError
+    from clinfuse.privacy.accountant import plan_noise_multiplier
+
+    if n_patients < 2:
+        raise InputError(f"DP training needs at least 2 patients, got {n_patients}")
+    batch = min(cfg.train.batch_size, n_patients)
+    steps_per_epoch = math.ceil(n_patients / batch)
+    sample_rate = 1.0 / steps_per_epoch  # what Opacus's Poisson loader uses for this loader length
+    delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(n_patients)
+    if delta >= 1.0 / n_patients:
+        raise InputError(f"delta {delta:g} must be below 1/n = {1 / n_patients:g} patients", key="privacy.delta")
+    horizon = steps_per_epoch * horizon_epochs
+    if cfg.privacy.noise_multiplier is not None:
+        sigma = cfg.privacy.noise_multiplier
+    else:
+        sigma = plan_noise_multiplier(cfg.privacy.target_epsilon, sample_rate, horizon, delta,
+                                      mechanism=cfg.privacy.accountant, history=history)
+    return PrivacyPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, delta=delta,
+                       max_grad_norm=cfg.privacy.max_grad_norm, n_patients=n_patients, batch_size=batch,
+                       steps_per_epoch=steps_per_epoch, horizon_steps=horizon,
+                       target_epsilon=cfg.privacy.target_epsilon, accountant=cfg.privacy.accountant)
+
+
+def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if len(labels) == 0 or len(np.unique(labels)) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    present = np.unique(labels)
+    if len(present) < probs.shape[1]:
+        return None
+    return float(roc_auc_score(labels, probs, multi_class="ovr"))
+
+
+BatchTransform = Callable[[tuple], tuple]
+
+
+@torch.no_grad()
+def predict_outputs(model, dataset, *, batch_size: int = 64, device="cpu",
+                    transform: BatchTransform | None = None) -> dict[str, np.ndarray]:
+    """Run the model over a dataset. Returns ``probs`` [N,C], ``aux`` {modality: [N,C]}, ``labels``, ``masks``.
+
+    ``transform(batch) -> batch`` is applied to each collated batch first (e.g. to remove a
+    modality at test time).
+    """
+    was_training = model.training
+    model.eval()
+    probs, labels, masks = [], [], []
+    aux = {m: [] for m in MODALITIES}
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        if transform is not None:
+            batch = transform(batch)
+        image, text, tabular, mask, label = (t.to(device) for t in batch)
+        out = model(image, text, tabular, mask)
+        probs.append(torch.softmax(out["logits"].float(), -1).cpu())
+        for m in MODALITIES:
+            aux[m].append(torch.softmax(out["aux"][m].float(), -1).cpu())
+        labels.append(label.cpu())
+        masks.append(mask.cpu())
+    model.train(was_training)
+    cat = (lambda xs: torch.cat(xs).numpy())
+    if not labels:
+        raise ValueError("predict_outputs: the dataset is empty")
+    return {"probs": cat(probs), "aux": {m: cat(v) for m, v in aux.items()}, "labels": cat(labels),
+            "masks": cat(masks)}
+
+
+def predict_proba(model, dataset, *, batch_size: int = 64, device="cpu",
+                  transform: BatchTransform | None = None) -> np.ndarray:
+    """Class probabilities ``[N, C]`` for every item of ``dataset`` (in order)."""
+    return predict_outputs(model, dataset, batch_size=batch_size, device=device, transform=transform)["probs"]
+
+
+def validation_metrics(model, dataset, *, device="cpu") -> dict:
+    """Loss and AUROC of the fused head and of each modality's auxiliary head (on samples that have it)."""
+    out = predict_outputs(model, dataset, device=device)
+    labels = out["labels"]
+    eps = 1e-7
+    metrics = {
+        "val_loss": float(-np.log(out["probs"][np.arange(len(labels)), labels] + eps).mean()),
+        "val_auroc": _auroc(labels, out["probs"]),
+        "val_examples": int(len(labels)),
+    }
+    for i, m in enumerate(MODALITIES):
+        has = out["masks"][:, i] > 0
+        metrics[f"val_aux_auroc_{m}"] = _auroc(labels[has], out["aux"][m][has])
+    return metrics
+
+
+class LocalTrainer:
+    """Trains a fusion model on one site's data, privately (``plan`` given) or not.
+
+    Parameters
+    ----------
+    cfg: study configuration (train, balance and privacy sections are read).
+    model: a model from :func:`clinfuse.training.checkpoint.build_model_for`.
+    train_set: the site's training records as a :class:`MultimodalDataset`.
+    val_set: optional validation dataset, evaluated after every epoch.
+    plan: a :class:`PrivacyPlan` for DP-SGD, or ``None`` for non-private training.
+    accountant: the site's :class:`clinfuse.privacy.accountant.SiteAccountant` (required with ``plan``);
+        it is saved after every epoch.
+    frozen_groups: parameter groups (``image``, ``text``, ``tabular``, ``fusion``) not to train,
+        e.g. the encoder of a modality this site does not have.
+    prox_anchor / prox_mu: FedProx pull towards the global weights.
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, train_set: MultimodalDataset, *,
+                 val_set: MultimodalDataset | None = None, plan: PrivacyPlan | None = None,
+                 accountant=None, frozen_groups=(), device: torch.device | None = None,
+                 prox_anchor: dict[str, torch.Tensor] | None = None, prox_mu: float = 0.0,
+                 progress: bool = True):
+        from clinfuse.models.fusion import parameter_groups
+        from clinfuse.training.balance import AuxLossWeights, ModalityDropout
+
+        if plan is not None and accountant is None:
+            raise ValueError("DP training needs the site's accountant")
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.train.device)
+        self.model = model.to(self.device)
+        self.train_set, self.val_set = train_set, val_set
+        self.plan, self.accountant = plan, accountant
+        self.progress = progress
+        self.groups = parameter_groups(model)
+        self.frozen_groups = tuple(frozen_groups)
+        for group in self.frozen_groups:
+            names = set(self.groups[group])
+            for name, p in model.named_parameters():
+                if name in names:
+                    p.requires_grad_(False)
+        self.modality_dropout = ModalityDropout(cfg.balance.modality_dropout)
+        self.aux_weights = AuxLossWeights(cfg.balance.aux_weights)
+        self.prox_mu = prox_mu
+        self.prox_anchor = ({k: v.to(self.device) for k, v in prox_anchor.items()}
+                            if prox_anchor is not None and prox_mu > 0 else None)
+        self.history: list[dict] = []
+        self.steps = 0
+        self._prepared = False
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _trainable(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _clipping(self):
+        if not self.cfg.balance.clip_groups.enabled:
+            return "flat", self.cfg.privacy.max_grad_norm
+        from clinfuse.training.balance import clip_group_norms
+        return "per_layer", clip_group_norms(self.model, self.cfg.privacy.max_grad_norm,
+                                             self.cfg.balance.clip_groups)
+
+    def _grad_sample_mode(self) -> str:
+        mode = self.cfg.privacy.grad_sample_mode
+        # hooks is the only mode that supports every layer we build (DP attention included) and
+        # was the fastest on the CPU for the default model; "ew"/"functorch" stay available.
+        return "hooks" if mode == "auto" else mode
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        params = self._trainable()
+        if not params:
+            raise ValueError("every parameter group is frozen: nothing to train")
+        if self.cfg.train.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=self.cfg.train.lr, momentum=0.9,
+                                             weight_decay=self.cfg.train.weight_decay)
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        if self.plan is None:
+            self.loader = DataLoader(self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True,
+                                     generator=generator, drop_last=False)
+            self.clipping, self.norms = None, None
+        else:
+            from opacus import PrivacyEngine
+
+            patients = PatientSampledDataset(self.train_set, seed=self.cfg.train.seed)
+            if len(patients) != self.plan.n_patients:
+                raise ValueError(f"plan was made for {self.plan.n_patients} patients, data has {len(patients)}")
+            loader = DataLoader(patients, batch_size=self.plan.batch_size, generator=generator)
+            engine = PrivacyEngine(accountant=self.plan.accountant)
+            # The site's persistent accountant records every step: one accountant across rounds and restarts.
+            engine.accountant = self.accountant.accountant
+            self.clipping, self.norms = self._clipping()
+            self.model, self.optimizer, self.loader = engine.make_private(
+                module=self.model, optimizer=self.optimizer, data_loader=loader,
+                noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.norms,
+                poisson_sampling=True, clipping=self.clipping, grad_sample_mode=self._grad_sample_mode())
+            if not math.isclose(self.loader.sample_rate, self.plan.sample_rate, rel_tol=1e-9):
+                raise RuntimeError(f"sample rate {self.loader.sample_rate} differs from the plan's "
+                                   f"{self.plan.sample_rate}: refusing to train with an unplanned mechanism")
+        self._prepared = True
+
+    # -- training ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.amp and self.plan is None:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _group_sq_norms(self) -> dict[str, float]:
+        """Squared gradient norm per parameter group for this step (per-sample grads under DP)."""
+        module = getattr(self.model, "_module", self.model)
+        out = {}
+        for group, names in self.groups.items():
+            names = set(names)
+            total = 0.0
+            for name, p in module.named_parameters():
+                if name not in names or not p.requires_grad:
+                    continue
+                g = getattr(p, "grad_sample", None)
+                if g is not None:
+                    total += float(g.detach().float().pow(2).sum())
+                elif p.grad is not None:
+                    total += float(p.grad.detach().float().pow(2).sum())
+            out[group] = total
+        return out
+
+    def _prox_step(self) -> None:
+        if self.prox_anchor is None:
+            return
+        lr = self.cfg.train.lr
+        module = getattr(self.model, "_module", self.model)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.requires_grad and name in self.prox_anchor:
+                    p.sub_(lr * self.prox_mu * (p - self.prox_anchor[name]))
+
+    def fit(self, epochs: int, *, desc: str = "training") -> list[dict]:
+        """Train for ``epochs`` epochs; returns one metrics dict per epoch (also kept in ``history``)."""
+        from tqdm.auto import tqdm
+
+        from clinfuse.training.balance import multimodal_loss
+
+        self._prepare()
+        records = []
+        for epoch in range(epochs):
+            self.model.train()
+            total_loss, total_items, group_norms = 0.0, 0, dict.fromkeys(self.groups, 0.0)
+            bar = tqdm(self.loader, desc=f"{desc} epoch {len(self.history) + 1}", unit="batch",
+                       leave=False, disable=not self.progress or None)
+            for batch in bar:
+                image, text, tabular, mask, label = (t.to(self.device) for t in batch)
+                mask = self.modality_dropout(mask)
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    output = self.model(image, text, tabular, mask)
+                    per_sample, _parts = multimodal_loss(output, label, mask, self.aux_weights)
+                loss = per_sample.mean() if len(label) else per_sample.sum()
+                loss.backward()
+                for group, value in self._group_sq_norms().items():
+                    group_norms[group] += value
+                self.optimizer.step()
+                self._prox_step()
+                self.steps += 1
+                total_loss += float(per_sample.detach().sum())
+                total_items += len(label)
+                bar.set_postfix(loss=f"{total_loss / max(total_items, 1):.3f}")
+            record = {"epoch": len(self.history) + 1, "train_loss": total_loss / max(total_items, 1),
+                      "steps": self.steps}
+            norm_total = sum(group_norms.values()) or 1.0
+            record.update({f"grad_share_{g}": v / norm_total for g, v in group_norms.items()})
+            if self.plan is not None:
+                self.accountant.save()
+                record["epsilon"] = self.accountant.epsilon(self.plan.delta)
+            if self.val_set is not None and len(self.val_set):
+                record.update(validation_metrics(self.model, self.val_set, device=self.device))
+                self.aux_weights.observe(record)
+            self.history.append(record)
+            records.append(record)
+        return records
+
+    def epsilon(self) -> float | None:
+        return self.accountant.epsilon(self.plan.delta) if self.plan is not None else None
+
+    def privacy_summary(self) -> dict:
+        if self.plan is None:
+            return {"enabled": False, "epsilon": None}
+        return {"enabled": True, "epsilon": self.epsilon(), "delta": self.plan.delta,
+                "noise_multiplier": self.plan.noise_multiplier, "sample_rate": self.plan.sample_rate,
+                "steps": self.accountant.steps, "max_grad_norm": self.norms, "clipping": self.clipping,
+                "poisson": True, "privacy_unit": "patient", "accountant": self.plan.accountant,
+                "target_epsilon": self.plan.target_epsilon, "horizon_steps": self.plan.horizon_steps}

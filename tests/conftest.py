@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny sites written as real files (PNG images, DICOM, notes, manifests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clinfuse.config import config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
+    """Write a minimal valid, de-identified MONOCHROME2 DICOM file."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_png(path: Path, seed: int = 0, size: int = 32) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(path)
+    return path
+
+
+HEADER = ["patient_id", "label", "image", "note", "age", "sex", "temperature", "spo2", "wbc"]
+
+
+def good_rows(folder: Path, n: int = 12) -> list[dict]:
+    rows = []
+    for i in range(n):
+        image = ""
+        if i % 4 != 3:
+            name = f"img{i}.dcm" if i % 2 else f"img{i}.png"
+            if i % 2:
+                rng = np.random.default_rng(i)
+                write_dicom(folder / name, rng.integers(0, 4000, (40, 40)))
+            else:
+                write_png(folder / name, seed=i)
+            image = name
+        rows.append({"patient_id": f"p{i:03d}", "label": "positive" if i % 3 == 0 else "negative",
+                     "image": image, "note": "  " if i % 5 == 4 else f"cough and fever day {i}",
+                     "age": str(30 + i), "sex": "F" if i % 2 else "M", "temperature": "37.5",
+                     "spo2": "" if i % 6 == 5 else "95", "wbc": "7.2"})
+    return rows
+
+
+def write_manifest(folder: Path, rows: list[dict], name: str = "manifest.csv", header=None) -> Path:
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    header = header or HEADER
+    path = folder / name
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return path
+
+
+@pytest.fixture
+def demo_cfg():
+    return load_config(REPO / "configs" / "demo.yaml")
+
+
+@pytest.fixture
+def small_cfg(demo_cfg):
+    """The demo config with tiny images, for fast tests."""
+    data = demo_cfg.model_dump(mode="json")
+    data["data"]["image"]["size"] = [32, 32]
+    data["data"]["require_deidentified"] = False
+    data["train"]["batch_size"] = 8
+    return config_from_dict(data, source="small_cfg")
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A 12-row site with PNG and DICOM images, inline notes, tabular fields; returns the manifest."""
+    folder = tmp_path / "site-a"
+    folder.mkdir()
+    return write_manifest(folder, good_rows(folder))
