@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "clinfuse.evaluation.commands",
     "clinfuse.privacy.commands",
     "clinfuse.site",
+    "federated.commands",
 )
 
 

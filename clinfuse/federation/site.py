@@ -207,7 +207,7 @@ class SiteRuntime:
             return {"val_examples": 0}
         self.val_set.warm(self.progress)
         metrics = validation_metrics(self._model(global_state), self.val_set)
-        metrics = {k: v for k, v in metrics.items() if v is not None}
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self.ledger.append("release", study=self.cfg.study, run_id=run_id, round=server_round,
                            kind_detail="evaluation", metrics=metrics, site=self.site_id)
         return metrics

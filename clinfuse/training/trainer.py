@@ -172,9 +172,13 @@ def validation_metrics(model, dataset, *, device="cpu") -> dict:
         "val_auroc": _auroc(labels, out["probs"]),
         "val_examples": int(len(labels)),
     }
+    head_losses = {"main": metrics["val_loss"]}
     for i, m in enumerate(MODALITIES):
         has = out["masks"][:, i] > 0
         metrics[f"val_aux_auroc_{m}"] = _auroc(labels[has], out["aux"][m][has])
+        picked = out["aux"][m][has][np.arange(int(has.sum())), labels[has]]
+        head_losses[m] = float(-np.log(picked + eps).mean()) if has.any() else float("nan")
+    metrics["val_head_losses"] = head_losses
     return metrics
 
 
@@ -220,6 +224,14 @@ class LocalTrainer:
                     p.requires_grad_(False)
         self.modality_dropout = ModalityDropout(cfg.balance.modality_dropout)
         self.aux_weights = AuxLossWeights(cfg.balance.aux_weights)
+        if self.aux_weights.mode == "gblend" and plan is not None:
+            from clinfuse.errors import InputError
+            # G-Blend weights are fitted on train/validation losses that DP-SGD does not cover.
+            raise InputError("aux_weights mode 'gblend' fits weights on private losses outside the DP "
+                             "guarantee; use 'fixed' or 'uncertainty' with DP", key="balance.aux_weights.mode")
+        if self.aux_weights.learned:
+            model.attach_loss_weights(self.aux_weights)
+        self._head_losses: tuple[dict, dict] | None = None
         self.prox_mu = prox_mu
         self.prox_anchor = ({k: v.to(self.device) for k, v in prox_anchor.items()}
                             if prox_anchor is not None and prox_mu > 0 else None)
@@ -318,13 +330,17 @@ class LocalTrainer:
         """Train for ``epochs`` epochs; returns one metrics dict per epoch (also kept in ``history``)."""
         from tqdm.auto import tqdm
 
-        from clinfuse.training.balance import multimodal_loss
+        from clinfuse.training.balance import HeadLossMeter, multimodal_loss
 
         self._prepare()
         records = []
         for epoch in range(epochs):
             self.model.train()
             total_loss, total_items, group_norms = 0.0, 0, dict.fromkeys(self.groups, 0.0)
+            head_losses = HeadLossMeter()
+            if self.plan is not None:
+                # Written before the first step: a crash mid-epoch still counts the epoch's steps.
+                self.accountant.reserve(self.plan.noise_multiplier, self.plan.sample_rate, len(self.loader))
             bar = tqdm(self.loader, desc=f"{desc} epoch {len(self.history) + 1}", unit="batch",
                        leave=False, disable=not self.progress or None)
             for batch in bar:
@@ -333,7 +349,7 @@ class LocalTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
                     output = self.model(image, text, tabular, mask)
-                    per_sample, _parts = multimodal_loss(output, label, mask, self.aux_weights)
+                    per_sample, parts = multimodal_loss(output, label, mask, self.aux_weights)
                 loss = per_sample.mean() if len(label) else per_sample.sum()
                 loss.backward()
                 for group, value in self._group_sq_norms().items():
@@ -341,6 +357,7 @@ class LocalTrainer:
                 self.optimizer.step()
                 self._prox_step()
                 self.steps += 1
+                head_losses.update(parts, mask)
                 total_loss += float(per_sample.detach().sum())
                 total_items += len(label)
                 bar.set_postfix(loss=f"{total_loss / max(total_items, 1):.3f}")
@@ -351,12 +368,20 @@ class LocalTrainer:
             if self.plan is not None:
                 self.accountant.save()
                 record["epsilon"] = self.accountant.epsilon(self.plan.delta)
+            record.update({f"aux_weight_{h}": w for h, w in self.aux_weights.current().items()})
             if self.val_set is not None and len(self.val_set):
                 record.update(validation_metrics(self.model, self.val_set, device=self.device))
-                self.aux_weights.observe(record)
+                if self.aux_weights.mode == "gblend":
+                    self._update_gblend(head_losses.means(), record["val_head_losses"])
             self.history.append(record)
             records.append(record)
         return records
+
+    def _update_gblend(self, train_losses: dict, val_losses: dict) -> None:
+        """G-Blending: re-weight heads from the change in train/val loss since the last epoch."""
+        if self._head_losses is not None:
+            self.aux_weights.update_from_losses(*self._head_losses, train_losses, val_losses)
+        self._head_losses = (train_losses, val_losses)
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.plan.delta) if self.plan is not None else None

@@ -1,0 +1,564 @@
+"""Privacy accounting: the one place that touches Opacus and dp-accounting accountants.
+
+What goes in is a *mechanism history*: a list of ``(noise_multiplier, sample_rate, steps)``
+triples, one per stretch of DP-SGD steps with the same settings (Poisson-subsampled Gaussian
+mechanism, the patient as the privacy unit). What comes out is epsilon at a given delta.
+
+- :class:`SiteAccountant` keeps one site's Opacus accountant alive across processes, rounds and
+  runs by persisting its ``state_dict`` as JSON next to the site's state. A corrupt or
+  mismatched state file is refused: starting from zero would under-report epsilon.
+- :func:`compute_epsilon` evaluates a history with one accountant under a time limit (Opacus PRV
+  can run for minutes on extreme settings) and falls back to RDP, saying so in its result.
+- :func:`epsilon_series` gives epsilon after each history entry (what the audit recomputes).
+- :func:`plan_noise_multiplier` finds the smallest noise multiplier that keeps the whole horizon,
+  including what was already spent, within a target.
+
+Mechanisms: ``"rdp"`` (Opacus RDP, an upper bound), ``"prv"`` (Opacus PRV, an upper bound within
+``eps_error``), ``"pld"`` (dp-accounting PLD, pessimistic: an upper bound) and
+``"pld-optimistic"`` (dp-accounting PLD, optimistic: a lower bound, used only for the audit's
+bracket and never for planning or reporting).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from clinfuse.errors import BudgetExceededError, InputError
+
+MECHANISMS = ("rdp", "prv", "pld", "pld-optimistic")
+PERSISTED_MECHANISMS = ("prv", "rdp")
+STATE_FORMAT = "clinfuse.accountant"
+STATE_VERSION = 1
+DEFAULT_TIMEOUT_S = 60.0
+# dp-accounting's discretisation; 1e-4 reproduces its reference value (1.8282 for q=0.01,
+# sigma=1, T=1000, delta=1e-5). Coarser grids loosen the optimistic bound badly.
+PLD_DISCRETIZATION = 1e-4
+# Opacus PRV's own default; its answer is an upper bound within this error.
+PRV_EPS_ERROR = 0.01
+
+Step = tuple[float, float, int]
+
+
+# --------------------------------------------------------------------------------------------
+# Histories
+# --------------------------------------------------------------------------------------------
+
+def normalize_history(history: Iterable[Sequence], *, source: str | Path | None = None) -> list[Step]:
+    """Validate a mechanism history and return it as ``(float, float, int)`` tuples.
+
+    Entries with zero steps or a zero sample rate add no privacy loss and are dropped.
+    Raises :class:`InputError` (naming ``source`` and the entry) for anything malformed.
+    """
+    out: list[Step] = []
+    for i, item in enumerate(history):
+        where = f"history entry {i}"
+        try:
+            sigma, q, steps = item
+        except (TypeError, ValueError):
+            raise InputError(f"{where} must be (noise_multiplier, sample_rate, steps), got {item!r}",
+                             file=source) from None
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise InputError(f"{where}: steps must be a non-negative integer, got {steps!r}", file=source)
+        for name, value in (("noise_multiplier", sigma), ("sample_rate", q)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{where}: {name} must be a finite number, got {value!r}", file=source)
+        if sigma < 0:
+            raise InputError(f"{where}: noise_multiplier must be >= 0, got {sigma}", file=source)
+        if not 0 <= q <= 1:
+            raise InputError(f"{where}: sample_rate must be in [0, 1], got {q}", file=source)
+        if steps == 0 or q == 0:
+            continue
+        out.append((float(sigma), float(q), int(steps)))
+    return out
+
+
+def merge_history(history: Iterable[Step]) -> list[Step]:
+    """Merge consecutive entries with equal settings (epsilon does not depend on the split)."""
+    merged: list[Step] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1] = (sigma, q, merged[-1][2] + steps)
+        else:
+            merged.append((sigma, q, steps))
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# The accountants themselves (run in a child process when they may hang)
+# --------------------------------------------------------------------------------------------
+
+def _rdp_epsilon(history: Sequence[Step], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta))
+
+
+def _prv_epsilon(history: Sequence[Step], delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+
+
+def _pld_step_distribution(sigma: float, q: float, steps: int, pessimistic: bool, cache: dict):
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    # Building the one-step distribution dominates the cost; ledgers repeat the same settings.
+    key = (sigma, q, pessimistic)
+    if key not in cache:
+        # Connect-the-dots only exists for the pessimistic estimate; the optimistic one needs
+        # privacy buckets (asking for both silently switches and logs a warning per call).
+        cache[key] = pld.from_gaussian_mechanism(
+            standard_deviation=sigma,
+            sampling_prob=q,
+            pessimistic_estimate=pessimistic,
+            value_discretization_interval=PLD_DISCRETIZATION,
+            use_connect_dots=pessimistic,
+        )
+    if (key, steps) not in cache:
+        cache[(key, steps)] = cache[key].self_compose(steps)
+    return cache[(key, steps)]
+
+
+def _series_worker(history: Sequence[Step], delta: float, mechanism: str,
+                   final_only: bool = False) -> list[float]:
+    """Epsilon after each entry of ``history`` (cumulative), or only after the last one."""
+    with warnings.catch_warnings():
+        # Opacus warns about alpha ranges and overflows on extreme settings; the numbers it
+        # returns are still valid bounds, and the audit reports which accountant answered.
+        warnings.simplefilter("ignore")
+        return _series_values(history, delta, mechanism, final_only)
+
+
+def _series_values(history: Sequence[Step], delta: float, mechanism: str, final_only: bool) -> list[float]:
+    ends = [len(history)] if final_only else range(1, len(history) + 1)
+    if mechanism == "rdp":
+        return [_rdp_epsilon(history[:end], delta) for end in ends]
+    if mechanism == "prv":
+        return [_prv_epsilon(merge_history(history[:end]), delta) for end in ends]
+    pessimistic = mechanism == "pld"
+    out: list[float] = []
+    total = None
+    cache: dict = {}
+    for i, (sigma, q, steps) in enumerate(history):
+        step = _pld_step_distribution(sigma, q, steps, pessimistic, cache)
+        total = step if total is None else total.compose(step)
+        if not final_only or i == len(history) - 1:
+            out.append(float(total.get_epsilon_for_delta(delta)))
+    return out
+
+
+def _child(conn, history, delta, mechanism, final_only) -> None:  # pragma: no cover - in the child
+    try:
+        conn.send(("ok", _series_worker(history, delta, mechanism, final_only)))
+    except BaseException as exc:  # noqa: BLE001 - report any failure to the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _run_limited(history: list[Step], delta: float, mechanism: str, timeout_s: float,
+                 final_only: bool) -> list[float]:
+    """Run :func:`_series_worker` with a wall-clock limit; raise TimeoutError or RuntimeError.
+
+    A forked child can be killed when it overruns (a thread could not); where fork is not
+    available the work runs in a daemon thread that is abandoned on timeout.
+    """
+    if "fork" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(child, history, delta, mechanism, final_only),
+                           daemon=True)
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(timeout_s):
+                raise TimeoutError(f"{mechanism} accountant did not finish within {timeout_s:g} s")
+            try:
+                status, payload = parent.recv()
+            except EOFError:
+                raise RuntimeError(f"{mechanism} accountant process died "
+                                   f"(exit code {proc.exitcode})") from None
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            parent.close()
+        if status != "ok":
+            raise RuntimeError(payload)
+        return payload
+
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = _series_worker(history, delta, mechanism, final_only)
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = f"{type(exc).__name__}: {exc}"
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"{mechanism} accountant did not finish within {timeout_s:g} s")
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result["value"]
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_series(history: tuple[Step, ...], delta: float, mechanism: str, timeout_s: float,
+                   final_only: bool) -> tuple[tuple[float, ...], str, str | None]:
+    if mechanism == "rdp":  # fast and closed-form: no need for a child process
+        return tuple(_series_worker(list(history), delta, "rdp", final_only)), "rdp", None
+    try:
+        values = _run_limited(list(history), delta, mechanism, timeout_s, final_only)
+        return tuple(values), mechanism, None
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        reason = str(exc)
+    n = 1 if final_only else len(history)
+    if mechanism == "pld-optimistic":
+        # A lower bound cannot fall back to an upper-bound accountant; 0 is the trivial valid one.
+        return tuple(0.0 for _ in range(n)), "none", reason
+    return tuple(_series_worker(list(history), delta, "rdp", final_only)), "rdp", reason
+
+
+def _check_delta(delta: float) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise InputError(f"delta must be in (0, 1), got {delta!r}", key="delta")
+    return float(delta)
+
+
+def _check_mechanism(mechanism: str, allowed: Sequence[str] = MECHANISMS) -> str:
+    if mechanism not in allowed:
+        raise InputError(f"unknown accountant {mechanism!r}; expected one of {', '.join(allowed)}",
+                         key="accountant")
+    return mechanism
+
+
+def epsilon_series(history: Iterable[Sequence], delta: float, *, mechanism: str = "prv",
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[float], str, str | None]:
+    """Cumulative epsilon after each entry of ``history``.
+
+    Returns ``(epsilons, used_mechanism, fallback_reason)``: ``epsilons[i]`` is epsilon after
+    entries ``0..i`` (entries with zero steps count as no change). ``used_mechanism`` is
+    ``mechanism`` or, when it failed or ran past ``timeout_s`` seconds, ``"rdp"`` (``"none"``
+    with zeros for ``"pld-optimistic"``, whose trivial lower bound is 0); ``fallback_reason``
+    says why, or is ``None``. A zero noise multiplier makes epsilon infinite from then on.
+    """
+    _check_mechanism(mechanism)
+    delta = _check_delta(delta)
+    raw = list(history)
+    clean_all = normalize_history(raw)
+    # Map each input entry to the prefix of the clean history it ends; dropped (no-op) entries
+    # repeat the previous value.
+    ends: list[int] = []
+    count = 0
+    for item in raw:
+        count += len(normalize_history([item]))
+        ends.append(count)
+    # Noise 0 gives infinite epsilon; only the finite prefix goes to an accountant.
+    first_zero = next((i for i, (s, _, _) in enumerate(clean_all) if s == 0), len(clean_all))
+    finite = tuple(clean_all[:first_zero])
+    values: tuple[float, ...] = ()
+    used, reason = mechanism, None
+    if finite:
+        values, used, reason = _cached_series(finite, delta, mechanism, float(timeout_s), False)
+    out = []
+    for end in ends:
+        if end == 0:
+            out.append(0.0)
+        elif end > first_zero:
+            out.append(math.inf)
+        else:
+            out.append(float(values[end - 1]))
+    return out, used, reason
+
+
+def compute_epsilon(history: Iterable[Sequence], delta: float, *, mechanism: str = "prv",
+                    timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[float, str]:
+    """Epsilon of a whole mechanism history at ``delta``.
+
+    Returns ``(epsilon, used_mechanism)``; ``used_mechanism`` differs from ``mechanism`` when
+    the accountant failed or ran past ``timeout_s`` and RDP (an upper bound) was used instead
+    (``"none"`` with epsilon 0 for ``"pld-optimistic"``). Empty history: ``(0.0, mechanism)``.
+    """
+    _check_mechanism(mechanism)
+    delta = _check_delta(delta)
+    hist = merge_history(normalize_history(history))
+    if not hist:
+        return 0.0, mechanism
+    if any(sigma == 0 for sigma, _, _ in hist):
+        return math.inf, mechanism
+    values, used, _ = _cached_series(tuple(hist), delta, mechanism, float(timeout_s), True)
+    return float(values[-1]), used
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+def plan_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float, *,
+                          mechanism: str = "prv", history: Iterable[Sequence] = (),
+                          rtol: float = 1e-3, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
+    """Smallest noise multiplier keeping ``history`` + ``steps`` new steps within the target.
+
+    The prior ``history`` (what the site already spent) is included, unlike Opacus'
+    ``make_private_with_epsilon``. The answer is the upper end of a bisection bracket, so the
+    planned epsilon is <= ``target_epsilon`` (relative precision ``rtol`` on sigma).
+    Raises :class:`BudgetExceededError` when the prior spend alone reaches the target or no
+    noise multiplier up to 1e4 fits, and :class:`InputError` for invalid arguments.
+    """
+    _check_mechanism(mechanism, ("rdp", "prv", "pld"))
+    delta = _check_delta(delta)
+    if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise InputError(f"target epsilon must be a positive number, got {target_epsilon!r}",
+                         key="target_epsilon")
+    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+        raise InputError(f"sample rate must be in (0, 1], got {sample_rate!r}", key="sample_rate")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}", key="steps")
+    prior = normalize_history(history)
+    spent, _ = compute_epsilon(prior, delta, mechanism=mechanism, timeout_s=timeout_s)
+    if spent >= target_epsilon:
+        raise BudgetExceededError(
+            f"the budget is already spent: epsilon {spent:.4g} >= target {target_epsilon:g} "
+            f"(delta {delta:g}) before any new step")
+
+    def eps(sigma: float, mech: str) -> float:
+        return compute_epsilon(prior + [(sigma, float(sample_rate), steps)], delta,
+                               mechanism=mech, timeout_s=timeout_s)[0]
+
+    def bracket(mech: str, start: float) -> tuple[float, float]:
+        hi = start
+        while eps(hi, mech) > target_epsilon:
+            hi *= 2
+            if hi > 1e4:
+                raise BudgetExceededError(
+                    f"no noise multiplier up to 1e4 keeps epsilon within {target_epsilon:g}: "
+                    f"{spent:.4g} is already spent")
+        return hi / 2, hi
+
+    def bisect(mech: str, lo: float, hi: float) -> float:
+        while (hi - lo) > rtol * hi:
+            mid = (lo + hi) / 2
+            if eps(mid, mech) > target_epsilon:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    # RDP is cheap and never hangs: bracket with it, then evaluate the (slower, tighter)
+    # accountant only near the answer, where PRV behaves.
+    lo, hi = bracket("rdp", 1.0)
+    sigma_rdp = bisect("rdp", lo, hi)
+    if mechanism == "rdp":
+        return sigma_rdp
+    lo, hi = bracket(mechanism, sigma_rdp)
+    return bisect(mechanism, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Persistence
+# --------------------------------------------------------------------------------------------
+
+def _history_digest(history: Sequence[Sequence]) -> str:
+    canonical = json.dumps([[float(s), float(q), int(t)] for s, q, t in history], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced temp file in the same directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+class SiteAccountant:
+    """One site's privacy accountant, persisted across processes, rounds and runs.
+
+    Parameters
+    ----------
+    state_path:
+        JSON file holding the accountant state (``None``: in memory only). A missing file means
+        nothing was spent yet; an unreadable, corrupt or mismatched one raises
+        :class:`InputError` naming the file rather than silently starting from zero.
+    mechanism:
+        ``"prv"`` or ``"rdp"``: the Opacus accountant that records steps and reports epsilon.
+    timeout_s:
+        Time limit for each epsilon computation (fallback to RDP beyond it).
+
+    Use: hand :attr:`accountant` to Opacus (``privacy_engine.accountant = site.accountant``
+    *before* ``make_private``) so every optimizer step is recorded, then call :meth:`save`.
+    :meth:`reserve` before training makes a crash mid-training count the planned steps.
+    """
+
+    def __init__(self, state_path: str | Path | None, mechanism: str = "prv", *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.mechanism = _check_mechanism(mechanism, PERSISTED_MECHANISMS)
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.timeout_s = float(timeout_s)
+        self.last_used_mechanism: str | None = None
+        #: planned steps found pending in the state file (a crash during training): counted.
+        self.recovered_pending: list[Step] = []
+        self._pending: list[Step] = []
+        from opacus.accountants import PRVAccountant, RDPAccountant
+
+        self._accountant = PRVAccountant() if mechanism == "prv" else RDPAccountant()
+        if self.state_path is not None and self.state_path.exists():
+            self._load()
+
+    # -- state ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        path = self.state_path
+        hint = ("refusing to start from zero, which would under-report epsilon; restore the "
+                "file from a backup (or rebuild it from the site's ledger)")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the accountant state ({exc}); {hint}", file=path) from None
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"corrupt accountant state (not JSON: {exc.msg} at line {exc.lineno}); {hint}",
+                             file=path) from None
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise InputError(f"not a clinfuse accountant state file; {hint}", file=path)
+        if data.get("version") != STATE_VERSION:
+            raise InputError(f"unsupported accountant state version {data.get('version')!r}", file=path)
+        if data.get("mechanism") != self.mechanism:
+            raise InputError(
+                f"the state was recorded by the {data.get('mechanism')!r} accountant, not "
+                f"{self.mechanism!r}: keep privacy.accountant unchanged for a site's whole life", file=path)
+        state = data.get("state")
+        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+            raise InputError(f"corrupt accountant state (no history); {hint}", file=path, key="state")
+        history = normalize_history(state["history"], source=path)
+        if len(history) != len(state["history"]) or data.get("history_sha256") != _history_digest(history):
+            raise InputError(f"corrupt accountant state (history checksum mismatch); {hint}",
+                             file=path, key="history_sha256")
+        pending = normalize_history(data.get("pending") or [], source=path)
+        # Opacus' state_dict round-trips through JSON once history entries are tuples again.
+        self._accountant.load_state_dict({"history": list(history), "mechanism": self.mechanism})
+        if pending:
+            # Training was reserved but the result never saved: assume every planned step ran.
+            self.recovered_pending = pending
+            self._accountant.history = merge_history(list(self._accountant.history) + pending)
+
+    def save(self) -> Path:
+        """Write the state atomically (temp file in the same dir, fsync, ``os.replace``).
+
+        Clears any reservation made by :meth:`reserve`. Returns the path written.
+        """
+        if self.state_path is None:
+            raise RuntimeError("this SiteAccountant has no state_path: nothing to save to")
+        history = [tuple(h) for h in self._accountant.history]
+        self._pending = []
+        self._write(history, [])
+        return self.state_path
+
+    def _write(self, history: Sequence[Step], pending: Sequence[Step]) -> None:
+        state = dict(self._accountant.state_dict())
+        state["history"] = [list(h) for h in history]
+        doc = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "mechanism": self.mechanism,
+            "state": state,
+            "steps": sum(int(h[2]) for h in history),
+            "history_sha256": _history_digest(history),
+            "pending": [list(p) for p in pending],
+            "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(self.state_path, json.dumps(doc, indent=1) + "\n")
+
+    def reserve(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Persist planned steps *before* training, so a crash mid-training still counts them.
+
+        The next :meth:`save` (after training recorded the real steps) clears the reservation;
+        loading a state with a reservation adds it to the history (see ``recovered_pending``).
+        """
+        pending = normalize_history([(noise_multiplier, sample_rate, steps)])
+        if self.state_path is None or not pending:
+            return
+        self._pending = pending
+        self._write([tuple(h) for h in self._accountant.history], pending)
+
+    # -- queries -------------------------------------------------------------------------
+    @property
+    def accountant(self):
+        """The Opacus accountant (``IAccountant``) to set as ``privacy_engine.accountant``."""
+        return self._accountant
+
+    @property
+    def history(self) -> list[Step]:
+        """Copy of the mechanism history: ``[(noise_multiplier, sample_rate, steps), ...]``."""
+        return [(float(s), float(q), int(t)) for s, q, t in self._accountant.history]
+
+    @property
+    def steps(self) -> int:
+        """Total number of DP-SGD steps recorded."""
+        return sum(t for _, _, t in self.history)
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record ``steps`` steps directly (what the Opacus optimizer hook does per step)."""
+        for sigma, q, t in normalize_history([(noise_multiplier, sample_rate, steps)]):
+            for _ in range(t):
+                self._accountant.step(noise_multiplier=sigma, sample_rate=q)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 when nothing was spent).
+
+        Sets :attr:`last_used_mechanism` (``"rdp"`` when the primary accountant timed out).
+        """
+        eps, used = compute_epsilon(self.history, delta, mechanism=self.mechanism, timeout_s=self.timeout_s)
+        self.last_used_mechanism = used
+        return eps
+
+    def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int,
+                          delta: float) -> float:
+        """Epsilon there would be after ``steps`` more steps at these settings; changes nothing."""
+        extra = normalize_history([(noise_multiplier, sample_rate, steps)])
+        eps, used = compute_epsilon(self.history + extra, delta, mechanism=self.mechanism,
+                                    timeout_s=self.timeout_s)
+        self.last_used_mechanism = used
+        return eps
+
+    def __repr__(self) -> str:
+        return (f"SiteAccountant(state_path={str(self.state_path)!r}, mechanism={self.mechanism!r}, "
+                f"steps={self.steps})")

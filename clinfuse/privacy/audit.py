@@ -1,0 +1,477 @@
+"""Privacy audit of site ledgers: chain verification, independent epsilon recomputation, report.
+
+:func:`verify_ledgers` takes one ledger per site and returns a report (a plain dict, JSON-ready
+through :func:`to_json`) with
+
+- every break of the hash chain, named by line and seq (changed, removed, swapped, truncated);
+- for each study in each ledger, epsilon after every ``"dp-training"`` entry recomputed from the
+  recorded mechanism history (cumulative) with Opacus RDP, Opacus PRV and dp-accounting PLD,
+  pessimistic and optimistic — the optimistic PLD value is a lower bound on the true epsilon, so
+  a recorded epsilon below it (less a small tolerance) is an *under-report*;
+- findings about the mechanism itself: sampling that is not Poisson (the accountants' subsampling
+  amplification does not hold), delta >= 1/n, parameters missing;
+- remaining budget against the study's cap (``max_epsilon`` of its ``"config"`` entry) and how
+  many more rounds of the last round's shape fit;
+- a federation summary: sites hold disjoint patients, so the federation's epsilon is the
+  maximum over sites (at the largest delta).
+
+Findings have a severity: ``"error"`` (the figure cannot be vouched for; exit 1) or ``"warning"``.
+:func:`write_report` writes ``report.json`` and a self-contained ``report.html`` with one
+epsilon-over-rounds plot per site.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from clinfuse.errors import InputError
+from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, atomic_write_text, compute_epsilon, epsilon_series
+from clinfuse.privacy.ledger import _jsonable, as_float, mechanism_problems, parse_lines, verify_entries
+
+RECOMPUTED = ("rdp", "prv", "pld", "pld-optimistic")
+LABELS = {"rdp": "RDP (Opacus)", "prv": "PRV (Opacus)", "pld": "PLD pessimistic (dp-accounting)",
+          "pld-optimistic": "PLD optimistic (dp-accounting)"}
+# A recorded epsilon may sit this far below the optimistic PLD bound before it is called an
+# under-report (discretisation of the bound itself).
+ABS_TOLERANCE = 1e-3
+REL_TOLERANCE = 1e-3
+MAX_ROUNDS_SEARCH = 100_000
+
+
+@dataclass
+class Finding:
+    """One audit finding; ``line``/``seq`` name the ledger entry when there is one."""
+
+    severity: str  # "error" | "warning"
+    code: str
+    message: str
+    ledger: str
+    site: str
+    line: int | None = None
+    seq: int | None = None
+
+    def describe(self) -> str:
+        where = [self.site]
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.seq is not None:
+            where.append(f"seq {self.seq}")
+        return f"{self.severity}: {', '.join(where)}: [{self.code}] {self.message}"
+
+
+def _site_name(path: Path, entries: Sequence[dict]) -> str:
+    for e in entries:
+        if isinstance(e.get("site"), str) and e["site"]:
+            return e["site"]
+    return path.parent.name if path.stem in ("ledger", "privacy-ledger", "privacy_ledger") else path.stem
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{x:.4f}"
+
+
+def _rounds_left(history, shape, cap, delta, mechanism, timeout_s) -> int | None:
+    """Largest k such that ``history`` + k rounds of ``shape`` stays within ``cap``."""
+    sigma, q, steps = shape
+    if sigma <= 0 or steps <= 0:
+        return 0
+
+    def fits(k: int) -> bool:
+        eps, _ = compute_epsilon(list(history) + [(sigma, q, steps * k)], delta, mechanism=mechanism,
+                                 timeout_s=timeout_s)
+        return eps <= cap
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > MAX_ROUNDS_SEARCH:
+            return None  # effectively unlimited
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _audit_study(study, entries, configs, add, timeout_s) -> dict:
+    """Recompute and check the dp-training entries of one study (in ledger order)."""
+    rows: list[dict] = []
+    history: list[tuple[float, float, int]] = []
+    row_delta: list[float | None] = []
+    for e in entries:
+        line, seq = e.get("_line"), e.get("seq")
+        mech = e.get("mechanism")
+        problems = mechanism_problems(mech)
+        if problems:
+            add("error", "bad-mechanism", "mechanism parameters unusable: " + "; ".join(problems), line, seq)
+            continue
+        sigma, q, steps = float(mech["noise_multiplier"]), float(mech["sample_rate"]), int(mech["steps"])
+        delta = as_float(mech.get("delta"))
+        if delta is None:
+            delta = as_float(e.get("delta"))
+        if delta is None or not 0 < delta < 1:
+            add("error", "delta-unrecorded", "delta is not recorded: epsilon cannot be recomputed", line, seq)
+        poisson = mech.get("poisson")
+        if poisson is False:
+            add("error", "non-poisson", "sampling was not Poisson: the accountants' subsampling "
+                "amplification does not hold, the recorded epsilon is not a valid bound", line, seq)
+        elif poisson is None:
+            add("error", "poisson-unrecorded", "whether sampling was Poisson is not recorded: the "
+                "recorded epsilon assumes it", line, seq)
+        n = mech.get("n")
+        if n is None:
+            add("warning", "n-unrecorded", "the number of privacy units n is not recorded: delta "
+                "< 1/n cannot be checked", line, seq)
+        elif delta is not None and delta >= 1.0 / n:
+            add("error", "delta-too-large", f"delta {delta:g} >= 1/n = {1.0 / n:.3g} (n = {n}): "
+                "such a delta allows releasing a whole record outright", line, seq)
+        b = mech.get("expected_batch_size")
+        if n and b is not None and abs(q - b / n) > 1e-9 + 1e-6 * q:
+            add("warning", "sample-rate-mismatch", f"sample_rate {q:g} differs from "
+                f"expected_batch_size / n = {b}/{n} = {b / n:.6g}", line, seq)
+        unit = mech.get("privacy_unit")
+        if unit != "patient":
+            add("warning", "privacy-unit", f"privacy unit is {unit!r}, not 'patient': the "
+                "guarantee covers one " + (str(unit) if unit else "unrecorded unit"), line, seq)
+        history.append((sigma, q, steps))
+        row_delta.append(delta)
+        rows.append({"seq": seq, "line": line, "round": e.get("round"), "run_id": e.get("run_id"),
+                     "time": e.get("time"), "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
+                     "delta": delta, "accountant": mech.get("accountant"),
+                     "recorded": as_float(e.get("epsilon"))})
+
+    deltas = [d for d in row_delta if d is not None and 0 < d < 1]
+    fallbacks: dict[str, str] = {}
+    if deltas:
+        if len(set(deltas)) > 1:
+            add("warning", "delta-changed", f"delta changes within the study ({sorted(set(deltas))}); "
+                "each entry is recomputed at its own delta", None, None)
+        by_delta: dict[float, dict[str, list[float]]] = {}
+        for d in set(deltas):
+            by_delta[d] = {}
+            for mech_name in RECOMPUTED:
+                values, used, reason = epsilon_series(history, d, mechanism=mech_name, timeout_s=timeout_s)
+                by_delta[d][mech_name] = values
+                if reason:
+                    fallbacks[mech_name] = f"{used} (fallback: {reason})"
+        for i, row in enumerate(rows):
+            d = row["delta"] if row["delta"] in by_delta else None
+            for mech_name in RECOMPUTED:
+                row[mech_name] = by_delta[d][mech_name][i] if d is not None else None
+    for mech_name, why in fallbacks.items():
+        add("warning", "accountant-fallback", f"{LABELS[mech_name]} could not be computed; used {why}",
+            None, None)
+
+    for row in rows:
+        rec, low, pld = row["recorded"], row.get("pld-optimistic"), row.get("pld")
+        if rec is None:
+            add("error", "epsilon-unrecorded", "the entry does not record the epsilon after it",
+                row["line"], row["seq"])
+            continue
+        if low is not None and rec < low - (ABS_TOLERANCE + REL_TOLERANCE * low):
+            add("error", "under-report", f"recorded epsilon {_fmt(rec)} is below the recomputed lower "
+                f"bound {_fmt(low)} (PLD optimistic; bracket up to {_fmt(pld)}): the site under-reports "
+                "its privacy loss", row["line"], row["seq"])
+        elif pld is not None and math.isfinite(pld) and rec < pld * 0.99:
+            add("warning", "below-upper-bound", f"recorded epsilon {_fmt(rec)} is more than 1% below "
+                f"the PLD upper bound {_fmt(pld)}: within the bracket, but not a certified bound",
+                row["line"], row["seq"])
+
+    cap = None
+    for c in configs:
+        value = as_float(c.get("max_epsilon"))
+        if value is not None:
+            cap = value
+    final = rows[-1] if rows else None
+    primary = (final or {}).get("accountant") if (final or {}).get("accountant") in ("prv", "rdp", "pld") \
+        else "prv"
+    summary = {
+        "study": study, "rows": rows, "fallbacks": fallbacks, "cap": cap, "primary_accountant": primary,
+        "steps": sum(h[2] for h in history), "dp_entries": len(rows),
+        "recorded": final["recorded"] if final else 0.0,
+        "delta": final["delta"] if final else None,
+    }
+    for mech_name in RECOMPUTED:
+        summary[mech_name] = final.get(mech_name) if final else 0.0
+    summary["remaining"] = None
+    summary["rounds_left"] = None
+    if cap is not None and final and final["delta"] is not None:
+        current = final.get(primary) if final.get(primary) is not None else final.get("pld")
+        summary["remaining"] = cap - current if current is not None else None
+        low = final.get("pld-optimistic")
+        if low is not None and low > cap + ABS_TOLERANCE:
+            add("error", "over-budget", f"recomputed epsilon {_fmt(low)} (lower bound) exceeds the cap "
+                f"{cap:g}", final["line"], final["seq"])
+        elif current is not None and current > cap + ABS_TOLERANCE:
+            add("warning", "over-budget", f"recomputed {primary} epsilon {_fmt(current)} exceeds the "
+                f"cap {cap:g}", final["line"], final["seq"])
+        shape = history[-1]
+        summary["rounds_left"] = _rounds_left(history, shape, cap, final["delta"], primary, timeout_s)
+        summary["round_shape"] = {"noise_multiplier": shape[0], "sample_rate": shape[1], "steps": shape[2]}
+    return summary
+
+
+def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Audit one site's ledger; see the module docstring. Raises InputError for a non-ledger."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("ledger file not found", file=path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read the ledger: {exc}", file=path) from None
+    entries, parse_problems = parse_lines(data)
+    if data.strip() and not any(isinstance(e.get("hash"), str) for e in entries):
+        raise InputError("not a clinfuse privacy ledger (no line is a hashed ledger entry)", file=path)
+    site = _site_name(path, entries)
+    findings: list[Finding] = []
+
+    def add(severity, code, message, line=None, seq=None):
+        findings.append(Finding(severity, code, message, str(path), site, line,
+                                seq if isinstance(seq, int) and not isinstance(seq, bool) else None))
+
+    chain_problems = sorted(parse_problems + verify_entries(entries), key=lambda p: p.line)
+    for p in chain_problems:
+        add("error", p.code, p.message, p.line, p.seq)
+    if not data.strip():
+        add("warning", "empty", "the ledger is empty: nothing was trained or released")
+
+    by_study_dp: dict[str, list[dict]] = defaultdict(list)
+    by_study_cfg: dict[str, list[dict]] = defaultdict(list)
+    counts = Counter()
+    for e in entries:
+        kind = e.get("kind")
+        counts[kind] += 1
+        study = e.get("study") if isinstance(e.get("study"), str) else ""
+        if kind == "dp-training":
+            by_study_dp[study].append(e)
+        elif kind == "config":
+            by_study_cfg[study].append(e)
+        elif kind not in ("release", "refusal"):
+            add("error", "bad-entry", f"unknown entry kind {kind!r}", e.get("_line"), e.get("seq"))
+    studies = []
+    for study in sorted(set(by_study_dp) | set(by_study_cfg)):
+        configs = by_study_cfg.get(study, []) + (by_study_cfg.get("", []) if study else [])
+        studies.append(_audit_study(study or None, by_study_dp.get(study, []), configs, add, timeout_s))
+
+    # A site's patients are the same across studies: its total composes every study.
+    all_history = []
+    for e in entries:
+        if e.get("kind") == "dp-training" and not mechanism_problems(e.get("mechanism")):
+            m = e["mechanism"]
+            all_history.append((float(m["noise_multiplier"]), float(m["sample_rate"]), int(m["steps"])))
+    deltas = [s["delta"] for s in studies if s["delta"] is not None]
+    total = None
+    if len([s for s in studies if s["dp_entries"]]) > 1 and deltas:
+        eps, used = compute_epsilon(all_history, max(deltas), mechanism="pld", timeout_s=timeout_s)
+        total = {"pld": eps, "accountant": used, "delta": max(deltas)}
+    elif studies and deltas:
+        s = next(s for s in studies if s["dp_entries"])
+        total = {"pld": s["pld"], "accountant": "pld", "delta": s["delta"]}
+    return {
+        "ledger": str(path), "site": site, "entries": len(entries), "kinds": dict(counts),
+        "chain_ok": not chain_problems, "head": entries[-1].get("hash") if entries else None,
+        "studies": studies, "site_total": total,
+        "findings": [asdict(f) for f in findings],
+    }
+
+
+def verify_ledgers(paths: Sequence[str | Path], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Audit several sites' ledgers and summarise the federation. Returns the report dict."""
+    if not paths:
+        raise InputError("give at least one ledger file")
+    sites = [verify_ledger(p, timeout_s=timeout_s) for p in paths]
+    seen = Counter(s["site"] for s in sites)
+    if any(c > 1 for c in seen.values()):
+        for s in sites:  # same site name twice: tell them apart by file
+            if seen[s["site"]] > 1:
+                s["site"] = f"{s['site']} ({s['ledger']})"
+    per_site = {}
+    for s in sites:
+        tot = s["site_total"]
+        recorded = max((st["recorded"] for st in s["studies"] if st["recorded"] is not None), default=0.0)
+        per_site[s["site"]] = {"recomputed_pld": tot["pld"] if tot else 0.0,
+                               "recorded": recorded, "delta": tot["delta"] if tot else None}
+    deltas = [v["delta"] for v in per_site.values() if v["delta"] is not None]
+    federation = {
+        "rule": "sites hold disjoint patients: the federation's epsilon is the maximum over sites",
+        "epsilon_recomputed_pld": max((v["recomputed_pld"] for v in per_site.values()), default=0.0),
+        "epsilon_recorded": max((v["recorded"] for v in per_site.values()), default=0.0),
+        "delta": max(deltas) if deltas else None,
+        "sites": per_site,
+    }
+    findings = [f for s in sites for f in s["findings"]]
+    return {
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "ok": not any(f["severity"] == "error" for f in findings),
+        "errors": sum(f["severity"] == "error" for f in findings),
+        "warnings": sum(f["severity"] == "warning" for f in findings),
+        "sites": sites, "federation": federation, "findings": findings,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def to_json(report: dict) -> str:
+    """The report as JSON text (infinite epsilons written as ``"inf"``)."""
+    return json.dumps(_jsonable(report), indent=2, sort_keys=False)
+
+
+def format_text(report: dict) -> str:
+    """A plain-text rendering for the terminal."""
+    out = []
+    for s in report["sites"]:
+        out.append(f"site {s['site']}  ({s['ledger']})")
+        out.append(f"  entries {s['entries']}  " + "  ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items(),
+                                                                                    key=lambda kv: str(kv[0])))
+                   + f"  chain {'intact' if s['chain_ok'] else 'BROKEN'}")
+        for st in s["studies"]:
+            out.append(f"  study {st['study'] or '-'}: {st['dp_entries']} dp-training entries, "
+                       f"{st['steps']} steps, delta {st['delta'] if st['delta'] is not None else '-'}")
+            if st["rows"]:
+                out.append(f"    {'seq':>4} {'round':>5} {'recorded':>9} {'RDP':>9} {'PRV':>9} "
+                           f"{'PLD-pess':>9} {'PLD-opt':>9}")
+                for r in st["rows"]:
+                    out.append(f"    {r['seq'] if r['seq'] is not None else '-':>4} "
+                               f"{r['round'] if r['round'] is not None else '-':>5} "
+                               f"{_fmt(r['recorded']):>9} {_fmt(r.get('rdp')):>9} {_fmt(r.get('prv')):>9} "
+                               f"{_fmt(r.get('pld')):>9} {_fmt(r.get('pld-optimistic')):>9}")
+            if st["cap"] is not None:
+                left = st["rounds_left"]
+                left_s = "unlimited" if left is None and st["remaining"] is not None else str(left)
+                out.append(f"    cap {st['cap']:g}: remaining {_fmt(st['remaining'])} "
+                           f"({st['primary_accountant']}); rounds of the same shape that still fit: {left_s}")
+        if s["site_total"] and len([x for x in s["studies"] if x["dp_entries"]]) > 1:
+            out.append(f"  site total over all studies: {_fmt(s['site_total']['pld'])} (PLD)")
+    fed = report["federation"]
+    out.append(f"federation ({len(fed['sites'])} site{'s' if len(fed['sites']) != 1 else ''}; "
+               "disjoint patients -> max over sites): "
+               f"epsilon {_fmt(fed['epsilon_recomputed_pld'])} recomputed (PLD), "
+               f"{_fmt(fed['epsilon_recorded'])} recorded, delta {fed['delta'] if fed['delta'] else '-'}")
+    if report["findings"]:
+        out.append(f"findings: {report['errors']} error(s), {report['warnings']} warning(s)")
+        for f in report["findings"]:
+            out.append("  " + Finding(**f).describe())
+    else:
+        out.append("no findings: every chain is intact and every recorded epsilon is within the bracket")
+    return "\n".join(out)
+
+
+def _plot_site(site: dict) -> str | None:
+    """Base64 PNG of epsilon over dp-training rounds for one site (None when nothing to plot)."""
+    studies = [st for st in site["studies"] if st["rows"]]
+    if not studies:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    try:
+        for st in studies:
+            x = list(range(1, len(st["rows"]) + 1))
+            tag = f" [{st['study']}]" if len(studies) > 1 and st["study"] else ""
+
+            def series(key, rows=st["rows"]):
+                return [r.get(key) if r.get(key) is not None and math.isfinite(r.get(key)) else float("nan")
+                        for r in rows]
+
+            ax.fill_between(x, series("pld-optimistic"), series("pld"), alpha=0.25,
+                            label=f"PLD bracket{tag}")
+            ax.plot(x, series("rdp"), "--", label=f"RDP{tag}")
+            ax.plot(x, series("prv"), ":", label=f"PRV{tag}")
+            ax.plot(x, series("recorded"), "o-", label=f"recorded{tag}")
+            if st["cap"] is not None:
+                ax.axhline(st["cap"], color="red", linewidth=1, label=f"cap {st['cap']:g}{tag}")
+        ax.set_xlabel("DP training entry (round)")
+        ax.set_ylabel("cumulative epsilon")
+        ax.set_title(f"site {site['site']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def format_html(report: dict) -> str:
+    """A self-contained HTML page (plots embedded as base64 PNG)."""
+    e = html.escape
+    status = "clean" if report["ok"] else f"{report['errors']} error(s)"
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>clinfuse privacy audit</title>",
+        ("<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#f3f3f3}"
+         ".error{color:#a00}.warning{color:#a60}.ok{color:#070}</style></head><body>"),
+        "<h1>Privacy audit</h1>",
+        (f"<p>Generated {e(report['generated'])}. Status: <b class='{'ok' if report['ok'] else 'error'}'>"
+         f"{e(status)}</b>, {report['warnings']} warning(s).</p>"),
+    ]
+    fed = report["federation"]
+    parts.append("<h2>Federation</h2><p>" + e(fed["rule"]) + f". Epsilon recomputed (PLD): "
+                 f"<b>{_fmt(fed['epsilon_recomputed_pld'])}</b>; recorded: {_fmt(fed['epsilon_recorded'])}; "
+                 f"delta {e(str(fed['delta']))}.</p>")
+    for s in report["sites"]:
+        parts.append(f"<h2>Site {e(s['site'])}</h2><p>{e(s['ledger'])}: {s['entries']} entries; hash chain "
+                     f"<b class='{'ok' if s['chain_ok'] else 'error'}'>{'intact' if s['chain_ok'] else 'BROKEN'}"
+                     f"</b>; head {e(str(s['head']))}</p>")
+        png = _plot_site(s)
+        if png:
+            parts.append(f"<img alt='epsilon over rounds, site {e(s['site'])}' "
+                         f"src='data:image/png;base64,{png}'>")
+        for st in s["studies"]:
+            parts.append(f"<h3>Study {e(str(st['study'] or '-'))}</h3>")
+            if st["rows"]:
+                parts.append("<table><tr><th>seq</th><th>round</th><th>sigma</th><th>q</th><th>steps</th>"
+                             "<th>delta</th><th>recorded</th><th>RDP</th><th>PRV</th><th>PLD pess.</th>"
+                             "<th>PLD opt.</th></tr>")
+                for r in st["rows"]:
+                    parts.append("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
+                        r["seq"], r["round"], f"{r['noise_multiplier']:.4g}", f"{r['sample_rate']:.4g}", r["steps"],
+                        r["delta"], _fmt(r["recorded"]), _fmt(r.get("rdp")), _fmt(r.get("prv")),
+                        _fmt(r.get("pld")), _fmt(r.get("pld-optimistic")))) + "</tr>")
+                parts.append("</table>")
+            if st["cap"] is not None:
+                parts.append(f"<p>Cap {st['cap']:g}; remaining {_fmt(st['remaining'])} "
+                             f"({e(st['primary_accountant'])}); rounds of the same shape that still fit: "
+                             f"{e(str(st['rounds_left']))}.</p>")
+    parts.append("<h2>Findings</h2>")
+    if report["findings"]:
+        parts.append("<ul>" + "".join(f"<li class='{e(f['severity'])}'>{e(Finding(**f).describe())}</li>"
+                                      for f in report["findings"]) + "</ul>")
+    else:
+        parts.append("<p class='ok'>None.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``out_dir`` (atomically); return both paths."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output directory: {exc}", file=out_dir) from None
+    jpath, hpath = out_dir / "report.json", out_dir / "report.html"
+    atomic_write_text(jpath, to_json(report) + "\n")
+    atomic_write_text(hpath, format_html(report))
+    return jpath, hpath

@@ -1,0 +1,276 @@
+"""``clinfuse site check``: is this hospital ready to join a federated study?
+
+Run by the site's engineer before starting its SuperNode, with the same values the SuperNode's
+``--node-config`` will carry. Each check prints one line, ``OK``, ``WARN``, ``FAIL`` or ``SKIP``:
+
+- ``config``     the study configuration loads
+- ``data``       the manifest validates and leaves training rows (problems summarised)
+- ``state dir``  the site's private state directory is writable (an atomic write is tried) and
+                 its ledger, if any, verifies
+- ``cap``        ``max-epsilon`` is positive; the epsilon this site's accountant has already spent
+                 is below it; once the site has a privacy plan (``plan.json``, written at its
+                 first round), the planned next round still fits under it
+- ``cache``      every image decodes, into the site's cache (so the first round does not pay
+                 for decoding inside Flower's per-message ClientApp process)
+
+Exit status 0 when nothing failed (the site is ready), 2 otherwise. The check changes nothing
+but the image cache and a probe file it removes again: it never touches the accountant.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+MAX_PROBLEMS_SHOWN = 5
+
+
+@dataclass
+class Check:
+    """One line of the checklist; ``details`` are printed indented below it."""
+    name: str
+    status: str
+    message: str
+    details: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        return [f"[{self.status:^4}] {self.name:<10} {self.message}"] + [f"{'':18}{d}" for d in self.details]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "site", help="site-side tools (check readiness before joining a study)",
+        description="Tools a hospital site runs next to its data.")
+    sub = p.add_subparsers(dest="site_command", metavar="SUBCOMMAND", required=True)
+    c = sub.add_parser(
+        "check", help="check data, privacy cap, state dir and image cache before joining",
+        description="Validate this site before its SuperNode joins a study: the data, the privacy cap "
+                    "(and what the site's accountant has already spent), the state directory, and the "
+                    "image cache (every image is decoded into it). Pass the values of the SuperNode's "
+                    "--node-config. Exit 0 if ready, 2 if not.")
+    c.add_argument("--manifest", type=Path, required=True, help="the site's manifest (CSV or Parquet)")
+    c.add_argument("--config", type=Path, required=True, help="the study configuration (YAML)")
+    c.add_argument("--state-dir", type=Path, default=None,
+                   help="the site's private state directory (accountant, plan, ledger); "
+                        "without it the state checks are skipped")
+    c.add_argument("--max-epsilon", type=float, default=None,
+                   help="this site's privacy cap (default: the config's privacy.target_epsilon)")
+    c.add_argument("--no-cache", action="store_true", help="skip decoding images into the cache")
+    c.set_defaults(handler=_check_command)
+
+
+def _check_command(args) -> int:
+    checks = check_site(args.manifest, args.config, state_dir=args.state_dir, max_epsilon=args.max_epsilon,
+                        warm_cache=not args.no_cache, progress=True)
+    print(format_checklist(checks))
+    return 0 if ready(checks) else 2
+
+
+def ready(checks: list[Check]) -> bool:
+    """True when no check failed (warnings and skips do not stop a site from joining)."""
+    return not any(c.status == FAIL for c in checks)
+
+
+def format_checklist(checks: list[Check]) -> str:
+    lines = [line for c in checks for line in c.lines()]
+    failed = [c.name for c in checks if c.status == FAIL]
+    lines.append("")
+    lines.append("READY: this site can join the study" if not failed
+                 else f"NOT READY: fix {', '.join(failed)} and run the check again")
+    return "\n".join(lines)
+
+
+def check_site(manifest: str | Path, config: str | Path | None, *, state_dir: str | Path | None = None,
+               max_epsilon: float | None = None, warm_cache: bool = True, progress: bool = False) -> list[Check]:
+    """Run every readiness check and return them in order (config, data, state dir, cap, cache).
+
+    A check that cannot run because an earlier one failed is reported as ``SKIP``. Never raises
+    for bad input: each problem is a ``FAIL`` line naming the file or key.
+    """
+    from clinfuse.config import load_config
+    from clinfuse.errors import InputError
+
+    checks: list[Check] = []
+    try:
+        cfg = load_config(config)
+        checks.append(Check("config", OK, f"{config} (study '{cfg.study}', config hash {cfg.digest()[:12]})"))
+    except InputError as exc:
+        cfg = None
+        checks.append(Check("config", FAIL, exc.describe()))
+
+    data, data_check = (None, Check("data", SKIP, "needs a valid config")) if cfg is None else _check_data(manifest, cfg)
+    checks.append(data_check)
+    checks.append(_check_state_dir(state_dir))
+    state_usable = state_dir is not None and checks[-1].status != FAIL
+    checks.append(_check_cap(cfg, data, Path(state_dir) if state_usable else None, max_epsilon,
+                             state_dir_given=state_dir is not None))
+    if not warm_cache:
+        checks.append(Check("cache", SKIP, "--no-cache given"))
+    elif data is None:
+        checks.append(Check("cache", SKIP, "needs valid data"))
+    else:
+        checks.append(_check_cache(manifest, cfg, data, progress))
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------
+
+def _check_data(manifest, cfg):
+    from clinfuse.data.manifest import read_manifest
+    from clinfuse.errors import InputError
+
+    try:
+        data = read_manifest(manifest, cfg)
+    except InputError as exc:
+        return None, Check("data", FAIL, exc.describe())
+    except OSError as exc:
+        return None, Check("data", FAIL, f"{manifest}: cannot read: {exc}")
+    s = data.summary(cfg.data.labels)
+    details = ["splits: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),
+               "labels: " + ", ".join(f"{k} {v}" for k, v in s["labels"].items()),
+               "availability: " + ", ".join(f"{m} {n}" for m, n in s["availability"].items())]
+    shown = [p.describe() for p in data.problems[:MAX_PROBLEMS_SHOWN]]
+    if len(data.problems) > MAX_PROBLEMS_SHOWN:
+        shown.append(f"... {len(data.problems) - MAX_PROBLEMS_SHOWN} more: run 'clinfuse validate {manifest}'")
+    head = (f"{s['usable_rows']} of {s['rows']} rows usable, {s['patients']} patients "
+            f"({s['errors']} errors: rows skipped, {s['warnings']} warnings)")
+    train = [r for r in data.records if r.split == "train"]
+    if not data.records:
+        return None, Check("data", FAIL, f"{manifest}: no usable rows; " + head, tuple(shown))
+    if not train:
+        return None, Check("data", FAIL, f"{manifest}: no training rows; " + head, tuple(details + shown))
+    train_labels = {r.label for r in train}
+    if len(train_labels) < len(cfg.data.labels):
+        missing = [name for i, name in enumerate(cfg.data.labels) if i not in train_labels]
+        details.insert(0, f"warning: no training rows labelled {', '.join(missing)}")
+        return data, Check("data", WARN, head, tuple(details + shown))
+    status = WARN if data.problems else OK
+    return data, Check("data", status, head, tuple(details + shown))
+
+
+def _check_state_dir(state_dir) -> Check:
+    from clinfuse.errors import InputError
+    from clinfuse.fileio import atomic_write_text
+
+    if state_dir is None:
+        return Check("state dir", SKIP, "no --state-dir: pass the state-dir of the SuperNode's --node-config")
+    state_dir = Path(state_dir)
+    probe = state_dir / f".clinfuse-write-check-{os.getpid()}"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(probe, "probe\n")
+        if probe.read_text() != "probe\n":
+            return Check("state dir", FAIL, f"{state_dir}: a file written there did not read back intact")
+    except OSError as exc:
+        return Check("state dir", FAIL, f"{state_dir}: not writable ({exc.strerror or exc})")
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    ledger = state_dir / "ledger.jsonl"
+    if not ledger.exists():
+        return Check("state dir", OK, f"{state_dir} is writable (new site: no ledger yet)")
+    from clinfuse.privacy.ledger import read_ledger
+
+    try:
+        entries, problems = read_ledger(ledger)
+    except InputError as exc:
+        return Check("state dir", FAIL, exc.describe())
+    if problems:
+        return Check("state dir", FAIL, f"{ledger}: the ledger does not verify ({len(problems)} problems); the "
+                     "site cannot append to it: run 'clinfuse audit verify'",
+                     tuple(p.describe() for p in problems[:MAX_PROBLEMS_SHOWN]))
+    return Check("state dir", OK, f"{state_dir} is writable; ledger verifies ({len(entries)} entries)")
+
+
+def _check_cap(cfg, data, state_dir: Path | None, max_epsilon: float | None, *, state_dir_given: bool) -> Check:
+    """The cap is valid; spent < cap; the planned next round fits under the cap."""
+    import json
+
+    from clinfuse.errors import InputError
+
+    if cfg is None:
+        return Check("cap", SKIP, "needs a valid config")
+    source = "--max-epsilon"
+    if max_epsilon is None:
+        max_epsilon, source = cfg.privacy.target_epsilon, "privacy.target_epsilon (no --max-epsilon given)"
+    if isinstance(max_epsilon, bool) or not (isinstance(max_epsilon, (int, float)) and math.isfinite(max_epsilon)
+                                             and max_epsilon > 0):
+        return Check("cap", FAIL, f"max-epsilon must be a positive finite number, got {max_epsilon!r}")
+    if not cfg.privacy.enabled:
+        return Check("cap", WARN, f"privacy.enabled is false in the config: updates leave this site without "
+                     f"differential privacy and the cap {max_epsilon:g} is not enforced")
+    details = []
+    if cfg.privacy.target_epsilon > max_epsilon:
+        details.append(f"the study targets epsilon {cfg.privacy.target_epsilon:g} > this cap: the site will "
+                       "decline its last rounds")
+    if state_dir is None:
+        why = "the state dir is not usable" if state_dir_given else "no --state-dir"
+        return Check("cap", OK, f"{max_epsilon:g} from {source}; spent unknown ({why})", tuple(details))
+    if data is None:
+        return Check("cap", SKIP, f"{max_epsilon:g} from {source}; the spend check needs valid data")
+
+    from clinfuse.privacy.accountant import SiteAccountant
+    from clinfuse.training.trainer import PrivacyPlan, default_delta
+
+    n_patients = len({r.patient_id for r in data.records if r.split == "train"})
+    if n_patients < 2:
+        return Check("cap", FAIL, f"DP training needs at least 2 training patients, this site has {n_patients}")
+    plan = None
+    plan_path = state_dir / "plan.json"
+    try:
+        accountant = SiteAccountant(state_dir / "accountant.json", mechanism=cfg.privacy.accountant)
+        if plan_path.exists():
+            stored = json.loads(plan_path.read_text())
+            # The same test SiteRuntime.plan applies: a plan of another study or cohort is redone.
+            if stored.get("study") == cfg.study and stored.get("n_patients") == n_patients:
+                plan = PrivacyPlan(**{k: v for k, v in stored.items() if k in PrivacyPlan.__dataclass_fields__})
+        delta = plan.delta if plan else (cfg.privacy.delta or default_delta(n_patients))
+        if delta >= 1.0 / n_patients:
+            return Check("cap", FAIL, f"privacy.delta {delta:g} must be below 1/n = {1 / n_patients:g} "
+                         f"({n_patients} training patients)")
+        spent = accountant.epsilon(delta)
+        head = (f"{max_epsilon:g} from {source}; spent {spent:.3f} ({accountant.steps} steps, delta {delta:g}), "
+                f"{max(max_epsilon - spent, 0):.3f} left")
+        if spent >= max_epsilon:
+            return Check("cap", FAIL, head + "; budget spent: this site would decline every round", tuple(details))
+        if plan is None:
+            # Planning runs the accountant dozens of times (a minute on a busy machine); the site
+            # does it once, at its first round, and keeps the plan in plan.json.
+            details.append("no privacy plan yet: the site plans its noise for the whole study at its first round")
+            return Check("cap", WARN if len(details) > 1 else OK, head, tuple(details))
+        steps = plan.steps_per_epoch * cfg.federation.local_epochs
+        after = accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta)
+    except InputError as exc:
+        return Check("cap", FAIL, exc.describe(), tuple(details))
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        return Check("cap", FAIL, f"{plan_path}: unreadable privacy plan ({exc})", tuple(details))
+    details.append(f"next round (plan.json): noise multiplier {plan.noise_multiplier:.3f}, sample rate "
+                   f"{plan.sample_rate:.3g}, {steps} steps -> epsilon {after:.3f}")
+    if after > max_epsilon:
+        return Check("cap", FAIL, head + "; the next round would pass the cap: the site would decline it",
+                     tuple(details))
+    return Check("cap", WARN if len(details) > 1 else OK, head, tuple(details))
+
+
+def _check_cache(manifest, cfg, data, progress: bool) -> Check:
+    from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
+
+    cache_dir = default_cache_dir(manifest, cfg)
+    dataset = MultimodalDataset(data.records, cfg, cache_dir)
+    n_images = sum(r.image is not None for r in data.records)
+    try:
+        dataset.warm(progress)
+    except OSError as exc:
+        return Check("cache", FAIL, f"{cache_dir}: cannot write the image cache ({exc.strerror or exc})")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure makes the site unable to train
+        return Check("cache", FAIL, f"an image does not decode: {type(exc).__name__}: {exc}")
+    cache = dataset.cache
+    return Check("cache", OK, f"{n_images} images decoded into {cache_dir} "
+                 f"({cache.hits} already cached, {cache.misses + cache.rebuilt} new)")

@@ -1,0 +1,540 @@
+"""A real Flower deployment on this machine: certificates, SuperLink, SuperNodes, ``flwr run``.
+
+A consortium runs one SuperLink at the coordinator and one SuperNode per hospital. This module
+starts the same processes, with the same flags, on loopback so the test suite and the benchmark
+exercise the deployment engine itself rather than the simulation:
+
+- :func:`make_credentials` makes a CA, a server certificate (SAN ``DNS:localhost`` and
+  ``IP:127.0.0.1``: the SuperLink's own ServerApp process connects back over loopback) and one
+  ECDSA P-384 key pair per SuperNode, with the ``openssl`` and ``ssh-keygen`` commands the
+  deployment guide shows.
+- :class:`LocalDeployment` starts ``flower-superlink`` with TLS, SuperNode authentication and
+  ``--disable-runtime-dependency-installation`` on a free loopback port, registers each node's
+  public key (``flwr supernode register``), starts one ``flower-supernode`` per site with its
+  ``--node-config``, and runs the app with ``flwr run . NAME --stream``. Each process gets its own
+  ``FLWR_HOME``; every process started is stopped by PID (SIGTERM, then SIGKILL) in
+  :meth:`LocalDeployment.stop`, which ``with`` calls even when something failed.
+- :func:`measure_deployment_round_overhead` runs the demo study through a deployment and reports
+  the round overhead, ``(round wall - slowest site's training) / round wall``.
+
+Every external command is recorded, shell-quoted, in ``LocalDeployment.commands`` (and the
+credential commands in the list passed to :func:`make_credentials`) so a guide can show exactly
+what ran. Nothing listens beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_CONNECTION = "clinfuse-local"
+ConfigValue = str | int | float | bool
+
+
+class DeploymentError(RuntimeError):
+    """A deployment process failed to start, exited early, or a run did not complete."""
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+def _tool(name: str) -> str:
+    """Absolute path of an executable, preferring the one beside this Python (its venv)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise DeploymentError(f"'{name}' is not on PATH; install it (see docs/deployment.md)")
+    return found
+
+
+def _run(argv: Sequence[str], *, record: list[str] | None = None, env: Mapping[str, str] | None = None,
+         cwd: str | Path | None = None, timeout: float = 120.0, shown: str | None = None) -> str:
+    """Run a short command to completion and return its stdout; raise DeploymentError on failure.
+
+    ``shown`` is how the command is recorded (e.g. with ``FLWR_HOME=...`` in front);
+    by default the shell-quoted argv.
+    """
+    if record is not None:
+        record.append(shown or shlex.join([Path(argv[0]).name, *map(str, argv[1:])]))
+    try:
+        done = subprocess.run([str(a) for a in argv], check=False, env=dict(env) if env is not None else None, cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise DeploymentError(f"'{shlex.join(map(str, argv))}' did not finish within {timeout:g} s") from exc
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout or "").strip()[-2000:]
+        raise DeploymentError(f"'{shlex.join(map(str, argv))}' exited with status {done.returncode}:\n{tail}")
+    return done.stdout
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` right now (the OS picks it; a race with other programs is
+    possible but unlikely in the second before the server binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def format_config(values: Mapping[str, ConfigValue]) -> str:
+    """Flower's ``'k1=v1 k2="text"'`` form (``--node-config``, ``--run-config``) of ``values``.
+
+    Strings become TOML basic strings (``"..."``, backslashes escaped); booleans
+    ``true``/``false``; numbers as Python writes them. Flower's parser does not allow a double
+    quote inside a value: such a string raises ValueError, as does a key with spaces or ``=``.
+    """
+    parts = []
+    for key, value in values.items():
+        if not key or re.search(r"[\s=]", key):
+            raise ValueError(f"config key {key!r} must be non-empty without spaces or '='")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif isinstance(value, (str, os.PathLike)):
+            value = os.fspath(value)
+            if '"' in value or "\n" in value:
+                raise ValueError(f"config value of {key!r} must not contain a double quote or newline: {value!r}")
+            text = '"' + value.replace("\\", "\\\\") + '"'
+        else:
+            raise TypeError(f"config value of {key!r} must be str, int, float or bool, got {type(value).__name__}")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of the TLS and SuperNode-authentication material.
+
+    ``node_keys`` maps a node name to its private key; the public key is beside it, ``<key>.pub``.
+    The CA key (``ca.key``) stays in the folder: keep it offline in a real consortium.
+    """
+    folder: Path
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: dict[str, Path] = field(default_factory=dict)
+
+    def public_key(self, node: str) -> Path:
+        return Path(f"{self.node_keys[node]}.pub")
+
+
+def make_credentials(folder: str | Path, nodes: Sequence[str], *, dns: Sequence[str] = ("localhost",),
+                     ips: Sequence[str] = (LOOPBACK,), days: int = 30,
+                     record: list[str] | None = None) -> Credentials:
+    """Make a CA, a server certificate it signs, and an ECDSA P-384 key pair per node.
+
+    Parameters
+    ----------
+    folder: where to write (created); existing files of the same names are replaced.
+    nodes: node names (file names of their keys: ``<folder>/<name>`` and ``<name>.pub``).
+    dns, ips: subject alternative names of the server certificate. Keep ``127.0.0.1`` in
+        ``ips``: the SuperLink's own ServerApp process connects back over loopback.
+    days: validity of both certificates.
+    record: if given, each command run is appended (shell-quoted) for documentation.
+
+    Returns the :class:`Credentials`. Raises :class:`DeploymentError` if ``openssl`` or
+    ``ssh-keygen`` is missing or fails, ValueError for a node name that is not a plain file name.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not dns and not ips:
+        raise ValueError("the server certificate needs at least one DNS name or IP address")
+    for name in nodes:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in ("ca", "server"):
+            raise ValueError(f"node name {name!r} must be a plain file name (letters, digits, . _ -), "
+                             "not 'ca' or 'server'")
+    openssl, ssh_keygen = _tool("openssl"), _tool("ssh-keygen")
+    ca_key, ca_cert = folder / "ca.key", folder / "ca.crt"
+    server_key, server_csr, server_cert = folder / "server.key", folder / "server.csr", folder / "server.pem"
+    ext = folder / "server.ext"
+    san = ",".join([f"DNS:{d}" for d in dns] + [f"IP:{i}" for i in ips])
+    ext_text = (f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    ext.write_text(ext_text)
+    if record is not None:
+        record.append(f"cat > {shlex.quote(str(ext))} <<'EOF'\n{ext_text}EOF")
+    _run([openssl, "req", "-x509", "-newkey", "rsa:3072", "-sha256", "-nodes", "-days", str(days),
+          "-keyout", ca_key, "-out", ca_cert, "-subj", "/CN=clinfuse consortium CA"], record=record)
+    _run([openssl, "req", "-newkey", "rsa:3072", "-sha256", "-nodes", "-keyout", server_key,
+          "-out", server_csr, "-subj", f"/CN={dns[0] if dns else ips[0]}"], record=record)
+    _run([openssl, "x509", "-req", "-in", server_csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+          "-sha256", "-days", str(days), "-extfile", ext, "-out", server_cert], record=record)
+    for path in (ca_key, server_key):
+        path.chmod(0o600)
+    node_keys = {}
+    for name in nodes:
+        key = folder / name
+        for stale in (key, Path(f"{key}.pub")):
+            stale.unlink(missing_ok=True)  # ssh-keygen asks before overwriting
+        _run([ssh_keygen, "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name, "-f", key], record=record)
+        node_keys[name] = key
+    return Credentials(folder, ca_cert, server_cert, server_key, node_keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def stop_process(popen: subprocess.Popen, *, grace_s: float = 10.0) -> int | None:
+    """Stop one process we started, by PID: SIGTERM, wait ``grace_s``, then SIGKILL.
+
+    The process was started in its own session (process group id = its PID); helpers it left
+    behind in that group (Flower's SuperExec and app processes) get the same treatment. Returns
+    the exit status (``None`` if it could not be reaped).
+    """
+    pgid = popen.pid
+    if popen.poll() is None:
+        try:
+            popen.send_signal(signal.SIGTERM)
+            popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            try:
+                popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        except ProcessLookupError:
+            pass
+    # Children that outlived their parent (an app process mid-round) are in the same group.
+    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
+        if not _group_alive(pgid):
+            break
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.1)
+    return popen.poll()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _wait_port(host: str, port: int, proc: _Process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise DeploymentError(f"{proc.name} exited with status {proc.popen.returncode} while starting "
+                                  f"(log {proc.log}):\n{proc.tail()}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.25)
+    raise DeploymentError(f"{proc.name} did not listen on {host}:{port} within {timeout:g} s "
+                          f"(log {proc.log}):\n{proc.tail()}")
+
+
+def stage_app(app_dir: str | Path, dest: str | Path) -> Path:
+    """Unpack the Flower App Bundle (FAB) of ``app_dir`` into ``dest`` and return ``dest``.
+
+    ``flwr run <app>`` (flwr 1.42) rewrites the app's ``pyproject.toml`` when it still has a legacy
+    ``[tool.flwr.federations]`` table (it moves it to ``$FLWR_HOME/config.toml`` and comments
+    it out). Submitting from an unpacked FAB instead leaves the source tree untouched and fixes
+    what runs: exactly the files ``flwr run`` would have bundled (``.gitignore`` and Flower's
+    include/exclude rules applied; the bundle's ``pyproject.toml`` has no ``federations`` table).
+    """
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk  # flwr is pinned <1.43 in pyproject.toml
+
+    app_dir, dest = Path(app_dir).resolve(), Path(dest)
+    try:
+        fab = build_fab_from_disk(app_dir)
+    except ValueError as exc:
+        raise DeploymentError(f"cannot bundle the Flower app in {app_dir}: {exc}") from None
+    if dest.exists():
+        shutil.rmtree(dest)
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        for name in bundle.namelist():
+            target = (dest / name).resolve()
+            if not target.is_relative_to(dest.resolve()):
+                raise DeploymentError(f"the app bundle has a path outside its folder: {name}")
+        bundle.extractall(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# The deployment
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """What ``flwr run`` of one run gave: its id, final status, wall time and streamed log."""
+    run_id: int
+    status: str
+    wall_s: float
+    log: str
+    returncode: int
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.status.endswith("completed")
+
+
+class LocalDeployment:
+    """A SuperLink and one SuperNode per site on loopback, started and stopped as a unit.
+
+    Parameters
+    ----------
+    app_dir: the Flower app (a directory with ``pyproject.toml`` declaring
+        ``[tool.flwr.app.components]``); ``flwr run`` submits it from there.
+    workdir: private working directory (certificates, each process's ``FLWR_HOME``, logs).
+    sites: site name -> its ``--node-config`` values (for clinfuse: ``manifest``, ``site-id``,
+        ``state-dir``, ``max-epsilon``, optional ``config``).
+    connection: name of the ``[superlink.NAME]`` connection written for the ``flwr`` CLI.
+    threads_per_node: ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` of each SuperNode (so sites
+        sharing this machine do not oversubscribe its cores); default ``cpu_count // sites``.
+    env: extra environment for every process.
+    startup_timeout: seconds each server may take to start listening.
+
+    Use as a context manager: ``with LocalDeployment(...) as dep: dep.run({...})``; leaving the
+    block stops every process this object started, by PID, whatever happened inside.
+    """
+
+    def __init__(self, app_dir: str | Path, workdir: str | Path, sites: Mapping[str, Mapping[str, ConfigValue]],
+                 *, connection: str = DEFAULT_CONNECTION, threads_per_node: int | None = None,
+                 env: Mapping[str, str] | None = None, startup_timeout: float = 90.0):
+        self.app_dir = Path(app_dir).resolve()
+        if not (self.app_dir / "pyproject.toml").is_file():
+            raise ValueError(f"{self.app_dir} has no pyproject.toml: not a Flower app directory")
+        if not sites:
+            raise ValueError("a deployment needs at least one site")
+        self.workdir = Path(workdir).resolve()
+        self.sites = {name: dict(cfg) for name, cfg in sites.items()}
+        for cfg in self.sites.values():
+            format_config(cfg)  # fail now, not after the SuperLink started
+        self.connection = connection
+        self.threads = threads_per_node or max(1, (os.cpu_count() or 1) // len(self.sites))
+        self.extra_env = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.commands: list[str] = []
+        self.processes: list[_Process] = []
+        self.credentials: Credentials | None = None
+        self.staged_app: Path | None = None
+        self.port: int | None = None
+        self.cli_home = self.workdir / "flwr-cli"
+        self.logs = self.workdir / "logs"
+
+    # -- environment ------------------------------------------------------------------------
+    def _env(self, home: Path, **extra: str) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env, "FLWR_HOME": str(home), **extra}
+        # The SuperLink and SuperNodes start Flower's helper executables (SuperExec, the app
+        # processes) by name: make the ones of this Python's environment found first, even when
+        # the venv is not activated (CI calls .venv/bin/python directly).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def _cli(self, *args: str, timeout: float = 120.0) -> str:
+        flwr = _tool("flwr")
+        shown = f"FLWR_HOME={shlex.quote(str(self.cli_home))} {shlex.join(['flwr', *args])}"
+        return _run([flwr, *args], record=self.commands, env=self._env(self.cli_home), cwd=self.app_dir,
+                    timeout=timeout, shown=shown)
+
+    def _spawn(self, name: str, argv: list[str], home: Path, **extra_env: str) -> _Process:
+        home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        shown_env = " ".join(f"{k}={shlex.quote(v)}" for k, v in {"FLWR_HOME": str(home), **extra_env}.items())
+        self.commands.append(f"{shown_env} {shlex.join([Path(argv[0]).name, *argv[1:]])}")
+        with open(log, "ab") as fh:
+            # Own session: stop() can reach the helpers it spawns (SuperExec, app processes) by
+            # this PID's group, and a Ctrl-C in the terminal does not race our shutdown.
+            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self._env(home, **extra_env), cwd=self.workdir, start_new_session=True)
+        proc = _Process(name, popen, log)
+        self.processes.append(proc)
+        return proc
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Credentials, SuperLink, CLI connection, node registration, SuperNodes (in that order)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.staged_app = stage_app(self.app_dir, self.workdir / "app")
+        self.credentials = make_credentials(self.workdir / "certs", list(self.sites), record=self.commands)
+        self._start_superlink()
+        self._write_connection()
+        for name in self.sites:
+            self._cli("supernode", "register", str(self.credentials.public_key(name)), self.connection,
+                      "--name", name)
+        for name in self.sites:
+            self._start_supernode(name)
+        self.wait_for_nodes()
+
+    def _start_superlink(self) -> None:
+        creds = self.credentials
+        self.port = free_port()
+        argv = [_tool("flower-superlink"), "--host", LOOPBACK, "--port", str(self.port),
+                "--ssl-ca-certfile", str(creds.ca_cert), "--ssl-certfile", str(creds.server_cert),
+                "--ssl-keyfile", str(creds.server_key), "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--database", str(self.workdir / "superlink" / "state.db")]
+        proc = self._spawn("superlink", argv, self.workdir / "superlink")
+        _wait_port(LOOPBACK, self.port, proc, self.startup_timeout)
+
+    def _write_connection(self) -> None:
+        """``$FLWR_HOME/config.toml`` of the CLI: the TLS connection to this SuperLink."""
+        import tomli_w  # a dependency of flwr
+
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        doc = {"superlink": {"default": self.connection, self.connection: {
+            "address": f"{LOOPBACK}:{self.port}", "root-certificates": str(self.credentials.ca_cert)}}}
+        text = tomli_w.dumps(doc)
+        (self.cli_home / "config.toml").write_text(text)
+        self.commands.append(f"cat > {shlex.quote(str(self.cli_home / 'config.toml'))} <<'EOF'\n{text}EOF")
+
+    def _start_supernode(self, name: str) -> None:
+        argv = [_tool("flower-supernode"), "--superlink", f"{LOOPBACK}:{self.port}",
+                "--root-certificates", str(self.credentials.ca_cert),
+                "--auth-supernode-private-key", str(self.credentials.node_keys[name]),
+                "--host", LOOPBACK, "--port", str(free_port()),
+                "--node-config", format_config(self.sites[name])]
+        threads = str(self.threads)
+        self._spawn(f"supernode-{name}", argv, self.workdir / f"supernode-{name}",
+                    OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def check_alive(self) -> None:
+        """Raise DeploymentError naming any started process that has exited."""
+        for proc in self.processes:
+            if proc.popen.poll() is not None:
+                raise DeploymentError(f"{proc.name} (pid {proc.pid}) exited with status "
+                                      f"{proc.popen.returncode} (log {proc.log}):\n{proc.tail()}")
+
+    def wait_for_nodes(self, timeout: float | None = None) -> None:
+        """Wait until every SuperNode shows as online at the SuperLink."""
+        timeout = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        online: list = []
+        while True:
+            self.check_alive()
+            out = self._cli("supernode", "list", self.connection, "--format", "json")
+            online = [n for n in _json_payload(out).get("nodes", []) if str(n.get("status", "")).lower() == "online"]
+            if len(online) >= len(self.sites):
+                return
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"{len(online)} of {len(self.sites)} SuperNodes online after "
+                                      f"{timeout:g} s:\n" + "\n".join(p.tail(800) for p in self.processes))
+            time.sleep(1.0)
+
+    def run(self, run_config: Mapping[str, ConfigValue] | None = None, *, timeout: float = 600.0) -> RunResult:
+        """``flwr run . NAME --run-config ... --stream``: submit the app and wait for the run to end.
+
+        Returns the :class:`RunResult`; raises :class:`DeploymentError` when a process died, the
+        run did not finish within ``timeout`` seconds, or it ended in any state but completed.
+        """
+        if self.port is None:
+            raise DeploymentError("start() the deployment before run()")
+        self.check_alive()
+        args = ["run", ".", self.connection, "--stream"]  # from the staged copy of the app
+        if run_config:
+            args[3:3] = ["--run-config", format_config(run_config)]
+        log_path = self.logs / f"flwr-run-{len([c for c in self.commands if ' run . ' in c])}.log"
+        flwr = _tool("flwr")
+        self.commands.append(f"cd {shlex.quote(str(self.staged_app))} && "
+                             f"FLWR_HOME={shlex.quote(str(self.cli_home))} {shlex.join(['flwr', *args])}")
+        started = time.monotonic()
+        with open(log_path, "wb") as fh:
+            popen = subprocess.Popen([flwr, *args], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self._env(self.cli_home), cwd=self.staged_app, start_new_session=True)
+            try:
+                while popen.poll() is None:
+                    if time.monotonic() - started > timeout:
+                        raise DeploymentError(f"the run did not finish within {timeout:g} s (log {log_path}):\n"
+                                              + log_path.read_text(errors="replace")[-3000:])
+                    self.check_alive()
+                    time.sleep(0.5)
+            finally:
+                stop_process(popen, grace_s=5)
+        wall = time.monotonic() - started
+        text = log_path.read_text(errors="replace")
+        match = re.search(r"Successfully started run (\d+)", text)
+        if not match:
+            raise DeploymentError(f"'flwr run' did not start a run (status {popen.returncode}):\n{text[-3000:]}")
+        run_id = int(match.group(1))
+        status = self.run_status(run_id)
+        result = RunResult(run_id, status, wall, text, popen.returncode)
+        if not result.ok:
+            raise DeploymentError(f"run {run_id} ended as {status!r} (flwr status {popen.returncode}); "
+                                  f"log {log_path}:\n{text[-3000:]}")
+        return result
+
+    def run_status(self, run_id: int) -> str:
+        """``status`` of one run as ``flwr ls`` reports it, e.g. ``finished:completed``."""
+        out = self._cli("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        runs = _json_payload(out).get("runs", [])
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop every process this deployment started, SuperNodes first, by PID; return exit codes."""
+        codes = {}
+        for proc in reversed(self.processes):
+            codes[proc.name] = stop_process(proc.popen)
+        self.processes.clear()
+        return codes
+
+
+def _json_payload(text: str) -> dict:
+    """The JSON object a ``flwr ... --format json`` command printed (ignoring log lines around it)."""
+    start = text.find("{")
+    if start < 0:
+        raise DeploymentError(f"expected JSON from flwr, got:\n{text[-2000:]}")
+    try:
+        return json.loads(text[start:text.rfind("}") + 1])
+    except json.JSONDecodeError as exc:
+        raise DeploymentError(f"unreadable JSON from flwr ({exc}):\n{text[-2000:]}") from None

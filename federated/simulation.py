@@ -1,0 +1,78 @@
+"""Run a federated study in Flower's simulation engine from Python (``clinfuse demo``, tests).
+
+``flwr run .`` is the other way in (it reads ``[tool.flwr.app.config]``). This module uses
+``flwr.simulation.run_simulation``: deprecated in Flower 1.42 but the fastest start (no
+SuperLink, no process per message: Ray actors live for the whole run and keep torch imported),
+and it lets the caller hand the apps their settings directly; ``run_simulation`` itself gives
+apps an empty run config.
+
+Sites are partitions: partition ``k`` is ``<cohort>/site-k/manifest.csv`` (or run config
+``manifest-k``) with its private state in ``<workdir>/sites/site-k``; see
+:mod:`federated.client_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+
+
+def backend_config(num_sites: int, cpus: int | None = None, parallel: int | None = None) -> dict:
+    """Ray backend settings: ``cpus`` for the whole simulation, ``parallel`` sites training at once.
+
+    Each site (Ray actor) gets ``cpus // parallel`` CPUs and as many torch threads. On a
+    2-core machine the default runs 2 sites at a time with one thread each.
+    """
+    cpus = max(1, int(cpus or os.cpu_count() or 1))
+    parallel = max(1, min(int(parallel or min(num_sites, cpus)), num_sites, cpus))
+    return {
+        "client_resources": {"num_cpus": max(1, cpus // parallel), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                      "logging_level": "ERROR", "log_to_driver": True,
+                      # small object store: messages are a few MB; the default reserves 30% of RAM
+                      "object_store_memory": 256 * 1024 * 1024},
+    }
+
+
+def simulate(run_config: dict, *, num_sites: int, cpus: int | None = None, parallel: int | None = None,
+             client_mods: list | None = None, on_round: Callable[[dict], None] | None = None,
+             verbose: bool = False) -> dict:
+    """Run the study described by ``run_config`` (server_app's keys) over ``num_sites`` simulated sites.
+
+    ``client_mods`` are Flower mods added to every site's ClientApp (tests use one to record what
+    sites send). ``on_round(record)`` is called after each round. Returns the server's run summary;
+    raises what the server raised (e.g. :class:`InputError`, a ``RuntimeError`` when too many
+    sites failed).
+    """
+    from flwr.simulation import run_simulation
+
+    from federated.client_app import make_client_app
+    from federated.server_app import make_server_app
+
+    if num_sites < 1:
+        from clinfuse.errors import InputError
+
+        raise InputError(f"a simulation needs at least one site, got {num_sites}", key="sites")
+    run_config = {"expected-sites": num_sites, **run_config}
+    results: list[dict] = []
+    server = make_server_app(run_config, on_round=on_round, results=results)
+    client = make_client_app(run_config, mods=client_mods)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            run_simulation(server_app=server, client_app=client, num_supernodes=num_sites,
+                           backend_config=backend_config(num_sites, cpus, parallel), verbose_logging=False)
+    finally:
+        flwr_logger.setLevel(level)
+    if not results:
+        raise RuntimeError("the simulation ended without a result from the server (see the log above)")
+    return results[0]

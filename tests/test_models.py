@@ -1,0 +1,322 @@
+"""Encoders and fusion model: shapes, missing modalities, Opacus per-sample gradients."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+
+from clinfuse.config import MODALITIES, ImageEncoderConfig, ModelConfig
+from clinfuse.errors import InputError
+from clinfuse.models import build_model, parameter_groups
+from clinfuse.models.encoders.image import build_image_encoder
+from clinfuse.models.encoders.text import (
+    BatchFirstDPMultiheadAttention,
+    HashedBagEncoder,
+    TransformerTextEncoder,
+    build_text_encoder,
+    save_pretrained_text_encoder,
+)
+from clinfuse.training.balance import AuxLossWeights, multimodal_loss
+
+# Opacus' full backward hooks warn when no module input requires grad (true for our data inputs).
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
+
+FUSIONS = ("concat", "gated", "attention", "lowrank")
+PATTERNS = [p for p in itertools.product((0, 1), repeat=3) if any(p)]
+BUCKETS, TEXT_LEN, TAB_DIM, SIZE, N_CLASSES = 64, 8, 5, 16, 3
+
+
+def small_cfg(fusion="attention", dropout=0.0, **kw) -> ModelConfig:
+    return ModelConfig(dim=16, dropout=dropout, fusion={"name": fusion, "rank": 3},
+                       image_encoder={"name": "small_cnn", "channels": [4, 8]},
+                       tabular_encoder={"hidden": 8}, **kw)
+
+
+def small_model(fusion="attention", *, tabular_dim=TAB_DIM, size=SIZE, **kw):
+    return build_model(small_cfg(fusion, **kw), n_classes=N_CLASSES, tabular_dim=tabular_dim,
+                       text_buckets=BUCKETS, text_len=TEXT_LEN, image_size=(size, size))
+
+
+def make_batch(mask_rows, *, size=SIZE, tabular_dim=TAB_DIM, seed=0):
+    """A batch following the batch contract: absent modalities are zero placeholders."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor(mask_rows, dtype=torch.float32)
+    b = mask.shape[0]
+    image = torch.randn(b, 1, size, size, generator=g) * mask[:, 0, None, None, None]
+    text = torch.randint(1, BUCKETS, (b, TEXT_LEN), generator=g)
+    text[:, TEXT_LEN // 2:] = 0
+    text = text * mask[:, 1:2].long()
+    tabular = torch.rand(b, tabular_dim, generator=g) * mask[:, 2:3]
+    label = torch.randint(0, N_CLASSES, (b,), generator=g)
+    return image, text, tabular, mask, label
+
+
+def per_sample_vs_single(model, batch, weights=None, atol=1e-5):
+    """Per-sample grads from GradSampleModule (hooks) against one backward per sample."""
+    image, text, tabular, mask, label = batch
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        out = gsm(image, text, tabular, mask)
+        multimodal_loss(out, label, mask, weights)[0].sum().backward()
+        per_sample = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()
+                      if p.requires_grad}
+        for i in range(mask.shape[0]):
+            gsm.zero_grad(set_to_none=True)
+            s = slice(i, i + 1)
+            out = gsm(image[s], text[s], tabular[s], mask[s])
+            multimodal_loss(out, label[s], mask[s], weights)[0].sum().backward()
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    torch.testing.assert_close(per_sample[n][i], p.grad, atol=atol, rtol=1e-4,
+                                               msg=lambda m, n=n, i=i: f"{n}, sample {i}: {m}")
+    finally:
+        gsm._close()
+    return per_sample
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_modality_pattern_forward_backward(fusion):
+    model = small_model(fusion)
+    assert ModuleValidator.validate(model, strict=False) == []
+    batch = make_batch(PATTERNS)
+    image, text, tabular, mask, label = batch
+    out = model(image, text, tabular, mask)
+    assert out["logits"].shape == (len(PATTERNS), N_CLASSES)
+    assert set(out["aux"]) == set(MODALITIES)
+    assert all(a.shape == (len(PATTERNS), N_CLASSES) for a in out["aux"].values())
+    loss, _ = multimodal_loss(out, label, mask, AuxLossWeights())
+    loss.mean().backward()
+    assert torch.isfinite(loss).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    # Each pattern alone predicts, and what sits in an absent slot does not change the prediction.
+    model.eval()
+    for pattern in PATTERNS:
+        image, text, tabular, mask, _ = make_batch([pattern] * 2, seed=1)
+        ref = model(image, text, tabular, mask)["logits"]
+        assert torch.isfinite(ref).all()
+        noisy = (image + (1 - mask[:, 0, None, None, None]) * 5.0,
+                 torch.where(mask[:, 1:2] > 0, text, torch.full_like(text, 7)),
+                 tabular + (1 - mask[:, 2:3]) * 3.0)
+        torch.testing.assert_close(model(*noisy, mask)["logits"], ref)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_per_sample_gradients_match_single_sample_backward(fusion):
+    torch.manual_seed(0)
+    model = small_model(fusion)
+    batch = make_batch([(1, 1, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0)])
+    per_sample = per_sample_vs_single(model, batch, AuxLossWeights())
+    mask = batch[3]
+    groups = parameter_groups(model)
+    # An absent modality gets an exactly-zero per-sample gradient in its encoder and aux head.
+    for i, m in enumerate(MODALITIES):
+        absent = (mask[:, i] == 0).nonzero().flatten().tolist()
+        present = (mask[:, i] == 1).nonzero().flatten().tolist()
+        assert absent and present
+        for name in groups[m]:
+            for s in absent:
+                assert torch.count_nonzero(per_sample[name][s]) == 0, (name, s)
+        # A present modality does train its encoder (the test would pass vacuously otherwise).
+        enc = [n for n in groups[m] if n.startswith(f"{m}_encoder.")]
+        assert any(per_sample[n][present].abs().sum() > 0 for n in enc)
+        # ... and its missing token gets nothing from samples where the modality is present.
+        for s in present:
+            assert torch.count_nonzero(per_sample[f"missing.{m}.weight"][s]) == 0
+
+
+def test_transformer_text_encoder_under_grad_sample_module():
+    torch.manual_seed(0)
+    model = small_model("lowrank", text_encoder={"name": "transformer", "layers": 2, "heads": 2})
+    assert ModuleValidator.validate(model, strict=False) == []
+    batch = make_batch([(1, 1, 1), (1, 0, 1), (0, 1, 0)])
+    per_sample = per_sample_vs_single(model, batch, AuxLossWeights())
+    for name in parameter_groups(model)["text"]:
+        assert torch.count_nonzero(per_sample[name][1]) == 0, name
+
+
+@pytest.mark.parametrize("cls", [HashedBagEncoder, TransformerTextEncoder])
+def test_text_encoders_handle_all_padding_rows(cls):
+    enc = cls(BUCKETS, 16, TEXT_LEN) if cls is TransformerTextEncoder else cls(BUCKETS, 16)
+    ids = torch.randint(1, BUCKETS, (3, TEXT_LEN))
+    ids[1] = 0
+    ids[2, 3:] = 0
+    out = enc(ids)
+    assert out.shape == (3, 16) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters())
+    # Dropping a token changes a row's features; a row's features do not depend on other rows.
+    shorter = ids.clone()
+    shorter[0, -1] = 0
+    assert not torch.allclose(enc(shorter)[0], out[0])
+    torch.testing.assert_close(enc(ids[2:3]), out[2:3].detach())
+
+
+def test_tabular_dim_zero_means_no_tabular_parameters():
+    model = small_model("gated", tabular_dim=0)
+    groups = parameter_groups(model)
+    assert groups["tabular"] == ["aux_heads.tabular.weight", "aux_heads.tabular.bias"]
+    image, text, tabular, mask, label = make_batch([(1, 1, 0), (1, 0, 0)], tabular_dim=0)
+    assert tabular.shape == (2, 0)
+    per_sample_vs_single(model, (image, text, tabular, mask, label), AuxLossWeights())
+
+
+def test_parameter_groups_cover_every_parameter_once():
+    model = small_model("attention")
+    groups = parameter_groups(model)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(n for names_ in groups.values() for n in names_) == sorted(names)
+    assert "aux_heads.image.weight" in groups["image"]
+    assert "missing.text.weight" in groups["fusion"]
+    assert all(n.startswith(("image_encoder.", "aux_heads.image.")) for n in groups["image"])
+    assert all(n.startswith(("fusion.", "head.", "missing.")) for n in groups["fusion"])
+    wrapped = GradSampleModule(model)
+    try:
+        wg = parameter_groups(wrapped)
+        assert wg["text"] == ["_module." + n for n in groups["text"]]
+    finally:
+        wrapped._close()
+    assert not any(k.startswith("_module.") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["densenet121", "resnet10", "resnet18"])
+def test_monai_image_encoders_are_built_dp_valid(name):
+    enc = build_image_encoder(ImageEncoderConfig(name=name), 16, (64, 64))
+    ModuleValidator.validate(enc, strict=True)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in enc.modules())
+    assert not any(getattr(m, "inplace", False) for m in enc.modules())
+
+
+@pytest.mark.parametrize("name,size", [
+    ("resnet10", 32),
+    pytest.param("resnet18", 32, marks=pytest.mark.slow),
+    pytest.param("densenet121", 32, marks=pytest.mark.slow),
+])
+def test_monai_image_encoders_give_per_sample_gradients(name, size):
+    torch.manual_seed(0)
+    enc = build_image_encoder(ImageEncoderConfig(name=name), 16, (size, size))
+    gsm = GradSampleModule(enc, batch_first=True, loss_reduction="sum")
+    try:
+        x = torch.randn(2, 1, size, size)
+        x[1] = 0  # an absent image placeholder
+        out = gsm(x)
+        assert out.shape == (2, 16)
+        (out * torch.tensor([[1.0], [0.0]])).sum().backward()
+        for n, p in enc.named_parameters():
+            assert p.grad_sample.shape[0] == 2, n
+            assert torch.count_nonzero(p.grad_sample[1]) == 0, n
+        assert any(p.grad_sample[0].abs().sum() > 0 for p in enc.parameters())
+    finally:
+        gsm._close()
+
+
+def test_image_size_too_small_for_monai_backbone():
+    with pytest.raises(InputError, match="at least 32x32"):
+        build_image_encoder(ImageEncoderConfig(name="resnet10"), 16, (16, 16))
+
+
+def test_image_pretrained_weights_load_and_mismatches_are_refused(tmp_path):
+    cfg = ImageEncoderConfig(name="small_cnn", channels=[4, 8])
+    src = build_image_encoder(cfg, 16)
+    path = tmp_path / "cnn.pt"
+    torch.save({"_module." + k: v for k, v in src.state_dict().items()}, path)
+    loaded = build_image_encoder(cfg.model_copy(update={"pretrained": str(path)}), 16)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    # A different projection width is allowed: the head keeps its fresh initialisation.
+    other = build_image_encoder(cfg.model_copy(update={"pretrained": str(path)}), 32)
+    torch.testing.assert_close(other.state_dict()["features.0.weight"], src.state_dict()["features.0.weight"])
+
+    with pytest.raises(InputError, match="not found") as err:
+        build_image_encoder(cfg.model_copy(update={"pretrained": str(tmp_path / "nope.pt")}), 16)
+    assert err.value.key == "model.image_encoder.pretrained"
+    wrong = cfg.model_copy(update={"channels": [4, 8, 8], "pretrained": str(path)})
+    with pytest.raises(InputError, match="missing keys"):
+        build_image_encoder(wrong, 16)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot read"):
+        build_image_encoder(cfg.model_copy(update={"pretrained": str(tmp_path / "junk.pt")}), 16)
+
+
+def test_pretrained_text_encoder_is_frozen_and_validated(tmp_path):
+    torch.manual_seed(0)
+    src = TransformerTextEncoder(BUCKETS, 8, TEXT_LEN, layers=1, heads=2)
+    save_pretrained_text_encoder(src, tmp_path / "enc")
+    cfg = small_cfg("concat", text_encoder={"name": "pretrained", "path": str(tmp_path / "enc")})
+    model = build_model(cfg, n_classes=N_CLASSES, tabular_dim=TAB_DIM, text_buckets=BUCKETS,
+                        text_len=TEXT_LEN, image_size=(SIZE, SIZE))
+    text_enc = model.text_encoder
+    assert text_enc.frozen is True
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("text_encoder.encoder.") for n in frozen)
+    assert parameter_groups(model, trainable_only=True)["text"] == [
+        "text_encoder.proj.weight", "text_encoder.proj.bias", "aux_heads.text.weight", "aux_heads.text.bias"]
+    ids = torch.randint(1, BUCKETS, (2, TEXT_LEN))
+    torch.testing.assert_close(text_enc.embed(ids), src.eval()(ids))
+    model.train()
+    assert not text_enc.encoder.training
+    per_sample_vs_single(model, make_batch([(1, 1, 1), (1, 0, 1)]), AuxLossWeights())
+
+    with pytest.raises(InputError, match="hash buckets"):
+        build_text_encoder(cfg.text_encoder, 16, buckets=128, text_len=TEXT_LEN)
+    with pytest.raises(InputError, match="not found"):
+        build_text_encoder(cfg.text_encoder.model_copy(update={"path": str(tmp_path / "x")}), 16,
+                           buckets=BUCKETS, text_len=TEXT_LEN)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="HuggingFace"):
+        build_text_encoder(cfg.text_encoder.model_copy(update={"path": str(hf)}), 16,
+                           buckets=BUCKETS, text_len=TEXT_LEN)
+    with pytest.raises(InputError, match="needs a local directory"):
+        build_text_encoder(cfg.text_encoder.model_copy(update={"path": None}), 16,
+                           buckets=BUCKETS, text_len=TEXT_LEN)
+
+
+def test_transformer_heads_must_divide_dim():
+    with pytest.raises(InputError) as err:
+        small_model("concat", text_encoder={"name": "transformer", "heads": 3})
+    assert err.value.key == "model.text_encoder.heads"
+
+
+def test_demo_sized_model_builds_and_runs():
+    cfg = ModelConfig()  # the demo's defaults: dim 64, small_cnn [16, 32, 64], attention fusion
+    model = build_model(cfg, n_classes=2, tabular_dim=11, text_buckets=4096, text_len=64,
+                        image_size=(64, 64))
+    out = model(torch.zeros(2, 1, 64, 64), torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 11),
+                torch.tensor([[1.0, 0, 0], [0, 0, 1]]))
+    assert out["logits"].shape == (2, 2)
+    assert math.isfinite(float(out["logits"].detach().sum()))
+
+
+def test_batch_first_dp_attention_matches_torch_multihead_attention():
+    torch.manual_seed(0)
+    e, h = 16, 4
+    ref = torch.nn.MultiheadAttention(e, h, batch_first=True)
+    ours = BatchFirstDPMultiheadAttention(e, h)
+    qw, kw, vw = ref.in_proj_weight.detach().chunk(3)
+    qb, kb, vb = ref.in_proj_bias.detach().chunk(3)
+    ours.load_state_dict({"qlinear.weight": qw, "qlinear.bias": qb, "klinear.weight": kw,
+                          "klinear.bias": kb, "vlinear.weight": vw, "vlinear.bias": vb,
+                          "out_proj.weight": ref.out_proj.weight.detach(),
+                          "out_proj.bias": ref.out_proj.bias.detach()})
+    x, kv = torch.randn(3, 5, e), torch.randn(3, 7, e)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    expected, _ = ref(x, kv, kv, key_padding_mask=pad)
+    got, _ = ours(x, kv, kv, key_padding_mask=pad)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert set(ours.state_dict()) == {n for n, _ in ours.named_parameters()}
+
+
+def test_state_dict_keys_are_the_parameter_names():
+    model = small_model("attention", text_encoder={"name": "transformer"})
+    names = {n for n, _ in model.named_parameters()}
+    assert set(model.state_dict()) == names
+    clone = small_model("attention", text_encoder={"name": "transformer"})
+    clone.load_state_dict(model.state_dict())
