@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from clinfuse.config import config_from_dict, load_config  # noqa: E402
+from clinfuse.config import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,16 +71,18 @@ def timed_samplers(timers: Timers):
 
     original = dict(GradSampleModule.GRAD_SAMPLERS)
 
-    def wrap(fn):
+    def wrap(fn, layer: str):
         def inner(*a, **k):
             t = time.perf_counter()
             out = fn(*a, **k)
-            timers.add("per-sample grads", time.perf_counter() - t)
+            spent = time.perf_counter() - t
+            timers.add("per-sample grads", spent)
+            timers.add(f"layer:{layer}", spent)
             return out
         return inner
 
     for key, fn in original.items():
-        GradSampleModule.GRAD_SAMPLERS[key] = wrap(fn)
+        GradSampleModule.GRAD_SAMPLERS[key] = wrap(fn, getattr(key, "__name__", str(key)))
 
     def restore():
         GradSampleModule.GRAD_SAMPLERS.clear()
@@ -100,7 +102,10 @@ def run(cfg, mode: str, args) -> dict:
     batch = random_batch(cfg, args.batch)
     model = build_model_for(cfg)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if args.freeze_text_embedding:
+        # what-if: fixed random hashed n-gram embeddings (only the MLP above them is trained)
+        model.text_encoder.embed.weight.requires_grad_(False)
+    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3)
     weights = AuxLossWeights(cfg.balance.aux_weights)
     timers = Timers()
     restore = None
@@ -186,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["hooks", "ew"])
     p.add_argument("--skip-densenet", action="store_true")
     p.add_argument("--densenet-steps", type=int, default=3)
+    p.add_argument("--freeze-text-embedding", action="store_true",
+                   help="what-if: do not train the hashed-bag embedding table (no per-sample grads for it)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one hooks step")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -205,7 +212,7 @@ def main(argv=None) -> int:
         for mode in ["non-DP", *args.modes]:
             try:
                 results[mode] = run(cfg, mode, run_args)
-            except Exception as exc:  # a mode the model does not support is reported, not fatal
+            except Exception as exc:  # noqa: BLE001 - a mode the model does not support is reported, not fatal
                 print(f"  {mode}: not supported here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
                 continue
             print(f"  {mode}: {results[mode]['samples_s']:.1f} samples/s", flush=True)
@@ -218,6 +225,10 @@ def main(argv=None) -> int:
             print(f"| {mode} | {r['samples_s']:.1f} | {base / r['samples_s']:.2f}x | {1000 * r['step_s']:.1f} | {cells} |")
             if mode != "non-DP":
                 summary.append((name, mode, base, r["samples_s"]))
+            layers = sorted(((k[6:], v) for k, v in ph.items() if k.startswith("layer:")), key=lambda kv: -kv[1])
+            if layers:
+                print("|   per-sample grads by layer type (ms/step): "
+                      + ", ".join(f"{k} {1000 * v:.1f}" for k, v in layers) + " |")
     print("\nsummary (samples/s non-DP -> DP, slowdown):")
     for name, mode, base, dp in summary:
         print(f"  {name:<20} {mode:<6} {base:8.1f} -> {dp:8.1f}  {base / dp:.2f}x")

@@ -96,7 +96,8 @@ def format_config(values: Mapping[str, ConfigValue]) -> str:
 
     Strings become TOML basic strings (``"..."``, backslashes escaped); booleans
     ``true``/``false``; numbers as Python writes them. Flower's parser does not allow a double
-    quote inside a value: such a string raises ValueError, as does a key with spaces or ``=``.
+    quote inside a value: such a string raises ValueError, as does a key with spaces or ``=``;
+    a value of another type raises TypeError.
     """
     parts = []
     for key, value in values.items():
@@ -160,10 +161,8 @@ def make_credentials(folder: str | Path, nodes: Sequence[str], *, dns: Sequence[
     if not dns and not ips:
         raise ValueError("the server certificate needs at least one DNS name or IP address")
     for name in nodes:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in ("ca", "server"):
-            raise ValueError(f"node name {name!r} must be a plain file name (letters, digits, . _ -), "
-                             "not 'ca' or 'server'")
-    openssl, ssh_keygen = _tool("openssl"), _tool("ssh-keygen")
+        _check_node_name(name)
+    openssl = _tool("openssl")
     ca_key, ca_cert = folder / "ca.key", folder / "ca.crt"
     server_key, server_csr, server_cert = folder / "server.key", folder / "server.csr", folder / "server.pem"
     ext = folder / "server.ext"
@@ -181,14 +180,28 @@ def make_credentials(folder: str | Path, nodes: Sequence[str], *, dns: Sequence[
           "-sha256", "-days", str(days), "-extfile", ext, "-out", server_cert], record=record)
     for path in (ca_key, server_key):
         path.chmod(0o600)
-    node_keys = {}
-    for name in nodes:
-        key = folder / name
-        for stale in (key, Path(f"{key}.pub")):
-            stale.unlink(missing_ok=True)  # ssh-keygen asks before overwriting
-        _run([ssh_keygen, "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name, "-f", key], record=record)
-        node_keys[name] = key
+    node_keys = {name: make_node_key(folder, name, record=record) for name in nodes}
     return Credentials(folder, ca_cert, server_cert, server_key, node_keys)
+
+
+def _check_node_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in ("ca", "server"):
+        raise ValueError(f"node name {name!r} must be a plain file name (letters, digits, . _ -), "
+                         "not 'ca' or 'server'")
+
+
+def make_node_key(folder: str | Path, name: str, *, record: list[str] | None = None) -> Path:
+    """An ECDSA P-384 key pair for a SuperNode: ``<folder>/<name>`` (private) and ``<name>.pub``.
+
+    Returns the private key's path (an existing pair of that name is replaced).
+    """
+    _check_node_name(name)
+    key = Path(folder).resolve() / name
+    key.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (key, Path(f"{key}.pub")):
+        stale.unlink(missing_ok=True)  # ssh-keygen asks before overwriting
+    _run([_tool("ssh-keygen"), "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name, "-f", key], record=record)
+    return key
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +209,8 @@ def make_credentials(folder: str | Path, nodes: Sequence[str], *, dns: Sequence[
 # --------------------------------------------------------------------------------------------
 
 @dataclass
-class _Process:
+class ManagedProcess:
+    """A server process this deployment started: its name, ``Popen`` and log file."""
     name: str
     popen: subprocess.Popen
     log: Path
@@ -254,7 +268,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _wait_port(host: str, port: int, proc: _Process, timeout: float) -> None:
+def _wait_port(host: str, port: int, proc: ManagedProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
@@ -323,7 +337,8 @@ class LocalDeployment:
     Parameters
     ----------
     app_dir: the Flower app (a directory with ``pyproject.toml`` declaring
-        ``[tool.flwr.app.components]``); ``flwr run`` submits it from there.
+        ``[tool.flwr.app.components]``); its bundle is unpacked into ``workdir/app`` at
+        :meth:`start` (:func:`stage_app`) and ``flwr run`` submits it from there.
     workdir: private working directory (certificates, each process's ``FLWR_HOME``, logs).
     sites: site name -> its ``--node-config`` values (for clinfuse: ``manifest``, ``site-id``,
         ``state-dir``, ``max-epsilon``, optional ``config``).
@@ -354,7 +369,7 @@ class LocalDeployment:
         self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.commands: list[str] = []
-        self.processes: list[_Process] = []
+        self.processes: list[ManagedProcess] = []
         self.credentials: Credentials | None = None
         self.staged_app: Path | None = None
         self.port: int | None = None
@@ -373,10 +388,11 @@ class LocalDeployment:
     def _cli(self, *args: str, timeout: float = 120.0) -> str:
         flwr = _tool("flwr")
         shown = f"FLWR_HOME={shlex.quote(str(self.cli_home))} {shlex.join(['flwr', *args])}"
-        return _run([flwr, *args], record=self.commands, env=self._env(self.cli_home), cwd=self.app_dir,
+        # Never from the app's own folder: flwr may migrate (rewrite) a pyproject.toml it finds there.
+        return _run([flwr, *args], record=self.commands, env=self._env(self.cli_home), cwd=self.workdir,
                     timeout=timeout, shown=shown)
 
-    def _spawn(self, name: str, argv: list[str], home: Path, **extra_env: str) -> _Process:
+    def _spawn(self, name: str, argv: list[str], home: Path, **extra_env: str) -> ManagedProcess:
         home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
@@ -387,7 +403,7 @@ class LocalDeployment:
             # this PID's group, and a Ctrl-C in the terminal does not race our shutdown.
             popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=self._env(home, **extra_env), cwd=self.workdir, start_new_session=True)
-        proc = _Process(name, popen, log)
+        proc = ManagedProcess(name, popen, log)
         self.processes.append(proc)
         return proc
 
@@ -414,7 +430,7 @@ class LocalDeployment:
             self._cli("supernode", "register", str(self.credentials.public_key(name)), self.connection,
                       "--name", name)
         for name in self.sites:
-            self._start_supernode(name)
+            self.add_supernode(name, self.sites[name], key=self.credentials.node_keys[name], register=False)
         self.wait_for_nodes()
 
     def _start_superlink(self) -> None:
@@ -439,15 +455,27 @@ class LocalDeployment:
         (self.cli_home / "config.toml").write_text(text)
         self.commands.append(f"cat > {shlex.quote(str(self.cli_home / 'config.toml'))} <<'EOF'\n{text}EOF")
 
-    def _start_supernode(self, name: str) -> None:
+    def add_supernode(self, name: str, node_config: Mapping[str, ConfigValue], *, key: str | Path | None = None,
+                      register: bool = True) -> ManagedProcess:
+        """Start one more SuperNode (the SuperLink must be running); returns its process.
+
+        ``key``: its private key (default: a new pair ``certs/<name>``). ``register``: register the
+        public key first (``flwr supernode register``); an unregistered node is refused by the
+        SuperLink and exits. Its process is stopped with the others.
+        """
+        if self.port is None:
+            raise DeploymentError("start the SuperLink before adding SuperNodes")
+        key = Path(key) if key is not None else make_node_key(self.workdir / "certs", name, record=self.commands)
+        if register:
+            self._cli("supernode", "register", f"{key}.pub", self.connection, "--name", name)
         argv = [_tool("flower-supernode"), "--superlink", f"{LOOPBACK}:{self.port}",
                 "--root-certificates", str(self.credentials.ca_cert),
-                "--auth-supernode-private-key", str(self.credentials.node_keys[name]),
+                "--auth-supernode-private-key", str(key),
                 "--host", LOOPBACK, "--port", str(free_port()),
-                "--node-config", format_config(self.sites[name])]
+                "--node-config", format_config(node_config)]
         threads = str(self.threads)
-        self._spawn(f"supernode-{name}", argv, self.workdir / f"supernode-{name}",
-                    OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        return self._spawn(f"supernode-{name}", argv, self.workdir / f"supernode-{name}",
+                           OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
     def check_alive(self) -> None:
         """Raise DeploymentError naming any started process that has exited."""
@@ -538,3 +566,98 @@ def _json_payload(text: str) -> dict:
         return json.loads(text[start:text.rfind("}") + 1])
     except json.JSONDecodeError as exc:
         raise DeploymentError(f"unreadable JSON from flwr ({exc}):\n{text[-2000:]}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Round overhead of the deployment engine (benchmarks/federation.py)
+# --------------------------------------------------------------------------------------------
+
+def round_overheads(history: Mapping) -> list[dict]:
+    """Per round of a run directory's ``history.json``: wall time, slowest site's training, overhead.
+
+    ``overhead = (round wall - slowest site's training) / round wall``, where the round wall is
+    the server's (send, train, aggregate, evaluate, checkpoint) and a site's training time is the
+    ``train-seconds`` it reported (its local epochs only: no process start, imports or data
+    loading). Rounds in which no site trained are left out.
+    """
+    out = []
+    for record in history.get("rounds", []):
+        trained = [s.get("train-seconds") for s in record.get("sites", {}).values()
+                   if s.get("status") == "trained" and s.get("train-seconds") is not None]
+        wall = record.get("round_wall_s")
+        if not trained or not wall:
+            continue
+        slowest = max(float(t) for t in trained)
+        out.append({"round": record["round"], "round_wall_s": float(wall), "slowest_train_s": slowest,
+                    "train_phase_s": record.get("train_wall_s"), "eval_phase_s": record.get("eval_wall_s"),
+                    "overhead": (float(wall) - slowest) / float(wall)})
+    return out
+
+
+def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Path | None = None,
+                                      config: str | Path | None = None, sites: int = 3, patients: int = 200,
+                                      rounds: int = 3, local_epochs: int = 1, max_epsilon: float | None = None,
+                                      timeout: float = 1800.0, log=None) -> dict:
+    """Run the study through a real deployment on loopback and measure its round overhead.
+
+    Parameters
+    ----------
+    workdir: scratch directory (the demo cohort is written there once and reused; site state,
+        run directory and deployment files are recreated each call).
+    app_dir: the clinfuse Flower app (default: this repository).
+    config: study config (default ``configs/demo.yaml`` of ``app_dir``).
+    sites, patients: demo cohort size (one SuperNode per site).
+    rounds, local_epochs: the run.
+    max_epsilon: each site's cap (default the config's target epsilon).
+    timeout: seconds the run may take.
+    log: callable receiving progress lines (default: print to stderr).
+
+    Returns a dict: ``engine`` ("deployment"), ``rounds`` (per-round dicts from
+    :func:`round_overheads`), ``mean_overhead``, ``startup_s`` (certificates to all SuperNodes
+    online), ``run_wall_s`` (``flwr run`` from submission to the end), ``sites``, ``patients``,
+    ``rounds_requested``, ``config``, ``run_dir``. Images are decoded into each site's cache first
+    (``clinfuse site check``), as a site does before joining, so decoding is not counted.
+    """
+    from clinfuse.config import load_config
+    from clinfuse.data.synthetic import write_demo_cohort
+    from clinfuse.site import check_site, format_checklist, ready
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    app_dir = Path(app_dir or Path(__file__).resolve().parent.parent).resolve()
+    config = Path(config or app_dir / "configs" / "demo.yaml").resolve()
+    workdir = Path(workdir).resolve()
+    cfg = load_config(config)
+    cap = float(max_epsilon if max_epsilon is not None else cfg.privacy.target_epsilon)
+    cohort = workdir / "cohort"
+    manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(sites)]
+    marker = cohort / f".complete-{sites}x{patients}"
+    if not marker.exists():
+        log(f"writing the demo cohort: {sites} sites x {patients} patients -> {cohort}")
+        manifests = write_demo_cohort(cohort, sites=sites, patients=patients)
+        marker.write_text("")
+    for name in ("state", "run", "deploy"):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+    nodes = {}
+    for k, manifest in enumerate(manifests):
+        name = f"site-{k}"
+        checks = check_site(manifest, config, state_dir=workdir / "state" / name, max_epsilon=cap)
+        if not ready(checks):
+            raise DeploymentError(f"{name} is not ready:\n{format_checklist(checks)}")
+        nodes[name] = {"manifest": str(manifest), "site-id": name, "state-dir": str(workdir / "state" / name),
+                       "max-epsilon": cap, "config": str(config)}
+    run_dir = workdir / "run"
+    started = time.monotonic()
+    with LocalDeployment(app_dir, workdir / "deploy", nodes) as deployment:
+        startup = time.monotonic() - started
+        log(f"deployment up in {startup:.1f} s: SuperLink 127.0.0.1:{deployment.port}, {sites} SuperNodes")
+        result = deployment.run({"config": str(config), "run-dir": str(run_dir), "num-rounds": rounds,
+                                 "local-epochs": local_epochs}, timeout=timeout)
+    history = json.loads((run_dir / "history.json").read_text())
+    per_round = round_overheads(history)
+    for r in per_round:
+        log(f"round {r['round']}: wall {r['round_wall_s']:.1f} s, slowest site trained {r['slowest_train_s']:.1f} s, "
+            f"overhead {r['overhead']:.0%}")
+    return {"engine": "deployment", "rounds": per_round,
+            "mean_overhead": sum(r["overhead"] for r in per_round) / len(per_round) if per_round else None,
+            "startup_s": startup, "run_wall_s": result.wall_s, "sites": sites, "patients": patients,
+            "rounds_requested": rounds, "config": str(config), "run_dir": str(run_dir)}

@@ -177,13 +177,14 @@ def _site_summaries(site_replies) -> dict[str, dict]:
     return out
 
 
-def _eval_by_site(replies) -> dict[str, dict]:
+def _eval_by_site(replies, names: dict[int, str]) -> dict[str, dict]:
     out = {}
     for msg in replies:
         if msg.has_error():
             continue
+        node = int(msg.metadata.src_node_id)
         site = msg.content[SITE] if SITE in msg.content.config_records else {}
-        name = str(site.get(SITE_ID, f"node-{msg.metadata.src_node_id}"))
+        names[node] = name = str(site.get(SITE_ID, names.get(node, f"node-{node}")))
         out[name] = dict(msg.content[METRICS]) if METRICS in msg.content.metric_records else {}
     return out
 
@@ -264,16 +265,19 @@ def run_federation(grid: Grid, run_config: dict, *, on_round: RoundCallback | No
     common = {"num-rounds": settings.num_rounds, "local-epochs": settings.local_epochs,
               "modality-aware": bool(settings.modality_aware and not client_dp), "run-id": run_id}
     epsilon: dict[str, float] = {}
+    names: dict[int, str] = {}  # node id -> site id, for naming a site that fails
     for record in rundir.history():
         for name, site in record.get("sites", {}).items():
             if site.get("epsilon") is not None:
                 epsilon[name] = site["epsilon"]
+            if site.get("node") is not None:
+                names[int(site["node"])] = name
     last_record = None
     for server_round in range(first, settings.num_rounds + 1):
         started = time.perf_counter()
         sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(common)), grid))
         replies = list(grid.send_and_receive(sent, timeout=settings.round_timeout))
-        site_replies = read_replies(replies, sent)
+        site_replies = read_replies(replies, sent, names)
         trained = [r for r in site_replies if r.status == "trained"]
         for reply in site_replies:
             if reply.status == "declined":
@@ -303,7 +307,7 @@ def run_federation(grid: Grid, run_config: dict, *, on_round: RoundCallback | No
         eval_wall = time.perf_counter() - eval_started
 
         sites = _site_summaries(site_replies)
-        for name, metrics in _eval_by_site(eval_replies).items():
+        for name, metrics in _eval_by_site(eval_replies, names).items():
             sites.setdefault(name, {"status": "failed"})["val"] = metrics
         for name, site in sites.items():
             if site.get("epsilon") is not None:

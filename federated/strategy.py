@@ -69,21 +69,29 @@ class SiteReply:
         return out
 
 
-def read_replies(replies: Iterable[Message], sent: Sequence[Message] = ()) -> list[SiteReply]:
+def read_replies(replies: Iterable[Message], sent: Sequence[Message] = (),
+                 names: dict[int, str] | None = None) -> list[SiteReply]:
     """Classify replies as trained, declined or failed; sites sent a message but absent from
-    ``replies`` (timed out, dead) are reported as failed."""
+    ``replies`` (timed out, dead) are reported as failed.
+
+    ``names`` maps node ids to the site ids they reported before (a failed site sends none);
+    it is updated with the names seen here.
+    """
+    names = names if names is not None else {}
     out = []
     seen = set()
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         seen.add(node)
         if msg.has_error():
-            out.append(SiteReply(node, f"node-{node}", "failed", reason=str(msg.error.reason)[:500], message=msg))
+            out.append(SiteReply(node, names.get(node, f"node-{node}"), "failed",
+                                 reason=str(msg.error.reason)[:500], message=msg))
             continue
         content = msg.content
         metrics = dict(content[METRICS]) if METRICS in content.metric_records else {}
         site = content[SITE] if SITE in content.config_records else {}
-        site_id = str(site.get(SITE_ID, f"node-{node}"))
+        site_id = str(site.get(SITE_ID, names.get(node, f"node-{node}")))
+        names[node] = site_id
         if metrics.get(DECLINED):
             out.append(SiteReply(node, site_id, "declined", metrics, str(site.get(REASON, "")), msg))
         elif ARRAYS in content.array_records and NUM_EXAMPLES in metrics:
@@ -93,7 +101,8 @@ def read_replies(replies: Iterable[Message], sent: Sequence[Message] = ()) -> li
     for msg in sent:
         node = int(msg.metadata.dst_node_id)
         if node not in seen:
-            out.append(SiteReply(node, f"node-{node}", "failed", reason="no reply (timed out or site down)"))
+            out.append(SiteReply(node, names.get(node, f"node-{node}"), "failed",
+                                 reason="no reply (timed out or site down)"))
     return sorted(out, key=lambda r: r.site_id)
 
 

@@ -272,3 +272,28 @@ def test_dp_sgd_end_to_end_with_poisson_sampling(clipping):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "loss_weights.log_vars.weight" in changed and "fusion.attn.qlinear.weight" in changed
     assert len(changed) == len(params)  # noise reaches every trainable parameter
+
+
+def test_dp_sgd_survives_empty_poisson_batches():
+    """Poisson sampling yields empty batches now and then; a step must still add noise."""
+    torch.manual_seed(1)
+    model = tiny_model("lowrank")
+    loader = DataLoader(TensorDataset(*random_data(3, seed=6)), batch_size=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = PrivacyEngine(accountant="rdp")
+    dp_model, dp_opt, dp_loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(params, lr=0.05), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True)
+    sizes = []
+    for _ in range(6):
+        for image, text, tabular, mask, label in dp_loader:
+            sizes.append(len(label))
+            before = model.head.weight.detach().clone()
+            out = dp_model(image, text, tabular, mask)
+            loss, _ = multimodal_loss(out, label, mask, AuxLossWeights())
+            dp_opt.zero_grad()
+            loss.mean().backward()  # NaN value on an empty batch, but a valid (empty) backward
+            dp_opt.step()
+            assert not torch.equal(before, model.head.weight)
+            assert torch.isfinite(model.head.weight).all()
+    assert 0 in sizes and max(sizes) > 0

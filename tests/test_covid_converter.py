@@ -23,6 +23,8 @@ FINDINGS = ["COVID-19", "Pneumonia", "COVID-19, ARDS", "No Finding", "todo"]
 LOCATIONS = (["Hospital A, Madrid, Spain"] * 12 + ["Medical School, Hannover, Germany"] * 10
              + ["Hospital B, Milan, Italy"] * 5 + ["Lima, Peru "] * 3 + [""] * 2 + ["?"])
 MISSING_IMAGE = "img_007.png"
+PRIOR = "prior.png"
+N_WRITTEN = len(LOCATIONS) + 1  # the CT row and the prior film are not written
 
 
 def _write_collection(root: Path, rows: list[dict[str, str]], header=HEADER) -> None:
@@ -42,7 +44,7 @@ def _rows() -> list[dict[str, str]]:
             "patientid": str(100 + i // 2),  # two images per patient
             "sex": ["M", "F", "", "m"][i % 4],
             "age": ["54.0", "", "?", "130"][i % 4] if i % 5 else "71",
-            "finding": FINDINGS[i % len(FINDINGS)],
+            "finding": FINDINGS[(i // 2) % len(FINDINGS)],
             "temperature": ["38.1", "?", "", "20"][i % 4],
             "pO2_saturation": ["97", "40", "", "340"][i % 4],
             "leukocyte_count": ["2.85", "?", "", ""][i % 4],
@@ -52,6 +54,9 @@ def _rows() -> list[dict[str, str]]:
             "filename": f"img_{i:03d}.{ext}",
             "clinical_notes": "" if germany or i % 6 == 5 else f'Bilateral opacities, "patchy", case {i}.\nDay 2.',
         })
+    # one patient imaged before the illness ("No Finding") and during it (COVID-19)
+    rows.append({**rows[12], "patientid": "300", "finding": "No Finding", "filename": PRIOR})
+    rows.append({**rows[12], "patientid": "300", "finding": "COVID-19", "filename": "ill.png"})
     rows.append({**rows[0], "patientid": "999", "modality": "CT", "filename": "ct.png"})
     return rows
 
@@ -81,7 +86,7 @@ def test_sites_and_pooling(collection, tmp_path):
     assert [m.parent.name for m in manifests] == ["spain", "germany", "pooled-small"]
     assert all(m.name == "manifest.csv" and m.parent.parent == out for m in manifests)
     spain, germany, pooled = (_read(m) for m in manifests)
-    assert (len(spain), len(germany), len(pooled)) == (12, 10, 11)  # Italy 5 + Peru 3 + unknown 3
+    assert (len(spain), len(germany), len(pooled)) == (12, 11, 11)  # Italy 5 + Peru 3 + unknown 3
     assert {r["site"] for r in pooled} == {"pooled-small"}
     # a lower threshold turns Italy into its own site; blank and "?" locations are "unknown"
     names = [m.parent.name for m in prepare_covid_chestxray(root, tmp_path / "b", min_site_rows=3)]
@@ -92,10 +97,16 @@ def test_labels_notes_and_tabular(collection, tmp_path):
     root, source = collection
     manifests = prepare_covid_chestxray(root, tmp_path / "out", min_site_rows=8)
     rows = [r for m in manifests for r in _read(m)]
-    assert len(rows) == len(LOCATIONS)  # the CT row is dropped
+    assert len(rows) == N_WRITTEN
     cfg = load_config(CONFIG)
     by_file = {Path(r["image"]).name: r for r in rows}
-    for src in source[:-1]:
+    assert PRIOR not in by_file and "ct.png" not in by_file
+    assert by_file["ill.png"]["label"] == "COVID-19"
+    labels_of: dict[str, set[str]] = {}
+    for r in rows:
+        labels_of.setdefault(r["patient_id"], set()).add(r["label"])
+    assert all(len(v) == 1 for v in labels_of.values())  # one label per patient, as validation wants
+    for src in source[:-3]:
         r = by_file[src["filename"]]
         assert r["patient_id"] == src["patientid"]
         assert r["label"] == ("COVID-19" if "COVID-19" in src["finding"] else "other")
@@ -120,9 +131,9 @@ def test_labels_notes_and_tabular(collection, tmp_path):
 def test_drop_unlabeled(collection, tmp_path):
     root, source = collection
     manifests = prepare_covid_chestxray(root, tmp_path, min_site_rows=8, drop_unlabeled=True)
-    n_todo = sum(r["finding"] == "todo" for r in source[:-1])
+    n_todo = sum(r["finding"] == "todo" for r in source[:-3])
     assert n_todo > 0
-    assert sum(len(_read(m)) for m in manifests) == len(LOCATIONS) - n_todo
+    assert sum(len(_read(m)) for m in manifests) == N_WRITTEN - n_todo
 
 
 def test_image_paths_are_relative_and_nothing_is_copied(collection, tmp_path):
@@ -184,3 +195,12 @@ def test_bad_min_site_rows(collection, tmp_path, bad):
     with pytest.raises(InputError) as err:
         prepare_covid_chestxray(collection[0], tmp_path / "out", min_site_rows=bad)
     assert err.value.key == "min_site_rows"
+
+
+def test_manifest_permissions_follow_umask(collection, tmp_path):
+    old = os.umask(0o022)
+    try:
+        manifests = prepare_covid_chestxray(collection[0], tmp_path / "out", min_site_rows=8)
+    finally:
+        os.umask(old)
+    assert all(m.stat().st_mode & 0o777 == 0o644 for m in manifests)

@@ -107,10 +107,12 @@ def small_study(demo_cfg, path: Path) -> Path:
 
 @pytest.mark.slow
 def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
+    from clinfuse.config import load_config
     from clinfuse.data.synthetic import write_demo_cohort
     from clinfuse.privacy.ledger import read_entries
+    from clinfuse.training.checkpoint import load_checkpoint, read_checkpoint
 
-    manifests = write_demo_cohort(tmp_path / "cohort", sites=2, patients=40)
+    manifests = write_demo_cohort(tmp_path / "cohort", sites=2, patients=30)
     config = small_study(demo_cfg, tmp_path / "study.yaml")
     run_dir = tmp_path / "run"
     sites = {f"site-{k}": {"manifest": str(m), "site-id": f"site-{k}", "state-dir": str(tmp_path / "state" / f"site-{k}"),
@@ -124,12 +126,17 @@ def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
         pids = [p.pid for p in deployment.processes]
         assert len(pids) == 3
         result = deployment.run({"config": str(config), "run-dir": str(run_dir), "num-rounds": 2,
-                                 "local-epochs": 1}, timeout=420)
+                                 "local-epochs": 1}, timeout=600)
+        # SuperNode authentication is enforced: a node with a key nobody registered is refused.
+        intruder = deployment.add_supernode("intruder", {**sites["site-0"], "site-id": "intruder"}, register=False)
+        pids.append(intruder.pid)
+        intruder_status = intruder.popen.wait(timeout=180)
     finally:
         codes = deployment.stop()
         print("\n".join(deployment.commands))
         print(f"deployment test wall {time.monotonic() - started:.1f} s; exit codes {codes}")
     assert result.ok, result.status
+    assert intruder_status != 0 and "Exit Code: 305" in intruder.tail(), intruder.tail()
     assert not [pid for pid in pids if alive(pid)], "every process started must be stopped"
 
     # What ran is the hardened configuration.
@@ -145,8 +152,10 @@ def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     assert all(set(r["sites"]) == {"site-0", "site-1"} for r in history["rounds"])
     assert all(s["status"] == "trained" for r in history["rounds"] for s in r["sites"].values())
-    assert (run_dir / "global.pt").stat().st_size > 0
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1].startswith("round-0002")
+    final = run_dir / "checkpoints" / "round-0002.pt"
+    _, model_cfg, meta = load_checkpoint(final)  # a loadable clinfuse checkpoint of this study
+    assert model_cfg.digest() == load_config(config).digest()
+    assert read_checkpoint(run_dir / "global.pt")["model_hash"] == meta["model_hash"]
 
     # Each site's ledger verifies and records DP training and a release for both rounds.
     for name, node in sites.items():

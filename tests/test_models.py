@@ -320,3 +320,29 @@ def test_state_dict_keys_are_the_parameter_names():
     assert set(model.state_dict()) == names
     clone = small_model("attention", text_encoder={"name": "transformer"})
     clone.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("text_encoder", ["hashed_bag", "transformer"])
+def test_expanded_weights_mode_agrees_with_hooks(text_encoder):
+    from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+    from clinfuse.config import AuxWeightsConfig
+
+    torch.manual_seed(0)
+    model = small_model("attention", text_encoder={"name": text_encoder})
+    weights = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"))
+    model.attach_loss_weights(weights)
+    image, text, tabular, mask, label = make_batch(PATTERNS)
+    grads = []
+    for wrapper in (GradSampleModule(model, loss_reduction="sum"),
+                    GradSampleModuleExpandedWeights(model, loss_reduction="sum")):
+        out = wrapper(image, text, tabular, mask)
+        multimodal_loss(out, label, mask, weights)[0].sum().backward()
+        grads.append({n: p.grad_sample.clone() for n, p in model.named_parameters()})
+        for p in model.parameters():
+            p.grad, p.grad_sample = None, None
+        if isinstance(wrapper, GradSampleModule):
+            wrapper._close()
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)

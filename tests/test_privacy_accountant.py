@@ -169,3 +169,14 @@ def test_bad_arguments_are_input_errors():
         compute_epsilon([(1.0, 0.1, 10)], 1.0)
     with pytest.raises(InputError):
         SiteAccountant(None, "gdp")
+
+
+def test_without_fork_a_thread_enforces_the_time_limit(monkeypatch):
+    from clinfuse.privacy import accountant as mod
+
+    monkeypatch.setattr(mod.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    history = [(1.3, 0.03, 333)]  # settings no other test uses (results are cached)
+    eps, used = compute_epsilon(history, DELTA, mechanism="pld")
+    assert used == "pld" and 0 < eps < compute_epsilon(history, DELTA, mechanism="rdp")[0]
+    _, used = compute_epsilon([(1.3, 0.03, 334)], DELTA, mechanism="prv", timeout_s=1e-4)
+    assert used == "rdp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,17 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(cohort, tmp_path
     assert _files(tmp_path / "again") == _files(out)
     other = write_demo_cohort(tmp_path / "other", sites=1, patients=PATIENTS, seed=SEED + 1)
     assert other[0].read_bytes() != (out / "site-0" / "manifest.csv").read_bytes()
+
+
+def test_files_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        manifest = write_demo_cohort(tmp_path, sites=1, patients=3)[0]
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert manifest in files and len(files) > 3
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in files)
 
 
 def test_smaller_cohort_is_a_prefix(cohort, rows, tmp_path):

@@ -72,7 +72,11 @@ def _site_name(path: Path, entries: Sequence[dict]) -> str:
     for e in entries:
         if isinstance(e.get("site"), str) and e["site"]:
             return e["site"]
-    return path.parent.name if path.stem in ("ledger", "privacy-ledger", "privacy_ledger") else path.stem
+    if path.stem not in ("ledger", "privacy-ledger", "privacy_ledger"):
+        return path.stem
+    folder = path.resolve().parent
+    # <run>/privacy/ledger.jsonl (clinfuse train): the run's folder names the site better.
+    return folder.parent.name if folder.name in ("privacy", "state") and folder.parent.name else folder.name
 
 
 def _fmt(x) -> str:
@@ -84,27 +88,47 @@ def _fmt(x) -> str:
 
 
 def _rounds_left(history, shape, cap, delta, mechanism, timeout_s) -> int | None:
-    """Largest k such that ``history`` + k rounds of ``shape`` stays within ``cap``."""
+    """Largest k such that ``history`` + k rounds of ``shape`` stays within ``cap`` (None: unlimited)."""
     sigma, q, steps = shape
     if sigma <= 0 or steps <= 0:
         return 0
 
-    def fits(k: int) -> bool:
-        eps, _ = compute_epsilon(list(history) + [(sigma, q, steps * k)], delta, mechanism=mechanism,
+    def fits(k: int, mech: str) -> bool:
+        eps, _ = compute_epsilon(list(history) + [(sigma, q, steps * k)], delta, mechanism=mech,
                                  timeout_s=timeout_s)
         return eps <= cap
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
-        if hi > MAX_ROUNDS_SEARCH:
-            return None  # effectively unlimited
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    def search(lo: int, step: int, mech: str) -> int | None:
+        # lo fits; grow until something does not, then bisect.
+        hi = lo + step
+        while fits(hi, mech):
+            lo, step = hi, step * 2
+            hi = lo + step
+            if hi > MAX_ROUNDS_SEARCH:
+                return None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid, mech) else (lo, mid)
+        return lo
+
+    # RDP is cheap and an upper bound: its count surely fits. The primary (slower) accountant is
+    # then evaluated only upwards from there.
+    if not fits(1, "rdp"):
+        k_rdp = 0
+    else:
+        k_rdp = search(1, 1, "rdp")
+        if k_rdp is None:
+            return None
+    if mechanism == "rdp":
+        return k_rdp
+    if k_rdp > 0 and not fits(k_rdp, mechanism):  # primary above RDP: search below instead
+        lo = 0
+        hi = k_rdp
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid, mechanism) else (lo, mid)
+        return lo
+    return search(k_rdp, max(1, k_rdp // 4), mechanism) if (k_rdp > 0 or fits(1, mechanism)) else 0
 
 
 def _audit_study(study, entries, configs, add, timeout_s) -> dict:
@@ -125,6 +149,9 @@ def _audit_study(study, entries, configs, add, timeout_s) -> dict:
             delta = as_float(e.get("delta"))
         if delta is None or not 0 < delta < 1:
             add("error", "delta-unrecorded", "delta is not recorded: epsilon cannot be recomputed", line, seq)
+        if sigma == 0:
+            add("error", "no-noise", "noise multiplier 0: this training had no differential privacy "
+                "(epsilon is infinite from here on)", line, seq)
         poisson = mech.get("poisson")
         if poisson is False:
             add("error", "non-poisson", "sampling was not Poisson: the accountants' subsampling "
@@ -382,24 +409,26 @@ def _plot_site(site: dict) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
     try:
         for st in studies:
-            x = list(range(1, len(st["rows"]) + 1))
+            # Start at (0, 0): nothing spent before the first DP training entry.
+            x = list(range(len(st["rows"]) + 1))
             tag = f" [{st['study']}]" if len(studies) > 1 and st["study"] else ""
 
             def series(key, rows=st["rows"]):
-                return [r.get(key) if r.get(key) is not None and math.isfinite(r.get(key)) else float("nan")
-                        for r in rows]
+                return [0.0] + [r.get(key) if r.get(key) is not None and math.isfinite(r.get(key))
+                                else float("nan") for r in rows]
 
-            ax.fill_between(x, series("pld-optimistic"), series("pld"), alpha=0.25,
-                            label=f"PLD bracket{tag}")
-            ax.plot(x, series("rdp"), "--", label=f"RDP{tag}")
-            ax.plot(x, series("prv"), ":", label=f"PRV{tag}")
+            ax.fill_between(x, series("pld-optimistic"), series("pld"), alpha=0.25, label=f"PLD bracket{tag}")
+            ax.plot(x, series("rdp"), "x--", label=f"RDP{tag}")
+            ax.plot(x, series("prv"), "+:", label=f"PRV{tag}")
             ax.plot(x, series("recorded"), "o-", label=f"recorded{tag}")
             if st["cap"] is not None:
                 ax.axhline(st["cap"], color="red", linewidth=1, label=f"cap {st['cap']:g}{tag}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("DP training entry (round)")
         ax.set_ylabel("cumulative epsilon")
         ax.set_title(f"site {site['site']}")

@@ -101,7 +101,7 @@ class AuxLossWeights(nn.Module):
             nn.init.zeros_(self.log_vars.weight)
 
     def current(self) -> dict[str, float]:
-        """The weight of each head now (for learned weights: ``exp(-s)``, unclamped ``s``)."""
+        """The weight of each head now (learned weights: ``exp(-s)``, ``s`` clamped as in the loss)."""
         if self.learned:
             s = self.log_vars.weight.detach().view(-1).clamp(-LOG_VAR_LIMIT, LOG_VAR_LIMIT)
             return {h: float(torch.exp(-v)) for h, v in zip(HEADS, s)}

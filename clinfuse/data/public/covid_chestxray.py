@@ -17,11 +17,13 @@ Output: one folder per site, ``out/<site>/manifest.csv``, to use with ``configs/
   saturations) are written empty, i.e. missing, rather than clipped into a wrong value.
 - ``image``: the path of ``root/images/<filename>`` relative to the manifest's folder. Images are
   never copied. Rows whose image is missing on disk are kept; validation reports them.
-- ``patient_id`` is ``patientid``. A patient can have several rows (images), and the collection
-  labels each image, so one patient's rows can carry different labels (a film taken before the
-  illness is ``No Finding``).
+- ``patient_id`` is ``patientid``; a patient can have several rows (images). The collection labels
+  each image, and a few patients have ``No Finding`` films taken weeks before their COVID-19 films.
+  clinfuse labels patients, not images (validation rejects a patient with two labels), so for a
+  patient whose rows disagree only the ``COVID-19`` rows are kept: the diagnosis the patient had,
+  shown by the films of the illness. In the 2020-06 snapshot this drops 5 rows (4 patients).
 
-Each manifest is written atomically (temporary file + ``os.replace``). The collection is a
+Each manifest is written atomically (:mod:`clinfuse.fileio`). The collection is a
 benchmark of real formats, notes and site heterogeneity, not a clinical validation set.
 """
 
@@ -32,11 +34,11 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from clinfuse.errors import InputError
+from clinfuse.fileio import atomic_write_text
 
 LABELS = ("other", "COVID-19")
 POOLED_SITE = "pooled-small"
@@ -101,17 +103,6 @@ def _read_metadata(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_covid_chestxray(root: str | Path, out: str | Path, *, min_site_rows: int = 15,
                             drop_unlabeled: bool = False) -> list[Path]:
     """Write one site manifest per country from the collection at ``root``; return their paths.
@@ -125,9 +116,10 @@ def prepare_covid_chestxray(root: str | Path, out: str | Path, *, min_site_rows:
         files there are left alone, so reuse of ``out`` with another ``min_site_rows`` can leave
         stale site folders behind.
     min_site_rows:
-        Countries with fewer X-ray rows than this are pooled into the site ``pooled-small``.
+        Countries with fewer written rows than this are pooled into the site ``pooled-small``.
     drop_unlabeled:
         Drop rows whose ``finding`` is blank or ``todo`` instead of labelling them ``other``.
+        Either way, a patient with both labels keeps only the ``COVID-19`` rows.
 
     Returns
     -------
@@ -147,7 +139,7 @@ def prepare_covid_chestxray(root: str | Path, out: str | Path, *, min_site_rows:
     meta_path = root / "metadata.csv"
     rows = _read_metadata(meta_path)
 
-    kept = []
+    xray = []
     for number, row in enumerate(rows, start=1):
         if row["modality"].strip() != "X-ray":
             continue
@@ -157,10 +149,14 @@ def prepare_covid_chestxray(root: str | Path, out: str | Path, *, min_site_rows:
         if not row["patientid"].strip():
             raise InputError("patientid is empty: every row needs its patient", file=meta_path,
                              row=number, key="patientid")
-        kept.append(row)
-    if not kept:
+        xray.append({**row, "label": LABELS[1] if "COVID-19" in row["finding"] else LABELS[0]})
+    if not xray:
         raise InputError("no X-ray rows (column 'modality' equal to 'X-ray')", file=meta_path,
                          key="modality")
+    labels_of: dict[str, set[str]] = {}
+    for row in xray:
+        labels_of.setdefault(row["patientid"].strip(), set()).add(row["label"])
+    kept = [r for r in xray if len(labels_of[r["patientid"].strip()]) == 1 or r["label"] == LABELS[1]]
 
     countries = Counter(_country(r["location"]) for r in kept)
     site_of = {c: (_slug(c) if n >= min_site_rows else POOLED_SITE) for c, n in countries.items()}
@@ -175,7 +171,7 @@ def prepare_covid_chestxray(root: str | Path, out: str | Path, *, min_site_rows:
         sex = row["sex"].strip().upper()
         record = {
             "patient_id": row["patientid"].strip(),
-            "label": LABELS[1] if "COVID-19" in row["finding"] else LABELS[0],
+            "label": row["label"],
             "image": image,
             "note": row["clinical_notes"].strip(),
             "sex": sex if sex in SEXES else "",
@@ -195,6 +191,6 @@ def prepare_covid_chestxray(root: str | Path, out: str | Path, *, min_site_rows:
         writer.writeheader()
         writer.writerows(by_site[site])
         manifest = site_dir / "manifest.csv"
-        _atomic_write(manifest, buf.getvalue())
+        atomic_write_text(manifest, buf.getvalue())
         manifests.append(manifest)
     return manifests

@@ -1,0 +1,283 @@
+"""The ServerApp round loop and the ClientApp together, in-process (no Ray): budget, failures,
+resume, client-level DP, and an inspection of every message the sites send.
+
+``LocalGrid`` is a Flower ``Grid`` that delivers each message to the ClientApp in this process,
+serialising it to Flower's wire format (protobuf) and back in both directions, so the replies
+inspected here are exactly what a SuperNode would put on the network.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from clinfuse.config import load_config
+from clinfuse.privacy.accountant import compute_epsilon
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+REPO = Path(__file__).resolve().parent.parent
+
+
+class LocalGrid(Grid):
+    """Delivers messages in-process to ``client_app``; node ``1000 + k`` is partition ``k``."""
+
+    def __init__(self, client_app, num_sites: int, run_id: int = 4242):
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        self.contexts = {1000 + k: Context(run_id=run_id, node_id=1000 + k, node_config={
+            "partition-id": k, "num-partitions": num_sites}, state=RecordDict(), run_config={})
+            for k in range(num_sites)}
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError("LocalGrid only supports send_and_receive")
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError("LocalGrid only supports send_and_receive")
+
+    @staticmethod
+    def wire(msg: Message) -> Message:
+        return message_from_proto(message_to_proto(msg))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            delivered = self.wire(msg)
+            self.sent.append(delivered)
+            try:
+                reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # noqa: BLE001 - what Flower's runtime does with a ClientApp error
+                reply = Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=delivered)
+            reply = self.wire(reply)
+            self.replies.append(reply)
+            out.append(reply)
+        return out
+
+
+def tiny_config(folder: Path) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["data"]["image"]["size"] = [32, 32]
+    data["data"]["text"]["max_tokens"] = 37  # no model parameter has this length
+    data["train"]["batch_size"] = 8
+    data["model"]["dim"] = 32
+    data["privacy"]["accountant"] = "rdp"
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from clinfuse.data.synthetic import write_demo_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    write_demo_cohort(root, sites=3, patients=40, seed=0)
+    return root
+
+
+def crash_mod(partition: int, rounds: set[int]):
+    """A site that dies while training in ``rounds`` (the ClientApp raises, as a killed process would)."""
+
+    def mod(msg, ctx, call_next):
+        config = msg.content["config"] if "config" in msg.content.config_records else {}
+        if (ctx.node_config.get("partition-id") == partition and config.get("server-round") in rounds
+                and msg.metadata.message_type == "train"):
+            raise RuntimeError("simulated crash of the site's ClientApp")
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def run_rounds(run_config: dict, num_sites: int, mods=()):
+    from federated.client_app import make_client_app
+    from federated.server_app import run_federation
+
+    grid = LocalGrid(make_client_app(run_config, mods=list(mods)), num_sites)
+    summary = run_federation(grid, {"expected-sites": num_sites, "wait-seconds": 1, **run_config})
+    return summary, grid
+
+
+def base_config(tmp_path, cohort, **extra) -> dict:
+    return {"config": str(tiny_config(tmp_path)), "workdir": str(tmp_path / "work"), "cohort": str(cohort),
+            "min-sites": 2, "max-epsilon": 100.0, **extra}
+
+
+def site_epsilon_after(cfg_path, manifest, rounds_done, rounds, state_dir):
+    """What one accountant over all the steps of ``rounds_done`` rounds reports."""
+    from clinfuse.federation.site import SiteRuntime
+
+    site = SiteRuntime(load_config(cfg_path), manifest, site_id="probe", state_dir=state_dir, max_epsilon=100)
+    plan = site.plan(rounds, 1)
+    steps = plan.steps_per_epoch * rounds_done
+    return compute_epsilon([(plan.noise_multiplier, plan.sample_rate, steps)], plan.delta, mechanism="rdp")[0]
+
+
+# --------------------------------------------------------------------------------------------
+# What leaves a site
+# --------------------------------------------------------------------------------------------
+
+METRIC_KEYS = re.compile(r"^(num-examples|declined|(train|setup|process|eval)-seconds|examples-(image|text|tabular)"
+                         r"|train-loss|epsilon|delta|max-epsilon|noise-multiplier|val-loss|val-auroc"
+                         r"|val-aux-auroc-(image|text|tabular))$")
+
+
+def note_sentences(cohort: Path) -> list[str]:
+    sentences = set()
+    for note in cohort.rglob("notes/*.txt"):
+        sentences.update(s.strip() for s in note.read_text().split(".") if len(s.strip()) > 12)
+    return sorted(sentences)
+
+
+def check_reply(reply: Message, model_shapes: dict, cfg, sentences: list[str]) -> None:
+    """Only weights (exactly the model's), counts and metrics, a site name and a decline reason."""
+    H, W = cfg.data.image.size
+    input_shapes = {(1, H, W), (H, W), (cfg.data.text.max_tokens,)}
+    if reply.has_error():
+        text = reply.error.reason
+        assert "failed with" in text or "simulated crash" in text, text
+    else:
+        content = reply.content
+        assert set(content.keys()) <= {"arrays", "metrics", "site"}, set(content.keys())
+        if "arrays" in content.array_records:
+            arrays = content["arrays"]
+            assert list(arrays.keys()) == list(model_shapes)  # the model's state dict, nothing more
+            for name, array in arrays.items():
+                assert tuple(array.shape) == model_shapes[name], name
+                assert tuple(array.shape) not in input_shapes, name
+                assert array.dtype in ("float32", "float64", "int64"), (name, array.dtype)
+        for key, value in content["metrics"].items():
+            assert METRIC_KEYS.match(key), key
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        site = dict(content["site"])
+        assert set(site) <= {"site-id", "reason"}
+        assert re.fullmatch(r"site-\d+", site["site-id"])
+        if "reason" in site:
+            assert re.fullmatch(r"round \d+ would raise epsilon from [\d.]+ to [\d.]+, past this site's cap "
+                                r"[\d.e+-]+; declining", site["reason"]), site["reason"]
+        text = " ".join(str(v) for v in site.values())
+    assert not any(sentence in text for sentence in sentences)
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+def test_budget_failure_and_every_message_a_site_sends(tmp_path, cohort):
+    from clinfuse.training.checkpoint import build_model_for, load_checkpoint
+
+    cfg_path = tiny_config(tmp_path)
+    manifest0 = cohort / "site-0" / "manifest.csv"
+    eps2 = site_epsilon_after(cfg_path, manifest0, 2, 4, tmp_path / "probe")
+    eps3 = site_epsilon_after(cfg_path, manifest0, 3, 4, tmp_path / "probe")
+    cap = (eps2 + eps3) / 2  # site-0's officer allows 2 of the 4 rounds
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 4, "max-epsilon-0": cap})
+    summary, grid = run_rounds(run_config, 3, mods=[crash_mod(2, {2})])
+
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
+    status = {s: [r["sites"][s]["status"] for r in history] for s in ("site-0", "site-1")}
+    assert status["site-0"] == ["trained", "trained", "declined", "declined"]
+    assert status["site-1"] == ["trained"] * 4
+    assert [r["sites"]["site-2"]["status"] for r in history] == ["trained", "failed", "trained", "trained"]
+    assert history[1]["sites"]["site-2"]["val"]["num-examples"] > 0  # it evaluated after its crash
+    assert all(r["aggregated"] for r in history)  # the round completes with the others
+    assert "past this site's cap" in history[2]["sites"]["site-0"]["reason"]
+    eps0 = [r["sites"]["site-0"]["epsilon"] for r in history]
+    assert max(eps0) <= cap and eps0[3] == pytest.approx(eps2)
+    assert [p.name for p in sorted((Path(summary["run_dir"]) / "checkpoints").iterdir())] == [
+        f"round-{r:04d}.pt" for r in range(1, 5)]
+    _, _, meta = load_checkpoint(summary["global_checkpoint"])
+    assert meta["federation"]["round"] == 4 and meta["epsilon"] == pytest.approx(max(summary["epsilon"].values()))
+    assert history[-1]["val"].get("val-auroc") is not None
+
+    cfg = load_config(cfg_path)
+    shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
+    sentences = note_sentences(cohort)
+    assert sentences and len(grid.replies) == 4 * 3 * 2
+    for reply in grid.replies:
+        check_reply(reply, shapes, cfg, sentences)
+
+
+def test_server_restart_with_resume_continues_model_and_epsilon(tmp_path, cohort):
+    from clinfuse.federation.rundir import RunDir
+
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 3, "min-sites": 1})
+    first, _ = run_rounds({**run_config, "stop-after-round": 1}, 2)
+    assert first["rounds"] == 1
+    after_one = RunDir(first["run_dir"]).last()
+
+    resumed, grid = run_rounds({**run_config, "resume": True}, 2)
+    assert resumed["rounds"] == 3
+    train_sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert {m.content["config"]["server-round"] for m in train_sent} == {2, 3}
+    round2 = train_sent[0].content["arrays"]
+    assert all(np.array_equal(round2[k].numpy(), after_one.state[k]) for k in after_one.state)
+
+    doc = RunDir(first["run_dir"]).document()
+    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
+    assert [r["resumed"] for r in doc["runs"]] == [False, True]
+    for k in range(2):
+        expected = site_epsilon_after(tiny_config(tmp_path), cohort / f"site-{k}" / "manifest.csv", 3, 3,
+                                      tmp_path / f"probe{k}")
+        assert resumed["epsilon"][f"site-{k}"] == pytest.approx(expected, rel=1e-9)
+        assert doc["rounds"][0]["sites"][f"site-{k}"]["epsilon"] < resumed["epsilon"][f"site-{k}"]
+
+
+def test_without_accept_failures_a_failed_site_stops_the_run(tmp_path, cohort):
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 2, "accept-failures": False})
+    with pytest.raises(RuntimeError, match="accept-failures"):
+        run_rounds(run_config, 2, mods=[crash_mod(1, {1})])
+
+
+def test_fewer_trained_sites_than_min_sites_leave_the_model_unchanged(tmp_path, cohort):
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 1, "min-sites": 2})
+    summary, grid = run_rounds(run_config, 2, mods=[crash_mod(1, {1})])
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
+    assert history[0]["aggregated"] is False
+    sent = grid.sent[0].content["arrays"]
+    evaluated = [m for m in grid.sent if m.metadata.message_type == "evaluate"][0].content["arrays"]
+    assert all(np.array_equal(sent[k].numpy(), evaluated[k].numpy()) for k in sent)
+
+
+def test_client_level_dp_clips_updates_and_reports_flowers_epsilon(tmp_path, cohort):
+    clip = 0.05
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 2, "client-dp": True, "client-dp-noise": 0.3,
+                                                  "client-dp-clip": clip})
+    summary, grid = run_rounds(run_config, 2)
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
+    eps = [r["client_dp_epsilon"] for r in history]
+    assert 0 < eps[0] < eps[1] and summary["client_dp_epsilon"] == pytest.approx(eps[1])
+    sent = {m.metadata.message_id: m for m in grid.sent if m.metadata.message_type == "train"}
+    trained = [r for r in grid.replies if not r.has_error() and "arrays" in r.content.array_records]
+    assert trained
+    for reply in trained:
+        original = sent[reply.metadata.reply_to_message_id].content["arrays"]
+        norm = np.sqrt(sum(float(np.sum((reply.content["arrays"][k].numpy().astype(np.float64)
+                                         - original[k].numpy()) ** 2)) for k in original))
+        assert norm <= clip * (1 + 1e-4)

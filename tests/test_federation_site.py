@@ -1,0 +1,114 @@
+"""A site's privacy across rounds, without Flower: budget refusal and epsilon continuity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from clinfuse.config import load_config
+from clinfuse.privacy.accountant import compute_epsilon
+from clinfuse.privacy.ledger import read_entries
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(folder, **privacy):
+    """The demo config shrunk for tests: 32x32 images, batches of 8, the (fast) RDP accountant."""
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["data"]["image"]["size"] = [32, 32]
+    data["data"]["text"]["max_tokens"] = 37
+    data["train"]["batch_size"] = 8
+    data["model"]["dim"] = 32
+    data["privacy"].update({"accountant": "rdp", **privacy})
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from clinfuse.data.synthetic import write_demo_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    return write_demo_cohort(root, sites=3, patients=40, seed=0)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(tiny_config(tmp_path))
+
+
+def initial_state(cfg):
+    from clinfuse.training.checkpoint import build_model_for, clean_state_dict
+    from clinfuse.training.trainer import seed_everything
+
+    seed_everything(0)
+    return {k: v.numpy() for k, v in clean_state_dict(build_model_for(cfg)).items()}
+
+
+def open_site(cfg, manifest, state_dir, cap):
+    from clinfuse.federation.site import SiteRuntime
+
+    return SiteRuntime(cfg, manifest, site_id="site-x", state_dir=state_dir, max_epsilon=cap)
+
+
+def epsilon_after(site, rounds_done: int, rounds: int = 4) -> float:
+    """Epsilon of ONE accountant that ran every step of ``rounds_done`` rounds in one go."""
+    plan = site.plan(rounds, 1)
+    steps = plan.steps_per_epoch * rounds_done
+    return compute_epsilon([(plan.noise_multiplier, plan.sample_rate, steps)], plan.delta, mechanism="rdp")[0]
+
+
+def test_cap_allowing_two_of_four_rounds_trains_two_and_declines_two(cfg, cohort, tmp_path):
+    state_dir = tmp_path / "state"
+    probe = open_site(cfg, cohort[0], tmp_path / "probe", 100.0)
+    cap = (epsilon_after(probe, 2) + epsilon_after(probe, 3)) / 2  # room for exactly 2 rounds
+    site = open_site(cfg, cohort[0], state_dir, cap)
+    state = initial_state(cfg)
+    results = [site.train_round(state, server_round=r, rounds=4, local_epochs=1) for r in range(1, 5)]
+
+    assert [r.declined for r in results] == [False, False, True, True]
+    assert all(r.state is None and r.num_examples == 0 for r in results[2:])
+    assert "past this site's cap" in results[2].declined_reason
+    reported = [r.metrics["epsilon"] for r in results]
+    assert max(reported) <= cap
+    assert reported[2] == reported[3] == pytest.approx(reported[1])  # declining spends nothing
+    assert site.accountant.epsilon(results[0].metrics["delta"]) <= cap
+    kinds = [e["kind"] for e in read_entries(state_dir / "ledger.jsonl")]
+    assert kinds.count("refusal") == 2 and kinds.count("dp-training") == 2
+
+
+def test_epsilon_after_r_rounds_equals_one_accountant_over_all_steps(cfg, cohort, tmp_path):
+    state_dir = tmp_path / "state"
+    state = initial_state(cfg)
+    reported = []
+    for r in range(1, 4):
+        # a new SiteRuntime each round, as a new ClientApp process would build
+        site = open_site(cfg, cohort[1], state_dir, 100.0)
+        result = site.train_round(state, server_round=r, rounds=4, local_epochs=1)
+        state = result.state
+        reported.append(result.metrics["epsilon"])
+    for r, eps in enumerate(reported, start=1):
+        assert eps == pytest.approx(epsilon_after(site, r), rel=1e-9)
+    saved = json.loads((state_dir / "accountant.json").read_text())
+    assert saved["steps"] == 3 * site.plan(4, 1).steps_per_epoch
+    assert reported == sorted(reported) and reported[0] < reported[-1]
+
+
+def test_a_site_without_notes_freezes_its_text_encoder(cfg, cohort, tmp_path):
+    from clinfuse.models.fusion import parameter_groups
+    from clinfuse.training.checkpoint import build_model_for
+
+    site = open_site(cfg, cohort[2], tmp_path / "state", 100.0)  # the last demo site has no notes
+    assert site.modality_examples()["text"] == 0
+    state = initial_state(cfg)
+    result = site.train_round(state, server_round=1, rounds=2, local_epochs=1)
+    text = parameter_groups(build_model_for(cfg))["text"]
+    assert text and all(np.array_equal(result.state[k], state[k]) for k in text)
+    image = parameter_groups(build_model_for(cfg))["image"]
+    assert any(not np.array_equal(result.state[k], state[k]) for k in image)
