@@ -180,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--aux-weight", type=float, default=0.5, help="balancing: fixed auxiliary weight")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None, help="keep the synthetic cohorts here (reused)")
+    p.add_argument("--clip-groups", action="store_true",
+                   help="fused model: per-modality clipping groups (balance.clip_groups.enabled)")
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--skip-fusion", action="store_true")
     p.add_argument("--views", nargs="+", default=None, metavar="NAME",
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
         for seed in seeds:
             for name, keep in views.items():
                 # a single-modality model cannot drop its only modality
-                cfg = make_config(args, seed, None if name == "fused" else no_dropout)
+                fused_balance = {"clip_groups": {"enabled": True}} if args.clip_groups else None
+                cfg = make_config(args, seed, fused_balance if name == "fused" else no_dropout)
                 t0 = time.time()
                 model, eps = train_dp(cfg, ModalityView(train, keep))
                 eps_spent.append(eps)

@@ -255,6 +255,10 @@ def _legacy_client_fn(run_config: dict):
     def client_fn(context: Context):
         from flwr.client import NumPyClient
 
+        _quiet_known_warnings()
+        # secaggplus_mod logs every protocol stage at DEBUG
+        logging.getLogger("flwr").setLevel(max(logging.getLogger("flwr").level, logging.INFO))
+
         class SiteNumPyClient(NumPyClient):
             """SecAgg+ sums ``num_examples * weights``: a declining site sends weight 0."""
 

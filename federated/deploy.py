@@ -11,7 +11,9 @@ exercise the deployment engine itself rather than the simulation:
 - :class:`LocalDeployment` starts ``flower-superlink`` with TLS, SuperNode authentication and
   ``--disable-runtime-dependency-installation`` on a free loopback port, registers each node's
   public key (``flwr supernode register``), starts one ``flower-supernode`` per site with its
-  ``--node-config``, and runs the app with ``flwr run . NAME --stream``. Each process gets its own
+  ``--node-config``, and runs the app with ``flwr run . NAME --stream`` from an unpacked copy of
+  its bundle (:func:`stage_app`: flwr 1.42 would rewrite the source tree's ``pyproject.toml``
+  while it has a legacy ``[tool.flwr.federations]`` table). Each process gets its own
   ``FLWR_HOME``; every process started is stopped by PID (SIGTERM, then SIGKILL) in
   :meth:`LocalDeployment.stop`, which ``with`` calls even when something failed.
 - :func:`measure_deployment_round_overhead` runs the demo study through a deployment and reports

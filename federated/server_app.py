@@ -85,7 +85,7 @@ class ServerSettings:
     secagg_shares: int
     secagg_threshold: int
     secagg_max_weight: float
-    target_epsilon: float | None
+    target_epsilon: float
     resume: bool
     stop_after_round: int
     demo_cohort: bool
@@ -108,7 +108,9 @@ class ServerSettings:
         paths = simulation_paths(rc)
 
         def get(key, default, kind):
-            value = rc.get(key, default)
+            value = rc.get(key)
+            if value is None or (not isinstance(value, bool) and value in ("", 0)):
+                value = default  # pyproject.toml lists every key; 0 and "" mean "not set"
             try:
                 return _truthy(value) if kind is bool else kind(value)
             except (TypeError, ValueError):
@@ -116,6 +118,8 @@ class ServerSettings:
 
         min_sites = get("min-sites", fed.min_sites, int)
         expected = max(get("expected-sites", min_sites, int), min_sites)
+        if min_sites < 1:
+            raise InputError(f"min-sites must be at least 1, got {min_sites}", key="min-sites")
         settings = cls(
             config=config, run_dir=str(paths["run_dir"]), num_rounds=get("num-rounds", fed.rounds, int),
             local_epochs=get("local-epochs", fed.local_epochs, int), strategy=get("strategy", fed.strategy, str),
@@ -130,7 +134,7 @@ class ServerSettings:
             secagg_shares=get("secagg-shares", expected, int),
             secagg_threshold=get("secagg-threshold", max(2, expected - 1), int),
             secagg_max_weight=get("secagg-max-weight", 10000.0, float),
-            target_epsilon=float(rc["target-epsilon"]) if rc.get("target-epsilon") else None,
+            target_epsilon=cfg.privacy.target_epsilon,
             resume=get("resume", False, bool), stop_after_round=get("stop-after-round", 0, int),
             demo_cohort=get("demo-cohort", False, bool), cohort=str(paths["cohort"]),
             cohort_patients=get("cohort-patients", 200, int))

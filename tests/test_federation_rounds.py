@@ -86,7 +86,7 @@ def tiny_config(folder: Path) -> Path:
     data["data"]["image"]["size"] = [32, 32]
     data["data"]["text"]["max_tokens"] = 37  # no model parameter has this length
     data["train"]["batch_size"] = 8
-    data["model"]["dim"] = 32
+    data["model"]["dim"] = 24  # no weight matrix shaped like a 32x32 image
     data["privacy"]["accountant"] = "rdp"
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -189,6 +189,7 @@ def check_reply(reply: Message, model_shapes: dict, cfg, sentences: list[str]) -
 # Tests
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_budget_failure_and_every_message_a_site_sends(tmp_path, cohort):
     from clinfuse.training.checkpoint import build_model_for, load_checkpoint
 
@@ -226,6 +227,7 @@ def test_budget_failure_and_every_message_a_site_sends(tmp_path, cohort):
 
 def test_server_restart_with_resume_continues_model_and_epsilon(tmp_path, cohort):
     from clinfuse.federation.rundir import RunDir
+    from clinfuse.training.checkpoint import build_model_for
 
     run_config = base_config(tmp_path, cohort, **{"num-rounds": 3, "min-sites": 1})
     first, _ = run_rounds({**run_config, "stop-after-round": 1}, 2)
@@ -238,6 +240,12 @@ def test_server_restart_with_resume_continues_model_and_epsilon(tmp_path, cohort
     assert {m.content["config"]["server-round"] for m in train_sent} == {2, 3}
     round2 = train_sent[0].content["arrays"]
     assert all(np.array_equal(round2[k].numpy(), after_one.state[k]) for k in after_one.state)
+
+    cfg = load_config(tiny_config(tmp_path))
+    shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
+    assert len(grid.replies) == 2 * 2 * 2
+    for reply in grid.replies:  # everything the sites sent after the restart
+        check_reply(reply, shapes, cfg, note_sentences(cohort))
 
     doc = RunDir(first["run_dir"]).document()
     assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
@@ -265,6 +273,7 @@ def test_fewer_trained_sites_than_min_sites_leave_the_model_unchanged(tmp_path, 
     assert all(np.array_equal(sent[k].numpy(), evaluated[k].numpy()) for k in sent)
 
 
+@pytest.mark.slow
 def test_client_level_dp_clips_updates_and_reports_flowers_epsilon(tmp_path, cohort):
     clip = 0.05
     run_config = base_config(tmp_path, cohort, **{"num-rounds": 2, "client-dp": True, "client-dp-noise": 0.3,

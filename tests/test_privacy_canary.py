@@ -110,7 +110,7 @@ def test_empirical_cli_passes_with_noise_and_flags_a_run_without(cohort, capsys)
 
     from clinfuse.cli import main
 
-    base = ["audit", "empirical", "--manifest", str(cohort), "--canaries", "500", "--background", "0",
+    base = ["audit", "empirical", "--manifest", str(cohort), "--canaries", "1000", "--background", "0",
             "--quiet", "--json"]
     assert main(base) == 0
     ok = json.loads(capsys.readouterr().out)

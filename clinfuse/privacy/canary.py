@@ -104,8 +104,8 @@ def guess_grid(m: int, extra_k: Iterable[int] = ()) -> list[tuple[int, int]]:
 
 
 def expected_sampled_k(m: int, sample_rate: float, steps: int) -> int:
-    """Guesses sized to the included canaries expected to be sampled at least once (90% of them)."""
-    return max(1, math.floor(0.9 * (m / 2) * (1 - (1 - sample_rate) ** steps)))
+    """Guesses sized to the included canaries expected to be sampled at least once (80% of them)."""
+    return max(1, math.floor(0.8 * (m / 2) * (1 - (1 - sample_rate) ** steps)))
 
 
 def detection_ceiling(m: int, delta: float, *, extra_k: Iterable[int] = (), confidence: float = 0.95) -> float:

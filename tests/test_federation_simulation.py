@@ -1,0 +1,93 @@
+"""Flower's simulation engine (Ray) end to end: a site crashing mid-run, every message recorded
+on the way out of the ClientApp, and the SecAgg+ legacy path. Slow: each starts Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: E402
+
+from clinfuse.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def recording_mod(folder: str):
+    """Outermost mod: writes every reply (or the exception) the ClientApp hands to Flower."""
+
+    def mod(msg, ctx, call_next):
+        import uuid
+        from pathlib import Path
+
+        from flwr.common.serde import message_to_proto
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            reply = call_next(msg, ctx)
+        except Exception as exc:
+            (out / f"{uuid.uuid4().hex}.error").write_text(f"{type(exc).__name__}: {exc}")
+            raise
+        (out / f"{uuid.uuid4().hex}.msg").write_bytes(message_to_proto(reply).SerializeToString())
+        return reply
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from clinfuse.data.synthetic import write_demo_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    write_demo_cohort(root, sites=3, patients=40, seed=0)
+    return root
+
+
+def test_simulation_survives_a_crashing_site_and_sends_only_weights_counts_metrics(tmp_path, cohort):
+    from test_federation_rounds import check_reply, crash_mod, note_sentences, tiny_config
+
+    from clinfuse.training.checkpoint import build_model_for
+    from federated.simulation import simulate
+
+    cfg_path = tiny_config(tmp_path)
+    sent = tmp_path / "sent"
+    run_config = {"config": str(cfg_path), "workdir": str(tmp_path / "work"), "cohort": str(cohort),
+                  "num-rounds": 3, "min-sites": 2, "max-epsilon": 100.0}
+    rounds = []
+    summary = simulate(run_config, num_sites=3, cpus=2,
+                       client_mods=[recording_mod(str(sent)), crash_mod(1, {2})], on_round=rounds.append)
+
+    assert summary["rounds"] == 3 and [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["sites"]["site-1"]["status"] for r in rounds] == ["trained", "failed", "trained"]
+    assert all(r["aggregated"] for r in rounds)
+    assert set(summary["epsilon"]) == {"site-0", "site-1", "site-2"}
+    assert Path(summary["global_checkpoint"]).exists()
+
+    cfg = load_config(cfg_path)
+    shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
+    messages = [message_from_proto(ProtoMessage.FromString(p.read_bytes())) for p in sent.glob("*.msg")]
+    errors = [p.read_text() for p in sent.glob("*.error")]
+    assert len(messages) == 3 * 3 * 2 - 1 and len(errors) == 1
+    sentences = note_sentences(cohort)
+    for message in messages:
+        check_reply(message, shapes, cfg, sentences)
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())
+    assert len(history["rounds"]) == 3
+
+
+def test_secagg_plus_legacy_path_runs_and_checkpoints(tmp_path, cohort):
+    from test_federation_rounds import tiny_config
+
+    from federated.simulation import simulate
+
+    run_config = {"config": str(tiny_config(tmp_path)), "workdir": str(tmp_path / "work"), "cohort": str(cohort),
+                  "num-rounds": 2, "min-sites": 2, "max-epsilon": 100.0, "secagg": True}
+    summary = simulate(run_config, num_sites=3, cpus=2)
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in history] == [1, 2] and all(r["secagg"] for r in history)
+    assert all(s["status"] == "trained" for s in history[-1]["sites"].values())
+    assert history[-1]["val"].get("num-examples") is None and "val-loss" in history[-1]["val"]
+    assert len(summary["epsilon"]) == 3

@@ -1,0 +1,135 @@
+"""Strategies on hand-made replies: modality-aware averaging, declines and failures filtered,
+FedAdam state for resume, client-level DP substitution, evaluation averaging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clinfuse.errors import InputError
+from federated.strategy import (ClientDP, build_strategy, client_dp_replies, export_state, read_replies,
+                                restore_state, weighted_means)
+
+GROUPS = {"image": ["img.w"], "text": ["txt.w"], "tabular": ["tab.w"], "fusion": ["head.w"]}
+NODES = (11, 12, 13)
+
+
+class NodesOnly:
+    """All a strategy's configure_* needs from a Grid."""
+
+    def get_node_ids(self):
+        return list(NODES)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
+
+
+def arrays(value: float) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full(3, value, dtype=np.float32)) for k in ("img.w", "txt.w", "tab.w", "head.w")})
+
+
+def trained(msg, site, value, n, image, text, tabular):
+    content = RecordDict({"arrays": arrays(value), "metrics": MetricRecord({
+        "num-examples": n, "declined": 0, "examples-image": image, "examples-text": text,
+        "examples-tabular": tabular, "train-loss": value}), "site": ConfigRecord({"site-id": site})})
+    return Message(content, reply_to=msg)
+
+
+def declined(msg, site):
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1, "epsilon": 3.0}),
+                          "site": ConfigRecord({"site-id": site, "reason": "over the cap"})})
+    return Message(content, reply_to=msg)
+
+
+def send(strategy, value=0.0, server_round=1):
+    messages = list(strategy.configure_train(server_round, arrays(value), ConfigRecord({}), NodesOnly()))
+    for i, m in enumerate(messages):
+        m.metadata.__dict__["_message_id"] = f"m{server_round}-{i}"
+    return messages
+
+
+def test_modality_aware_average_ignores_declines_failures_and_sites_without_a_modality():
+    strategy = build_strategy("fedavg", groups=GROUPS, min_sites=2)
+    sent = send(strategy, value=0.0)
+    assert [m.metadata.dst_node_id for m in sent] == list(NODES)  # every site, every round
+    replies = [trained(sent[0], "a", 1.0, 10, image=10, text=10, tabular=10),
+               trained(sent[1], "b", 4.0, 30, image=30, text=0, tabular=30),  # no notes
+               declined(sent[2], "c")]
+    error = Message(Error(code=2, reason="boom"), reply_to=sent[2])
+    new, metrics = strategy.aggregate_train(1, replies[:2] + [replies[2], error])
+    got = {k: float(a.numpy()[0]) for k, a in new.items()}
+    assert got["txt.w"] == pytest.approx(1.0)  # only site a trained the text encoder
+    assert got["img.w"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
+    assert got["head.w"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
+    assert metrics["train-loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
+
+    plain = build_strategy("fedavg", groups=GROUPS, modality_aware=False, min_sites=2)
+    sent = send(plain)
+    new, _ = plain.aggregate_train(1, [trained(sent[0], "a", 1.0, 10, 10, 10, 10),
+                                       trained(sent[1], "b", 4.0, 30, 30, 0, 30)])
+    assert float(new["txt.w"].numpy()[0]) == pytest.approx(3.25)  # FedAvg drags text towards b's copy
+
+
+def test_read_replies_names_failed_and_silent_sites():
+    strategy = build_strategy("fedavg", groups=GROUPS, min_sites=1)
+    sent = send(strategy)
+    names = {13: "c"}
+    replies = [trained(sent[0], "a", 1.0, 5, 5, 5, 5), Message(Error(code=2, reason="x"), reply_to=sent[2])]
+    out = {r.site_id: r for r in read_replies(replies, sent, names)}
+    assert out["a"].status == "trained" and out["c"].status == "failed"
+    assert out["node-12"].status == "failed" and "no reply" in out["node-12"].reason
+    assert names[11] == "a"
+
+
+def test_fedadam_and_fedprox_wrap_the_modality_aware_average_and_fedadam_resumes():
+    prox = build_strategy("fedprox", groups=GROUPS, proximal_mu=0.5, min_sites=1)
+    sent = send(prox)
+    assert sent[0].content["config"]["proximal-mu"] == 0.5
+
+    adam = build_strategy("fedadam", groups=GROUPS, server_lr=0.1, min_sites=1)
+    sent = send(adam, value=0.0)
+    new, _ = adam.aggregate_train(1, [trained(sent[0], "a", 1.0, 10, 10, 0, 10)])
+    moved = {k: float(a.numpy()[0]) for k, a in new.items()}
+    assert 0 < moved["img.w"] < 1.0  # a server-side Adam step towards the sites' average
+    assert moved["txt.w"] == pytest.approx(0.0)  # no site trained text: no update, no moment
+    state = export_state(adam)
+    assert set(state) == {"m_t", "v_t"}
+
+    resumed = build_strategy("fedadam", groups=GROUPS, server_lr=0.1, min_sites=1)
+    restore_state(resumed, state)
+    sent_a, sent_b = send(adam, value=0.5, server_round=2), send(resumed, value=0.5, server_round=2)
+    a, _ = adam.aggregate_train(2, [trained(sent_a[0], "a", 1.0, 10, 10, 0, 10)])
+    b, _ = resumed.aggregate_train(2, [trained(sent_b[0], "a", 1.0, 10, 10, 0, 10)])
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_client_level_dp_counts_declines_as_zero_updates_and_accounts_each_release():
+    dp = ClientDP(noise_multiplier=1.0, clipping_norm=0.5)
+    strategy = build_strategy("fedavg", groups=GROUPS, min_sites=2, expected_sites=3, client_dp=dp)
+    sent = send(strategy, value=0.0)
+    assert all(m.content["config"]["clipping_norm"] == 0.5 for m in sent)
+    site_replies = read_replies([trained(sent[0], "a", 0.1, 10, 10, 10, 10),
+                                 trained(sent[1], "b", 0.1, 99, 99, 0, 99), declined(sent[2], "c")], sent)
+    usable = client_dp_replies(site_replies, sent, arrays(0.0))
+    assert len(usable) == 3 and all(dict(m.content["metrics"]) == {"client-dp-weight": 1.0} for m in usable)
+    new, _ = strategy.aggregate_train(1, usable)
+    assert new is not None
+    first = strategy.privacy_spent().epsilon
+    state = export_state(strategy)
+    again = build_strategy("fedavg", groups=GROUPS, min_sites=2, expected_sites=3, client_dp=dp)
+    restore_state(again, state)
+    assert again.privacy_spent().epsilon == pytest.approx(first) and first > 0
+    with pytest.raises(InputError, match="fedavg or fedprox"):
+        build_strategy("fedadam", groups=GROUPS, client_dp=dp)
+
+
+def test_evaluation_metrics_are_averaged_per_key_over_the_sites_reporting_them():
+    rows = [{"num-examples": 10, "val-auroc": 0.8, "val-loss": 0.5},
+            {"num-examples": 30, "val-loss": 0.7},  # one class only: no AUROC
+            {"num-examples": 0, "val-auroc": 0.1}]  # no validation rows: no weight
+    means = weighted_means(rows)
+    assert means == {"val-auroc": pytest.approx(0.8), "val-loss": pytest.approx(0.65)}
