@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clinfuse.config import load_config  # noqa: E402
-from clinfuse.data.dataset import MultimodalDataset  # noqa: E402
-from clinfuse.data.manifest import read_manifest  # noqa: E402
-from clinfuse.data.synthetic import write_demo_cohort  # noqa: E402
+from clinfuse.config import load_config
+from clinfuse.data.dataset import MultimodalDataset
+from clinfuse.data.manifest import read_manifest
+from clinfuse.data.synthetic import write_demo_cohort
 
 
 def one_pass(records, cfg, cache_dir) -> tuple[float, MultimodalDataset]:

@@ -113,6 +113,11 @@ class TextEncoderConfig(_Strict):
     layers: int = Field(1, ge=1, le=12)
     heads: int = Field(2, ge=1, le=16)
     path: str | None = None  # local directory of a frozen pretrained encoder
+    # hashed_bag only. false: a fixed random embedding table (seeded, identical at every site, not
+    # trained: DP-SGD then needs per-sample gradients only for the Linear layers above it).
+    trainable_embedding: bool = False
+    embedding_dim: int = Field(256, ge=8, le=4096)  # width of the fixed table
+    embedding_seed: int = Field(0, ge=0)
 
 
 class TabularEncoderConfig(_Strict):

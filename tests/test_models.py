@@ -140,9 +140,12 @@ def test_transformer_text_encoder_under_grad_sample_module():
         assert torch.count_nonzero(per_sample[name][1]) == 0, name
 
 
-@pytest.mark.parametrize("cls", [HashedBagEncoder, TransformerTextEncoder])
-def test_text_encoders_handle_all_padding_rows(cls):
-    enc = cls(BUCKETS, 16, TEXT_LEN) if cls is TransformerTextEncoder else cls(BUCKETS, 16)
+@pytest.mark.parametrize("kind", ["bag-trainable", "bag-frozen", "transformer"])
+def test_text_encoders_handle_all_padding_rows(kind):
+    if kind == "transformer":
+        enc = TransformerTextEncoder(BUCKETS, 16, TEXT_LEN)
+    else:
+        enc = HashedBagEncoder(BUCKETS, 16, trainable_embedding=kind == "bag-trainable", embedding_dim=32)
     ids = torch.randint(1, BUCKETS, (3, TEXT_LEN))
     ids[1] = 0
     ids[2, 3:] = 0
@@ -155,6 +158,30 @@ def test_text_encoders_handle_all_padding_rows(cls):
     shorter[0, -1] = 0
     assert not torch.allclose(enc(shorter)[0], out[0])
     torch.testing.assert_close(enc(ids[2:3]), out[2:3].detach())
+
+
+def test_frozen_hashed_bag_table_is_seeded_fixed_and_not_trained():
+    """The default bag's table: same at every site (own seed, not the global RNG), never trained."""
+    torch.manual_seed(1)
+    a = small_model("attention")
+    torch.manual_seed(2)
+    b = small_model("attention")
+    table = a.text_encoder.table
+    assert table.shape == (BUCKETS, 256) and torch.count_nonzero(table[0]) == 0
+    torch.testing.assert_close(table, b.text_encoder.table, rtol=0, atol=0)
+    other = small_model("attention", text_encoder={"embedding_seed": 1})
+    assert not torch.equal(table, other.text_encoder.table)
+    assert "text_encoder.table" in a.state_dict()  # travels with checkpoints
+    assert all(".table" not in n and ".embed." not in n for n, _ in a.named_parameters())
+    # Per-sample gradients exist for the Linear layers above the table, and match single-sample
+    # ones; the table itself stays unchanged by a DP step.
+    image, text, tabular, mask, label = make_batch([(1, 1, 1), (0, 1, 0), (1, 0, 1)])
+    per_sample = per_sample_vs_single(a, (image, text, tabular, mask, label), AuxLossWeights())
+    assert per_sample["text_encoder.proj.weight"][0].abs().sum() > 0
+    assert torch.count_nonzero(per_sample["text_encoder.proj.weight"][2]) == 0
+    # The trainable variant keeps its learned table as a parameter.
+    trainable = small_model("attention", text_encoder={"trainable_embedding": True})
+    assert "text_encoder.embed.weight" in dict(trainable.named_parameters())
 
 
 def test_tabular_dim_zero_means_no_tabular_parameters():
@@ -322,14 +349,16 @@ def test_state_dict_keys_are_the_parameter_names():
     clone.load_state_dict(model.state_dict())
 
 
-@pytest.mark.parametrize("text_encoder", ["hashed_bag", "transformer"])
+@pytest.mark.parametrize("text_encoder", [{"name": "hashed_bag"},
+                                          {"name": "hashed_bag", "trainable_embedding": True},
+                                          {"name": "transformer"}])
 def test_expanded_weights_mode_agrees_with_hooks(text_encoder):
     from opacus.grad_sample import GradSampleModuleExpandedWeights
 
     from clinfuse.config import AuxWeightsConfig
 
     torch.manual_seed(0)
-    model = small_model("attention", text_encoder={"name": text_encoder})
+    model = small_model("attention", text_encoder=text_encoder)
     weights = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"))
     model.attach_loss_weights(weights)
     image, text, tabular, mask, label = make_batch(PATTERNS)

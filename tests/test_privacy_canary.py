@@ -12,7 +12,7 @@ from clinfuse.privacy.canary import (
     epsilon_lower_bound,
     lower_bound_from_scores,
     p_value,
-    plan_audit_steps,
+    plan_audit,
     run_canary_audit,
 )
 
@@ -90,12 +90,14 @@ def test_model_background_gradients():
     assert result.passed
 
 
-def test_audit_plan_picks_a_refutable_prefix():
+def test_audit_plan_picks_a_refutable_run():
     # A large budget over a long horizon: one run cannot refute it, a prefix can.
-    steps, note = plan_audit_steps(0.8, 0.05, 2000, 1e-5, 1000, mechanism="rdp")
-    assert 1 <= steps < 2000 and f"first {steps} steps" in note
-    steps_small, note_small = plan_audit_steps(3.0, 0.01, 50, 1e-5, 1000, mechanism="rdp")
-    assert (steps_small, note_small) == (50, None)
+    q, steps, note = plan_audit(1.2, 0.01, 20000, 1e-5, 1000, mechanism="rdp")
+    assert q == 0.01 and 1 <= steps < 20000 and "same mechanism" in note
+    # Even one step at this sample rate claims too much: a lower rate, same noise and clipping.
+    q, steps, note = plan_audit(0.84, 0.2, 15, 1e-5, 2000, mechanism="rdp")
+    assert q < 0.2 and f"sample rate {q:.4g}" in note
+    assert (plan_audit(3.0, 0.01, 50, 1e-5, 1000, mechanism="rdp")) == (0.01, 50, None)
 
 
 @pytest.fixture(scope="module")

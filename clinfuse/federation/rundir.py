@@ -233,3 +233,4 @@ class RunDir:
             raise RuntimeError("RunDir.begin() must be called before finish()")
         doc["runs"][-1].update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary)
         self._write(doc)
+

@@ -316,6 +316,28 @@ def compute_epsilon(history: Iterable[Sequence], delta: float, *, mechanism: str
     return float(values[-1]), used
 
 
+def rdp_epsilon_by_steps(noise_multiplier: float, sample_rate: float, steps: Sequence[int],
+                         delta: float) -> list[float]:
+    """RDP epsilon after each number of steps in ``steps`` (one setting), computed in one go.
+
+    RDP composes linearly in the number of steps, so the per-step curve is computed once: this
+    is for scanning many candidate lengths cheaply (e.g. when planning an audit).
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    delta = _check_delta(delta)
+    if noise_multiplier <= 0:
+        return [math.inf if t > 0 else 0.0 for t in steps]
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_step = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                            orders=orders)
+        return [float(rdp_analysis.get_privacy_spent(orders=orders, rdp=per_step * t, delta=delta)[0])
+                if t > 0 else 0.0 for t in steps]
+
+
 # --------------------------------------------------------------------------------------------
 # Planning
 # --------------------------------------------------------------------------------------------
@@ -348,38 +370,64 @@ def plan_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int,
             f"the budget is already spent: epsilon {spent:.4g} >= target {target_epsilon:g} "
             f"(delta {delta:g}) before any new step")
 
-    def eps(sigma: float, mech: str) -> float:
-        return compute_epsilon(prior + [(sigma, float(sample_rate), steps)], delta,
-                               mechanism=mech, timeout_s=timeout_s)[0]
+    def epsilon_for(mech: str):
+        return lambda sigma: compute_epsilon(prior + [(sigma, float(sample_rate), steps)], delta,
+                                             mechanism=mech, timeout_s=timeout_s)[0]
 
-    def bracket(mech: str, start: float) -> tuple[float, float]:
-        hi = start
-        while eps(hi, mech) > target_epsilon:
-            hi *= 2
-            if hi > 1e4:
-                raise BudgetExceededError(
-                    f"no noise multiplier up to 1e4 keeps epsilon within {target_epsilon:g}: "
-                    f"{spent:.4g} is already spent")
-        return hi / 2, hi
-
-    def bisect(mech: str, lo: float, hi: float) -> float:
-        while (hi - lo) > rtol * hi:
-            mid = (lo + hi) / 2
-            if eps(mid, mech) > target_epsilon:
-                lo = mid
-            else:
-                hi = mid
-        return hi
-
-    # RDP is cheap and never hangs: bracket with it, then evaluate the (slower, tighter)
-    # accountant only near the answer, where PRV behaves.
-    lo, hi = bracket("rdp", 1.0)
-    sigma_rdp = bisect("rdp", lo, hi)
+    # RDP is cheap and never hangs: solve with it first. Its epsilon bounds PRV's and PLD's from
+    # above, so its answer is a safe upper end for the tighter accountant, which is then only
+    # evaluated near the answer, where it behaves.
+    sigma_rdp = _solve_sigma(epsilon_for("rdp"), float(target_epsilon), spent, rtol)
     if mechanism == "rdp":
         return sigma_rdp
     mech = "pld-coarse" if mechanism == "pld" else mechanism
-    lo, hi = bracket(mech, sigma_rdp)
-    return bisect(mech, lo, hi)
+    return _solve_sigma(epsilon_for(mech), float(target_epsilon), spent, rtol, start=sigma_rdp, step=0.85)
+
+
+def _solve_sigma(eps, target: float, spent: float, rtol: float, *, start: float = 1.0,
+                 step: float = 0.5) -> float:
+    """Smallest sigma with ``eps(sigma) <= target``, returned from the safe side of a bracket.
+
+    epsilon falls smoothly with sigma and log(epsilon) is close to linear in log(sigma), so
+    regula falsi in log-log space needs a handful of accountant calls where bisection needs
+    ~20 (each PRV call costs about a second on a small CPU). Every step keeps a bracket
+    ``eps(lo) > target >= eps(hi)`` and shrinks it by at least 10%, so it always terminates.
+    """
+    lo = hi = start
+    e = eps(hi)
+    if e <= target:
+        e_hi = e
+        lo, e_lo = hi * step, eps(hi * step)
+        while e_lo <= target:
+            if lo < 1e-3:
+                return lo
+            hi, e_hi, lo = lo, e_lo, lo * step
+            e_lo = eps(lo)
+    else:
+        e_lo = e
+        hi, e_hi = hi / step, eps(hi / step)
+        while e_hi > target:
+            if hi > 1e4:
+                raise BudgetExceededError(
+                    f"no noise multiplier up to 1e4 keeps epsilon within {target:g}: "
+                    f"{spent:.4g} is already spent")
+            lo, e_lo, hi = hi, e_hi, hi / step
+            e_hi = eps(hi)
+    while hi - lo > rtol * hi and e_hi < target * (1 - rtol / 2):
+        if math.isfinite(e_lo) and e_lo > 0 and e_hi > 0:
+            # interpolate log(eps) linearly in log(sigma) to where it meets log(target)
+            t = (math.log(e_lo) - math.log(target)) / (math.log(e_lo) - math.log(e_hi))
+            x = math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+        else:
+            x = (lo + hi) / 2
+        margin = 0.1 * (hi - lo)
+        x = min(max(x, lo + margin), hi - margin)
+        e = eps(x)
+        if e > target:
+            lo, e_lo = x, e
+        else:
+            hi, e_hi = x, e
+    return hi
 
 
 # --------------------------------------------------------------------------------------------

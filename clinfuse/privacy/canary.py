@@ -31,13 +31,17 @@ Statistics (the paper's Theorem for (epsilon, delta)-DP with abstentions): if th
 the largest ``eps`` whose p-value is still <= 1 - confidence.
 
 One run can only refute claims up to about ``log(m)``: with 1,000 canaries even a run without
-noise shows at most ~5.8. :func:`run_canary_audit` reports this ceiling
-(``max_detectable``); audit a prefix of the training (fewer steps, same settings) when the full
-run claims more.
+noise shows at most ~5. :func:`run_canary_audit` reports this ceiling (``max_detectable``).
+When the site's whole run claims more, :func:`plan_audit` picks a run one audit *can* refute:
+fewer steps of the same mechanism, or, when even one step at the site's sample rate claims too
+much (small sites sample a large fraction of their patients per step), a lower sample rate with
+the site's noise multiplier and clipping norm. Missing noise or broken clipping show up in any
+such run; the claim is always the accountant's epsilon for exactly the run that was audited.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -48,7 +52,7 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from clinfuse.errors import InputError
-from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, compute_epsilon
+from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, compute_epsilon, rdp_epsilon_by_steps
 
 # --------------------------------------------------------------------------------------------
 # Statistics
@@ -73,6 +77,7 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float = 0.0) -> float:
     return min(beta + 2 * m * delta * alpha, 1.0)
 
 
+@functools.lru_cache(maxsize=4096)
 def epsilon_lower_bound(m: int, r: int, v: int, delta: float = 0.0, *, significance: float = 0.05) -> float:
     """Largest eps rejected at ``significance``: the mechanism is not (eps, delta)-DP.
 
@@ -128,39 +133,55 @@ def expected_noiseless_bound(m: int, sample_rate: float, steps: int, delta: floa
     k_star = expected_sampled_k(m, sample_rate, steps)
     grid = guess_grid(m, [k_star])
     significance = (1 - confidence) / len(grid)
-    return max((epsilon_lower_bound(m, k, k, delta, significance=significance) for k, k2 in grid
-                if k2 == 0 and k <= k_star), default=0.0)
+    # All-correct bounds grow with the number of guesses: the largest k+ <= k_star is the best.
+    k = max((k for k, k2 in grid if k2 == 0 and k <= k_star), default=0)
+    return epsilon_lower_bound(m, k, k, delta, significance=significance) if k else 0.0
 
 
-def plan_audit_steps(noise_multiplier: float, sample_rate: float, horizon: int, delta: float, m: int, *,
-                     mechanism: str = "prv", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, str | None]:
-    """How many steps of the site's mechanism to audit: ``(steps, note)``.
+STEP_CANDIDATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+GOOD_MARGIN = 1.0  # expected excess (in epsilon) of a noiseless run's bound over the claim
 
-    The whole horizon when its claimed epsilon is at most half of what ``m`` canaries can show.
-    Otherwise the prefix (same noise, clipping and sample rate, fewer steps) where a run without
-    noise would exceed the claim by the widest margin — one run cannot refute claims much above
-    ``log(m)``, so auditing a prefix is how a large budget gets checked at all.
+
+def plan_audit(noise_multiplier: float, sample_rate: float, horizon: int, delta: float, m: int, *,
+               mechanism: str = "prv", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[float, int, str | None]:
+    """Which run of the site's DP-SGD to audit: ``(sample_rate, steps, note)``.
+
+    The site's own settings and horizon when their claimed epsilon is at most half of what ``m``
+    canaries can show. Otherwise one run cannot refute the claim (it can show little more than
+    ``log(m)``), so the audit runs the same noise multiplier and clipping norm for fewer steps
+    (a prefix of training) and, if even one step at the site's sample rate claims too much, at
+    a lower sample rate: the choice where a run *without noise* would beat the claim by the
+    widest expected margin, preferring the site's sample rate once the margin reaches
+    :data:`GOOD_MARGIN`. ``note`` (``None`` when nothing changed) says what was changed.
+    Candidates are scored with RDP (cheap; an upper bound, so margins are if anything
+    understated); the audit itself then uses ``mechanism``.
     """
-    def claim(t: int) -> float:
-        return compute_epsilon([(noise_multiplier, sample_rate, t)], delta, mechanism=mechanism,
-                               timeout_s=timeout_s)[0]
-
     ceiling = detection_ceiling(m, delta, extra_k=[expected_sampled_k(m, sample_rate, horizon)])
-    full = claim(horizon)
-    if full <= ceiling / 2:
-        return horizon, None
-    candidates = sorted({t for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256,
-                                     384, 512, 768, 1024, 1536, 2048) if t < horizon})
-    if not candidates:
-        return horizon, (f"the claimed epsilon {full:.2f} is above what {m} canaries can refute well "
-                         f"({ceiling:.2f}); a run without noise may pass unnoticed")
-    margins = {t: expected_noiseless_bound(m, sample_rate, t, delta) - claim(t) for t in candidates}
-    best = max(margins, key=margins.get)
-    note = (f"the full horizon ({horizon} steps) claims epsilon {full:.2f}, more than {m} canaries can refute "
-            f"({ceiling:.2f}); auditing the first {best} steps of the same mechanism instead")
-    if margins[best] <= 0:
+    full = compute_epsilon([(noise_multiplier, sample_rate, horizon)], delta, mechanism=mechanism,
+                           timeout_s=timeout_s)[0]
+    if full <= ceiling / 2 or noise_multiplier == 0:
+        return sample_rate, horizon, None
+    best = None  # (margin, q, t)
+    for j in range(8):
+        q = sample_rate / 2 ** j
+        steps = [t for t in STEP_CANDIDATES if t < horizon] if j == 0 else list(STEP_CANDIDATES)
+        for t, claim in zip(steps, rdp_epsilon_by_steps(noise_multiplier, q, steps, delta)):
+            margin = expected_noiseless_bound(m, q, t, delta) - claim
+            if best is None or margin > best[0]:
+                best = (margin, q, t)
+        if best is not None and best[0] >= GOOD_MARGIN:
+            break
+    if best is None:
+        return sample_rate, horizon, (f"the claimed epsilon {full:.2f} is above what {m} canaries can "
+                                      f"refute ({ceiling:.2f}); a run without noise may pass unnoticed")
+    margin, q, t = best
+    note = (f"the site's full run (sample rate {sample_rate:.4g}, {horizon} steps) claims epsilon {full:.2f}, "
+            f"more than {m} canaries can refute ({ceiling:.2f}); auditing {t} step{'s' if t > 1 else ''}")
+    note += (" of the same mechanism" if q == sample_rate else
+             f" at sample rate {q:.4g} with the site's noise multiplier and clipping norm")
+    if margin <= 0:
         note += "; even so a run without noise may pass unnoticed: use more canaries"
-    return best, note
+    return q, t, note
 
 
 def lower_bound_from_scores(scores: np.ndarray, included: np.ndarray, delta: float, *,

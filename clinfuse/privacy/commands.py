@@ -96,8 +96,8 @@ def register(subparsers) -> None:
                    help="training horizon in epochs the noise is planned for (default: federation.rounds x "
                         "federation.local_epochs)")
     e.add_argument("--steps", type=_positive_int, default=None,
-                   help="steps to audit (default: the horizon, or the longest prefix whose claimed epsilon "
-                        "one run can refute)")
+                   help="steps to audit at the site's sample rate (default: the horizon when one run can "
+                        "refute its claim, else a shorter run chosen so that it can; see the printed note)")
     e.add_argument("--canaries", type=_positive_int, default=2000, help="number of canaries (default 2000)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--applied-noise-multiplier", type=_nonneg_float, default=None, metavar="S",
@@ -190,7 +190,7 @@ def _empirical(args) -> int:
     import torch
 
     from clinfuse.config import load_config
-    from clinfuse.privacy.canary import plan_audit_steps, run_canary_audit
+    from clinfuse.privacy.canary import plan_audit, run_canary_audit
     from clinfuse.training.commands import load_split_datasets
     from clinfuse.training.trainer import plan_privacy, seed_everything
 
@@ -218,10 +218,10 @@ def _empirical(args) -> int:
     mechanism = plan.accountant
 
     notes = []
-    steps = args.steps
+    sample_rate, steps = plan.sample_rate, args.steps
     if steps is None:
-        steps, note = plan_audit_steps(plan.noise_multiplier, plan.sample_rate, plan.horizon_steps, plan.delta,
-                                       args.canaries, mechanism=mechanism)
+        sample_rate, steps, note = plan_audit(plan.noise_multiplier, plan.sample_rate, plan.horizon_steps,
+                                              plan.delta, args.canaries, mechanism=mechanism)
         if note:
             notes.append(note)
 
@@ -251,7 +251,7 @@ def _empirical(args) -> int:
     # Per-group clipping bounds each patient's whole gradient by privacy.max_grad_norm and Opacus
     # scales the noise to that bound: the flat shadow run at that norm is the same mechanism.
     result = run_canary_audit(model if model is not None else dim, noise_multiplier=plan.noise_multiplier,
-                              max_grad_norm=plan.max_grad_norm, sample_rate=plan.sample_rate, steps=steps,
+                              max_grad_norm=plan.max_grad_norm, sample_rate=sample_rate, steps=steps,
                               n_canaries=args.canaries, seed=args.seed, delta=plan.delta,
                               applied_noise_multiplier=applied, data=background, loss_fn=loss_fn,
                               max_background=args.background, accountant=mechanism,
@@ -262,10 +262,12 @@ def _empirical(args) -> int:
 
         print(json.dumps(_jsonable({"site_manifest": str(args.manifest), "patients": n_patients,
                                     "target_epsilon": cfg.privacy.target_epsilon,
-                                    "horizon_steps": plan.horizon_steps, **result.to_dict()}), indent=2))
+                                    "site_sample_rate": plan.sample_rate, "horizon_steps": plan.horizon_steps,
+                                    **result.to_dict()}), indent=2))
     else:
-        print(f"empirical privacy audit: {args.manifest} ({n_patients} training patients), target epsilon "
-              f"{cfg.privacy.target_epsilon:g} over {plan.horizon_steps} steps")
+        print(f"empirical privacy audit: {args.manifest} ({n_patients} training patients): noise multiplier "
+              f"{plan.noise_multiplier:.4g}, sample rate {plan.sample_rate:.4g}, {plan.horizon_steps} steps for "
+              f"target epsilon {cfg.privacy.target_epsilon:g} at delta {plan.delta:g}")
         print(result.describe())
     sys.stdout.flush()
     return 0 if result.passed else 1

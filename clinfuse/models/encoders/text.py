@@ -1,7 +1,12 @@
 """Text encoders: hashed n-gram ids ``int64 [B, L]`` (0 = padding) in, ``[B, dim]`` out.
 
-* ``hashed_bag`` — ``nn.Embedding`` + masked mean + small MLP. ``nn.EmbeddingBag`` is avoided:
-  Opacus supports it only in the 1-D + offsets form and not in the ew/functorch modes.
+* ``hashed_bag`` — token embeddings + masked mean + small MLP. By default the embedding table is a
+  *fixed random projection* (``trainable_embedding: false``): drawn once from a dedicated seeded
+  generator, so every site builds the same table without exchanging it, and not trained, so
+  DP-SGD computes per-sample gradients only for the small MLP above it (a trainable
+  ``buckets x dim`` table costs a dense ``[B, buckets, dim]`` per-sample gradient each step: about
+  half of the DP step time of the demo model). ``nn.EmbeddingBag`` is avoided: Opacus supports it
+  only in the 1-D + offsets form and not in the ew/functorch modes.
 * ``transformer`` — a small pre-norm transformer on :class:`BatchFirstDPMultiheadAttention`
   (``opacus.layers.DPMultiheadAttention`` with a corrected batch-first forward) with a *bool*
   key-padding mask (``nn.TransformerEncoder`` turns masks into floats, which breaks
@@ -76,17 +81,48 @@ def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class HashedBagEncoder(nn.Module):
-    """Bag of hashed n-grams: mean of token embeddings over non-padding positions, then an MLP."""
+    """Bag of hashed n-grams: mean of token embeddings over non-padding positions, then an MLP.
 
-    def __init__(self, buckets: int, dim: int, dropout: float = 0.0):
+    ``ids int64 [B, L]`` (0 = padding) in, ``[B, dim]`` out.
+
+    ``trainable_embedding=True``: a learned ``nn.Embedding(buckets, dim)`` (``embed.weight``).
+    ``trainable_embedding=False``: a frozen table ``[buckets, embedding_dim]`` (buffer ``table``,
+    saved in the state dict) with entries ``N(0, 1/embedding_dim)`` drawn from
+    ``torch.Generator().manual_seed(seed)`` -- independent of torch's global RNG, so every site
+    and every rebuild gets the identical table -- with row 0 (padding) zero; then a trainable
+    ``Linear(embedding_dim, dim)`` and the MLP. The mean of fixed random vectors is a random
+    projection of the n-gram counts, which keeps the bag's information up to a small distortion
+    when ``embedding_dim`` is a few hundred.
+    """
+
+    def __init__(self, buckets: int, dim: int, dropout: float = 0.0, *, trainable_embedding: bool = True,
+                 embedding_dim: int | None = None, seed: int = 0):
         super().__init__()
         self.buckets = buckets
-        self.embed = nn.Embedding(buckets, dim, padding_idx=0)
+        self.trainable_embedding = bool(trainable_embedding)
+        self.seed = int(seed)
+        if self.trainable_embedding:
+            self.embedding_dim = dim
+            self.embed = nn.Embedding(buckets, dim, padding_idx=0)
+            self.proj = nn.Identity()
+        else:
+            self.embedding_dim = int(embedding_dim or dim)
+            g = torch.Generator().manual_seed(self.seed)
+            table = torch.randn(buckets, self.embedding_dim, generator=g) / float(self.embedding_dim) ** 0.5
+            table[0] = 0.0
+            self.register_buffer("table", table)
+            self.proj = nn.Linear(self.embedding_dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.out_dim = dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.mlp(_masked_mean(self.embed(ids), ids != 0))
+        keep = ids != 0
+        if self.trainable_embedding:
+            return self.mlp(_masked_mean(self.embed(ids), keep))
+        # The bag mean is a constant of the input (no parameter before it): Opacus sees only the
+        # Linear layers. Scaling by sqrt(embedding_dim) gives unit-variance features per n-gram.
+        bag = _masked_mean(self.table[ids], keep) * float(self.embedding_dim) ** 0.5
+        return self.mlp(self.proj(bag))
 
 
 class _Block(nn.Module):
@@ -181,7 +217,9 @@ def save_pretrained_text_encoder(encoder: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(encoder, HashedBagEncoder):
-        meta = {"name": "hashed_bag", "hash_buckets": encoder.buckets, "dim": encoder.out_dim}
+        meta = {"name": "hashed_bag", "hash_buckets": encoder.buckets, "dim": encoder.out_dim,
+                "trainable_embedding": encoder.trainable_embedding,
+                "embedding_dim": encoder.embedding_dim, "seed": encoder.seed}
     elif isinstance(encoder, TransformerTextEncoder):
         meta = {"name": "transformer", "hash_buckets": encoder.buckets, "dim": encoder.out_dim,
                 "max_len": encoder.max_len, "layers": len(encoder.blocks),
@@ -222,7 +260,10 @@ def load_pretrained_text_encoder(path: str | Path, *, buckets: int, text_len: in
         name = meta["name"]
         enc_buckets, enc_dim = int(meta["hash_buckets"]), int(meta["dim"])
         if name == "hashed_bag":
-            enc: nn.Module = HashedBagEncoder(enc_buckets, enc_dim)
+            # directories written before the frozen-table option hold a trained table
+            enc: nn.Module = HashedBagEncoder(
+                enc_buckets, enc_dim, trainable_embedding=bool(meta.get("trainable_embedding", True)),
+                embedding_dim=int(meta.get("embedding_dim", enc_dim)), seed=int(meta.get("seed", 0)))
         elif name == "transformer":
             enc = TransformerTextEncoder(enc_buckets, enc_dim, int(meta["max_len"]),
                                          int(meta["layers"]), int(meta["heads"]))
@@ -254,7 +295,8 @@ def build_text_encoder(cfg: TextEncoderConfig, dim: int, *, buckets: int, text_l
                        dropout: float = 0.0) -> nn.Module:
     """Build the configured text encoder: ``int64 [B, text_len] -> [B, dim]``."""
     if cfg.name == "hashed_bag":
-        return HashedBagEncoder(buckets, dim, dropout)
+        return HashedBagEncoder(buckets, dim, dropout, trainable_embedding=cfg.trainable_embedding,
+                                embedding_dim=cfg.embedding_dim, seed=cfg.embedding_seed)
     if cfg.name == "transformer":
         return TransformerTextEncoder(buckets, dim, text_len, cfg.layers, cfg.heads, dropout)
     if cfg.name == "pretrained":
