@@ -31,15 +31,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clinfuse.config import MODALITIES, config_from_dict, load_config  # noqa: E402
-from clinfuse.data.dataset import MultimodalDataset, default_cache_dir  # noqa: E402
-from clinfuse.data.manifest import read_manifest  # noqa: E402
-from clinfuse.data.synthetic import write_demo_cohort  # noqa: E402
-from clinfuse.federation.aggregation import SiteUpdate, aggregate  # noqa: E402
-from clinfuse.federation.site import SiteRuntime, numpy_to_state  # noqa: E402
-from clinfuse.models.fusion import parameter_groups  # noqa: E402
-from clinfuse.training.checkpoint import build_model_for, clean_state_dict  # noqa: E402
-from clinfuse.training.trainer import _auroc, predict_outputs, seed_everything  # noqa: E402
+from clinfuse.config import MODALITIES, config_from_dict, load_config
+from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
+from clinfuse.data.manifest import read_manifest
+from clinfuse.data.synthetic import write_demo_cohort
+from clinfuse.federation.aggregation import SiteUpdate, aggregate
+from clinfuse.federation.site import SiteRuntime, numpy_to_state
+from clinfuse.models.fusion import parameter_groups
+from clinfuse.training.checkpoint import build_model_for, clean_state_dict
+from clinfuse.training.trainer import _auroc, predict_outputs, seed_everything
 
 TEXT = MODALITIES.index("text")
 
@@ -71,7 +71,7 @@ def scores(cfg, state, dataset) -> dict:
     has_note = text["masks"][:, TEXT] > 0
     return {"global_auroc": _auroc(full["labels"], full["probs"]),
             "text_only_auroc": _auroc(text["labels"][has_note], text["probs"][has_note]),
-            "test_patients": int(len(full["labels"])), "with_notes": int(has_note.sum())}
+            "test_patients": len(full["labels"]), "with_notes": int(has_note.sum())}
 
 
 def federate(cfg, manifests, work: Path, *, rounds: int, modality_aware: bool, seed: int) -> dict:
@@ -124,7 +124,7 @@ def main() -> None:
                 results[name].append(scores(cfg, state, test))
 
     print(f"aggregation benchmark: demo cohort, 3 sites x {args.patients} patients (site-2 has no notes), "
-          f"{args.rounds} rounds, {'no DP' if args.no_dp else 'DP-SGD, target epsilon %g' % cfg.privacy.target_epsilon}, "
+          f"{args.rounds} rounds, {'no DP' if args.no_dp else f'DP-SGD, target epsilon {cfg.privacy.target_epsilon:g}'}, "
           f"{args.seeds} seed(s); pooled test split: {results['fedavg'][0]['test_patients']} rows, "
           f"{results['fedavg'][0]['with_notes']} with a note")
     print(f"{'aggregation':<16}{'global AUROC':>16}{'text-only AUROC':>18}")

@@ -71,6 +71,14 @@ def make_config(args, seed: int, balance: dict | None = None):
     raw = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
     raw["train"].update(epochs=args.epochs, lr=args.lr, seed=seed, batch_size=args.batch_size)
     raw["privacy"].update(enabled=True, target_epsilon=args.epsilon)
+    if args.model_dim:
+        raw["model"]["dim"] = args.model_dim
+    if args.text_embedding_dim:
+        raw["model"]["text_encoder"]["embedding_dim"] = args.text_embedding_dim
+    if args.channels:
+        raw["model"]["image_encoder"]["channels"] = args.channels
+    if args.fusion:
+        raw["model"]["fusion"]["name"] = args.fusion
     if balance is not None:
         raw["balance"].update(balance)
     return config_from_dict(raw, source="benchmarks/fusion.py")
@@ -182,6 +190,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the synthetic cohorts here (reused)")
     p.add_argument("--clip-groups", action="store_true",
                    help="fused model: per-modality clipping groups (balance.clip_groups.enabled)")
+    p.add_argument("--model-dim", type=int, default=None, help="override model.dim (default: demo.yaml)")
+    p.add_argument("--text-embedding-dim", type=int, default=None,
+                   help="override model.text_encoder.embedding_dim (the fixed random table's width)")
+    p.add_argument("--channels", type=int, nargs="+", default=None,
+                   help="override model.image_encoder.channels (small_cnn)")
+    p.add_argument("--fusion", choices=["concat", "gated", "attention", "lowrank"], default=None,
+                   help="override model.fusion.name")
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--skip-fusion", action="store_true")
     p.add_argument("--views", nargs="+", default=None, metavar="NAME",
@@ -200,6 +215,11 @@ def main(argv=None) -> int:
     failures = 0
     print(f"synthetic cohort: {args.sites} sites x {args.patients} patients, pooled; DP-SGD at epsilon "
           f"{args.epsilon:g}; {args.epochs} epochs, lr {args.lr:g}, batch {args.batch_size}; seeds {seeds}")
+    model = make_config(args, 0).model
+    print(f"model: dim {model.dim}, image {model.image_encoder.name} {model.image_encoder.channels}, text "
+          f"{model.text_encoder.name} (trainable_embedding={model.text_encoder.trainable_embedding}, "
+          f"embedding_dim {model.text_encoder.embedding_dim}), fusion {model.fusion.name}; clip groups "
+          f"for the fused model: {args.clip_groups}")
 
     if not args.skip_fusion:
         data = cohort(workdir, "default", args)

@@ -47,7 +47,6 @@ NUM_EXAMPLES, DECLINED, SITE_ID, REASON = "num-examples", "declined", "site-id",
 CLIPPING_NORM = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM
 
 _log = logging.getLogger("clinfuse.site")
-_IMPORTED_AT = time.monotonic()
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,8 +182,7 @@ def train_reply(msg: Message, context: Context, run_config: dict) -> Message:
     except Exception as exc:  # noqa: BLE001 - any failure is reported by type only
         raise _reported(exc, f"site {site.site_id if site else '?'} training") from None
     metrics = {NUM_EXAMPLES: int(result.num_examples), DECLINED: int(result.declined),
-               "train-seconds": train_s, "setup-seconds": setup_s,
-               "process-seconds": time.monotonic() - _IMPORTED_AT}
+               "train-seconds": train_s, "setup-seconds": setup_s}
     metrics.update({f"examples-{m}": int(n) for m, n in result.modality_examples.items()})
     metrics.update({k.replace("_", "-"): float(v) for k, v in result.metrics.items()
                     if k != "declined" and v is not None})

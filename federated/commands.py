@@ -150,6 +150,7 @@ def _demo(args) -> int:
     if args.sites < 2:
         raise InputError("the demo needs at least 2 sites", key="--sites")
     workdir = args.workdir.resolve()
+    run_config = {"workdir": str(workdir), "min-sites": 2, **_run_config(args)}  # validates first
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     _prepare_cohort(workdir, args.sites, args.patients)
@@ -158,7 +159,6 @@ def _demo(args) -> int:
         for name in ("run", "sites"):
             if (workdir / name).exists():
                 shutil.rmtree(workdir / name)
-    run_config = {"workdir": str(workdir), "min-sites": min(2, args.sites), **_run_config(args)}
     print(f"federated DP study: {args.sites} sites, Flower simulation, run dir {workdir / 'run'}", flush=True)
     code = _simulate(args, run_config, args.sites)
     print(f"total wall time (cohort included): {time.time() - started:.1f} s")

@@ -26,8 +26,8 @@ or the ``run_config`` given to :func:`make_server_app`); every key is optional:
 ``target-epsilon``     override ``privacy.target_epsilon`` (simulation: sites use it too)
 ``resume``             continue from the run directory's last checkpoint
 ``stop-after-round``   end the run cleanly after this round (resume later)
-``demo-cohort``        simulation: write the demo cohort into ``cohort`` if it has no manifests
-                       (``cohort-patients`` per site, default 200)
+``demo-cohort``        simulation engine only: write the demo cohort into ``cohort`` if it has
+                       no manifests (``cohort-patients`` per site, default 200)
 =====================  =====================================================================
 
 Each round: the strategy sends the global weights to every connected site; replies are read as
@@ -160,6 +160,11 @@ def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
+def is_simulation(grid: Grid) -> bool:
+    """Whether the sites are simulated (Flower's in-memory grid): only then is a demo cohort written."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
 def ensure_demo_cohort(settings: ServerSettings, n_sites: int) -> list[Path]:
     """Write the demo cohort (``n_sites`` sites) unless its manifests are already there."""
     from clinfuse.data.synthetic import write_demo_cohort
@@ -175,9 +180,7 @@ def ensure_demo_cohort(settings: ServerSettings, n_sites: int) -> list[Path]:
 def _site_summaries(site_replies) -> dict[str, dict]:
     out = {}
     for reply in site_replies:
-        row = reply.summary()
-        row.pop("process-seconds", None)
-        out[reply.site_id] = row
+        out[reply.site_id] = reply.summary()
     return out
 
 
@@ -242,7 +245,7 @@ def run_federation(grid: Grid, run_config: dict, *, on_round: RoundCallback | No
         return run_secagg(grid, settings, cfg, on_round=on_round)
     rundir = RunDir(settings.run_dir)
     first = rundir.begin(cfg, settings.describe(), resume=settings.resume, num_rounds=settings.num_rounds)
-    if settings.demo_cohort:
+    if settings.demo_cohort and is_simulation(grid):
         ensure_demo_cohort(settings, max(settings.expected_sites, len(list(grid.get_node_ids()))))
     model = build_model_for(cfg)
     groups = parameter_groups(model)
@@ -371,7 +374,7 @@ def run_secagg(grid: Grid, settings: ServerSettings, cfg, *, on_round: RoundCall
 
     rundir = RunDir(settings.run_dir)
     first = rundir.begin(cfg, settings.describe(), resume=settings.resume, num_rounds=settings.num_rounds)
-    if settings.demo_cohort:
+    if settings.demo_cohort and is_simulation(grid):
         ensure_demo_cohort(settings, max(settings.expected_sites, len(list(grid.get_node_ids()))))
     keys = list(build_model_for(cfg).state_dict().keys())
     if first > 1:
@@ -398,7 +401,7 @@ def run_secagg(grid: Grid, settings: ServerSettings, cfg, *, on_round: RoundCall
     strategy = RecordingFedAvg(
         fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=settings.expected_sites,
         min_evaluate_clients=settings.expected_sites, min_available_clients=settings.expected_sites,
-        accept_failures=settings.accept_failures,
+        accept_failures=settings.accept_failures, fit_metrics_aggregation_fn=lambda _: {},
         on_fit_config_fn=lambda r: {"server-round": r + offset, "num-rounds": settings.num_rounds,
                                     "local-epochs": settings.local_epochs, "run-id": run_id},
         on_evaluate_config_fn=lambda r: {"server-round": r + offset, "run-id": run_id})

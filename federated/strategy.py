@@ -149,6 +149,7 @@ class _SiteRounds(FedAvg):
     min_sites = 2
     expected_sites = 2
     wait_s = 600.0
+    _started = False
 
     def _setup_sites(self, min_sites: int, expected_sites: int | None, wait_s: float) -> None:
         if min_sites < 1:
@@ -156,18 +157,27 @@ class _SiteRounds(FedAvg):
         self.min_sites = int(min_sites)
         self.expected_sites = max(int(expected_sites or min_sites), self.min_sites)
         self.wait_s = float(wait_s)
+        self._started = False
 
     def connected_sites(self, grid: Grid) -> list[int]:
-        """All connected nodes, after waiting up to ``wait_s`` for ``expected_sites`` of them."""
+        """All connected nodes.
+
+        Before the first round, wait up to ``wait_s`` for ``expected_sites`` of them; later
+        rounds go on at once with whoever is connected (a site that died is not waited for),
+        waiting only while fewer than ``min_sites`` are.
+        """
+        target = self.min_sites if self._started else self.expected_sites
         deadline = time.monotonic() + self.wait_s
         while True:
             nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.expected_sites:
+            if len(nodes) >= target:
+                self._started = True
                 return nodes
             if time.monotonic() > deadline:
                 if len(nodes) >= self.min_sites:
                     log(WARNING, "%d of %d expected sites connected; going on with them",
                         len(nodes), self.expected_sites)
+                    self._started = True
                     return nodes
                 raise SitesUnavailable(f"only {len(nodes)} sites connected after {self.wait_s:.0f} s; "
                                        f"the study needs at least {self.min_sites}")

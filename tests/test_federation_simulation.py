@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: E402
+from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from clinfuse.config import load_config
 
@@ -22,7 +22,6 @@ def recording_mod(folder: str):
         import uuid
         from pathlib import Path
 
-        from flwr.common.serde import message_to_proto
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
@@ -91,3 +90,77 @@ def test_secagg_plus_legacy_path_runs_and_checkpoints(tmp_path, cohort):
     assert all(s["status"] == "trained" for s in history[-1]["sites"].values())
     assert history[-1]["val"].get("num-examples") is None and "val-loss" in history[-1]["val"]
     assert len(summary["epsilon"]) == 3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort):
+    """`flwr run .` as docs/federation.md shows it: a local SuperLink started beforehand without
+    runtime dependency installation (else it downloads torch), 3 simulated SuperNodes."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from test_federation_rounds import REPO, tiny_config
+
+    http, control = _free_port(), _free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    (tmp_path / "flwr").mkdir()
+    superlink = subprocess.Popen(
+        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
+         "--database", str(tmp_path / "flwr" / "state.db"), "--disable-runtime-dependency-installation"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1)
+                break
+            except OSError:
+                assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
+                time.sleep(0.5)
+        run_config = (f"config='{tiny_config(tmp_path)}' cohort='{cohort}' workdir='work' num-rounds=2 "
+                      f"max-epsilon=100.0")
+        out = subprocess.run(["flwr", "run", str(REPO), "--stream", "--federation-config", "num-supernodes=3",
+                              "--run-config", run_config], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, check=False)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finally:
+        os.killpg(superlink.pid, signal.SIGTERM)
+        try:
+            superlink.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(superlink.pid, signal.SIGKILL)
+            superlink.wait()
+    history = json.loads((tmp_path / "work" / "run" / "history.json").read_text())  # relative to the SuperLink
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    assert set(history["rounds"][-1]["sites"]) == {"site-0", "site-1", "site-2"}
+    assert not (tmp_path / "flwr" / "runtime-envs").exists() or not any((tmp_path / "flwr" / "runtime-envs").iterdir())
+
+
+def test_clinfuse_demo_prints_rounds_epsilon_per_site_and_auroc(tmp_path):
+    import subprocess
+    import sys
+
+    from test_federation_rounds import tiny_config
+
+    cmd = [sys.executable, "-m", "clinfuse.cli", "demo", "--workdir", str(tmp_path / "demo"), "--patients", "40",
+           "--rounds", "2", "--config", str(tiny_config(tmp_path)), "--cpus", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith("round ") for line in lines) == 2
+    assert {f"epsilon site-{k}" for k in range(3)} <= {line.split(":")[0] for line in lines}
+    assert any(line.startswith("final validation AUROC") for line in lines)
+    assert (tmp_path / "demo" / "run" / "global.pt").exists()
+    assert json.loads((tmp_path / "demo" / "cohort" / "cohort.json").read_text())["patients"] == 40

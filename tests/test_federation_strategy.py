@@ -3,14 +3,24 @@ FedAdam state for resume, client-level DP substitution, evaluation averaging."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clinfuse.errors import InputError
-from federated.strategy import (ClientDP, build_strategy, client_dp_replies, export_state, read_replies,
-                                restore_state, weighted_means)
+from federated.strategy import (
+    ClientDP,
+    SitesUnavailable,
+    build_strategy,
+    client_dp_replies,
+    export_state,
+    read_replies,
+    restore_state,
+    weighted_means,
+)
 
 GROUPS = {"image": ["img.w"], "text": ["txt.w"], "tabular": ["tab.w"], "fusion": ["head.w"]}
 NODES = (11, 12, 13)
@@ -133,3 +143,28 @@ def test_evaluation_metrics_are_averaged_per_key_over_the_sites_reporting_them()
             {"num-examples": 0, "val-auroc": 0.1}]  # no validation rows: no weight
     means = weighted_means(rows)
     assert means == {"val-auroc": pytest.approx(0.8), "val-loss": pytest.approx(0.65)}
+
+
+def test_sites_are_awaited_before_the_first_round_only():
+    class Joining:
+        def __init__(self):
+            self.calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return list(NODES[:2]) if self.calls < 3 else list(NODES)  # the third site joins late
+
+    strategy = build_strategy("fedavg", groups=GROUPS, min_sites=2, expected_sites=3, wait_s=30)
+    grid = Joining()
+    assert strategy.connected_sites(grid) == list(NODES)  # waited for the third
+
+    class OneDied:
+        def get_node_ids(self):
+            return list(NODES[:2])
+
+    started = time.monotonic()
+    assert strategy.connected_sites(OneDied()) == list(NODES[:2])  # not waited for again
+    assert time.monotonic() - started < 1.0
+    lonely = build_strategy("fedavg", groups=GROUPS, min_sites=3, wait_s=0.1)
+    with pytest.raises(SitesUnavailable):
+        lonely.connected_sites(OneDied())

@@ -375,3 +375,14 @@ def test_expanded_weights_mode_agrees_with_hooks(text_encoder):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_frozen_hashed_bag_round_trips_as_pretrained_directory(tmp_path):
+    from clinfuse.models.encoders.text import load_pretrained_text_encoder
+
+    src = HashedBagEncoder(BUCKETS, 16, trainable_embedding=False, embedding_dim=32, seed=3)
+    save_pretrained_text_encoder(src, tmp_path / "enc")
+    back = load_pretrained_text_encoder(tmp_path / "enc", buckets=BUCKETS, text_len=TEXT_LEN)
+    assert (back.trainable_embedding, back.embedding_dim, back.seed) == (False, 32, 3)
+    ids = torch.randint(0, BUCKETS, (3, TEXT_LEN))
+    torch.testing.assert_close(back(ids), src(ids), rtol=0, atol=0)
