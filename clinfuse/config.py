@@ -127,6 +127,9 @@ class TabularEncoderConfig(_Strict):
 class FusionConfig(_Strict):
     name: Literal["concat", "gated", "attention", "lowrank"] = "attention"
     rank: int = Field(4, ge=1, le=64)
+    # Add each present modality's auxiliary logits to the fused logits (a product of experts):
+    # the fused model then starts from the combination of what each modality says alone.
+    residual_aux: bool = False
 
 
 class ModelConfig(_Strict):

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Sec
 BUCKETS, TEXT_LEN, TAB_DIM, SIZE, N_CLASSES = 64, 8, 5, 16, 2
 
 
-def tiny_model(fusion="attention", dropout=0.0):
-    cfg = ModelConfig(dim=16, dropout=dropout, fusion={"name": fusion, "rank": 2},
+def tiny_model(fusion="attention", dropout=0.0, residual_aux=False):
+    cfg = ModelConfig(dim=16, dropout=dropout, fusion={"name": fusion, "rank": 2, "residual_aux": residual_aux},
                       image_encoder={"name": "small_cnn", "channels": [4, 8]}, tabular_encoder={"hidden": 8})
     return build_model(cfg, n_classes=N_CLASSES, tabular_dim=TAB_DIM, text_buckets=BUCKETS,
                        text_len=TEXT_LEN, image_size=(SIZE, SIZE))
@@ -114,7 +114,8 @@ def test_multimodal_loss_masks_absent_aux_losses():
 
 
 def test_aux_heads_stay_in_the_graph_with_zero_weight():
-    model = tiny_model("concat")
+    # Without the residual, an aux head reaches the loss only through its (zero-weight) aux term.
+    model = tiny_model("concat", residual_aux=False)
     image, text, tabular, mask, label = random_data(4)
     gsm = GradSampleModule(model, loss_reduction="sum")
     try:

@@ -386,3 +386,25 @@ def test_frozen_hashed_bag_round_trips_as_pretrained_directory(tmp_path):
     assert (back.trainable_embedding, back.embedding_dim, back.seed) == (False, 32, 3)
     ids = torch.randint(0, BUCKETS, (3, TEXT_LEN))
     torch.testing.assert_close(back(ids), src(ids), rtol=0, atol=0)
+
+
+def test_residual_aux_fusion_starts_as_product_of_experts_and_stays_dp_exact():
+    from clinfuse.config import FusionConfig
+
+    cfg = small_cfg("attention").model_copy(update={"fusion": FusionConfig(name="attention", rank=3,
+                                                                           residual_aux=True)})
+    model = build_model(cfg, n_classes=N_CLASSES, tabular_dim=TAB_DIM, text_buckets=BUCKETS,
+                        text_len=TEXT_LEN, image_size=(SIZE, SIZE)).eval()
+    batch = make_batch([(1, 0, 1), (0, 1, 0), (1, 1, 1)])
+    image, text, tabular, mask, _ = batch
+    with torch.no_grad():
+        out = model(image, text, tabular, mask)
+    expected = sum(mask[:, i:i + 1] * out["aux"][m] for i, m in enumerate(MODALITIES))
+    torch.testing.assert_close(out["logits"], expected)  # zero-initialised fusion head
+    per_sample = per_sample_vs_single(model.train(), batch)
+    for name, grads in per_sample.items():
+        for i, m in enumerate(MODALITIES):
+            if name.startswith(f"{m}_encoder."):
+                for row in range(3):
+                    if mask[row, i] == 0:
+                        assert torch.count_nonzero(grads[row]) == 0, (name, row)
