@@ -61,7 +61,7 @@ def _tool(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if not found:
-        raise DeploymentError(f"'{name}' is not on PATH; install it (see docs/deployment.md)")
+        raise DeploymentError(f"'{name}' is not on PATH; install it (see the README, 'Deployment for hospital IT')")
     return found
 
 

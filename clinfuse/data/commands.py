@@ -42,8 +42,8 @@ def format_report(summary: dict, problems: list, *, max_problems: int = 50) -> s
     rows = summary["usable_rows"] or 1
     lines = [
         f"site {summary['site']}  ({summary['manifest']})",
-        f"  rows {summary['rows']}  usable {summary['usable_rows']}  skipped {summary['skipped_rows']}  "
-        f"patients {summary['patients']}",
+        (f"  rows {summary['rows']}  usable {summary['usable_rows']}  skipped {summary['skipped_rows']}  "
+         f"patients {summary['patients']}"),
         "  labels: " + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()),
         "  splits: " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()),
         "  availability: " + ", ".join(f"{m} {summary['availability'][m]} ({summary['availability'][m] / rows:.0%})"

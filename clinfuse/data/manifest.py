@@ -137,7 +137,7 @@ def _read_table(path: Path) -> pd.DataFrame:
                 lambda v: v if isinstance(v, str) else ("" if v is None else str(v)))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:
         raise InputError(f"cannot read the manifest: {exc}".strip(), file=path) from None
-    except Exception as exc:  # pyarrow raises its own error types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types for corrupt files
         raise InputError(f"cannot read the manifest: {type(exc).__name__}: {exc}", file=path) from None
     raise InputError(f"unsupported manifest type '{suffix}': use .csv or .parquet", file=path)
 
@@ -198,7 +198,7 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) ->
         row = index + 1
         errors: list[Problem] = []
 
-        def error(column, message, severity="error", row=row):
+        def error(column, message, severity="error", row=row, errors=errors):
             errors.append(Problem(file, row, column, message, severity))
 
         patient_id = raw["patient_id"].strip()
@@ -259,9 +259,9 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) ->
         if has_split and split not in SPLITS:
             error("split", f"split '{split}' must be one of {list(SPLITS)}")
 
-        if not errors or all(p.severity == "warning" for p in errors):
-            if image is None and note is None and not any(v is not None for v in values.values()):
-                error(None, "row has no image, no note and no tabular value")
+        if all(p.severity == "warning" for p in errors) and image is None and note is None \
+                and not any(v is not None for v in values.values()):
+            error(None, "row has no image, no note and no tabular value")
 
         key = tuple(sorted((k, v) for k, v in raw.items()))
         if key in seen:

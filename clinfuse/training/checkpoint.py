@@ -96,7 +96,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise InputError("checkpoint not found", file=path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt or foreign file
         raise InputError(f"not a readable checkpoint ({type(exc).__name__}: {exc})", file=path) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(f"not a clinfuse checkpoint (expected format {FORMAT})", file=path)

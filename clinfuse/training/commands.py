@@ -56,8 +56,13 @@ def _train(args) -> int:
     from clinfuse.fileio import atomic_write_json
     from clinfuse.privacy.accountant import SiteAccountant
     from clinfuse.privacy.ledger import Ledger
-    from clinfuse.training.checkpoint import (build_model_for, clean_state_dict, save_checkpoint,
-                                              state_dict_hash, versions)
+    from clinfuse.training.checkpoint import (
+        build_model_for,
+        clean_state_dict,
+        save_checkpoint,
+        state_dict_hash,
+        versions,
+    )
     from clinfuse.training.trainer import LocalTrainer, plan_privacy, seed_everything
 
     cfg = load_config(args.config)
@@ -68,7 +73,7 @@ def _train(args) -> int:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     progress = not args.quiet
-    datasets, sites = load_split_datasets(args.manifest, cfg)
+    datasets, _ = load_split_datasets(args.manifest, cfg)
     train_set = datasets["train"]
     if len(train_set) == 0:
         raise InputError("the manifests have no training rows", file=args.manifest[0])

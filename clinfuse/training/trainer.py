@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -173,7 +174,7 @@ def validation_metrics(model, dataset, *, device="cpu") -> dict:
     metrics = {
         "val_loss": float(-np.log(out["probs"][np.arange(len(labels)), labels] + eps).mean()),
         "val_auroc": _auroc(labels, out["probs"]),
-        "val_examples": int(len(labels)),
+        "val_examples": len(labels),
     }
     head_losses = {"main": metrics["val_loss"]}
     for i, m in enumerate(MODALITIES):
@@ -270,7 +271,12 @@ class LocalTrainer:
         else:
             self.optimizer = torch.optim.SGD(params, lr=self.cfg.train.lr, momentum=0.9,
                                              weight_decay=self.cfg.train.weight_decay)
-        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        if self.plan is None:
+            generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        else:
+            # DP's guarantee needs sampling and noise nobody can reproduce: the config seed is
+            # shared with the server and every site, so both draw from OS entropy instead.
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
         if self.plan is None:
             self.loader = DataLoader(self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True,
                                      generator=generator, drop_last=False)
@@ -289,7 +295,8 @@ class LocalTrainer:
             self.model, self.optimizer, self.loader = engine.make_private(
                 module=self.model, optimizer=self.optimizer, data_loader=loader,
                 noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.norms,
-                poisson_sampling=True, clipping=self.clipping, grad_sample_mode=self._grad_sample_mode())
+                poisson_sampling=True, clipping=self.clipping, grad_sample_mode=self._grad_sample_mode(),
+                noise_generator=torch.Generator(device=self.device).manual_seed(secrets.randbits(63)))
             if not math.isclose(self.loader.sample_rate, self.plan.sample_rate, rel_tol=1e-9):
                 raise RuntimeError(f"sample rate {self.loader.sample_rate} differs from the plan's "
                                    f"{self.plan.sample_rate}: refusing to train with an unplanned mechanism")
