@@ -26,8 +26,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -35,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clinfuse.errors import BudgetExceededError, InputError
+from clinfuse.fileio import atomic_write_text
 
 MECHANISMS = ("rdp", "prv", "pld", "pld-optimistic")
 PERSISTED_MECHANISMS = ("prv", "rdp")
@@ -437,32 +436,6 @@ def _solve_sigma(eps, target: float, spent: float, rtol: float, *, start: float 
 def _history_digest(history: Sequence[Sequence]) -> str:
     canonical = json.dumps([[float(s), float(q), int(t)] for s, q, t in history], separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temp file in the same directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 class SiteAccountant:

@@ -34,8 +34,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clinfuse.errors import InputError
-from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, atomic_write_text, compute_epsilon, epsilon_series
-from clinfuse.privacy.ledger import _jsonable, as_float, mechanism_problems, parse_lines, verify_entries
+from clinfuse.fileio import atomic_write_text
+from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, compute_epsilon, epsilon_series
+from clinfuse.privacy.ledger import (
+    _jsonable,
+    as_float,
+    mechanism_problems,
+    parse_lines,
+    read_ledger_bytes,
+    verify_entries,
+)
 
 RECOMPUTED = ("rdp", "prv", "pld", "pld-optimistic")
 LABELS = {"rdp": "RDP (Opacus)", "prv": "PRV (Opacus)", "pld": "PLD pessimistic (dp-accounting)",
@@ -255,12 +263,7 @@ def _audit_study(study, entries, configs, add, timeout_s) -> dict:
 def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
     """Audit one site's ledger; see the module docstring. Raises InputError for a non-ledger."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError("ledger file not found", file=path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read the ledger: {exc}", file=path) from None
+    data = read_ledger_bytes(path)
     entries, parse_problems = parse_lines(data)
     if data.strip() and not any(isinstance(e.get("hash"), str) for e in entries):
         raise InputError("not a clinfuse privacy ledger (no line is a hashed ledger entry)", file=path)

@@ -208,6 +208,16 @@ def mechanism_problems(mech) -> list[str]:
 # Reading and verifying
 # --------------------------------------------------------------------------------------------
 
+def read_ledger_bytes(path: Path) -> bytes:
+    """The raw ledger file; :class:`InputError` naming it if it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("ledger file not found", file=path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read the ledger: {exc}", file=path) from None
+
+
 def read_ledger(path: str | Path) -> tuple[list[dict], list[LedgerProblem]]:
     """Read a ledger: ``(entries, problems)``; nothing is dropped silently.
 
@@ -216,14 +226,7 @@ def read_ledger(path: str | Path) -> tuple[list[dict], list[LedgerProblem]]:
     reported as truncated) and every break of the hash chain (:func:`verify_entries`).
     Raises :class:`InputError` if the file cannot be read.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError("ledger file not found", file=path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read the ledger: {exc}", file=path) from None
-    entries, problems = parse_lines(data)
+    entries, problems = parse_lines(read_ledger_bytes(Path(path)))
     return entries, problems + verify_entries(entries)
 
 
