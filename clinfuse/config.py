@@ -30,16 +30,26 @@ class _Strict(BaseModel):
 
 
 class NumericColumn(_Strict):
-    """A numeric tabular field, scaled to [0, 1] by its declared range."""
+    """A numeric tabular field: values outside [min, max] are rejected.
+
+    Encoded as ``(value - center) / spread`` when a clinical reference ``center`` and ``spread``
+    are declared (e.g. temperature 37.5 +- 1), else scaled to [0, 1] by the range. Both are
+    declared, never fitted on a site's rows. A reference scale matters under DP: inputs squeezed
+    into a sliver of [0, 1] give gradients that the DP noise drowns.
+    """
     name: str
     type: Literal["numeric"] = "numeric"
     min: float
     max: float
+    center: float | None = None
+    spread: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _range(self):
         if not self.max > self.min:
             raise ValueError(f"column '{self.name}': max ({self.max}) must exceed min ({self.min})")
+        if (self.center is None) != (self.spread is None):
+            raise ValueError(f"column '{self.name}': declare center and spread together")
         return self
 
 

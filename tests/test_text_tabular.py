@@ -39,3 +39,13 @@ def test_tabular_encoding_uses_declared_ranges():
     missing = encode_tabular({"age": None, "sex": None}, cols)
     assert np.allclose(missing, [0, 1, 0, 0, 1])
     assert parse_value(cols[0], " ") is None
+
+
+def test_declared_reference_scale_and_its_validation():
+    import pytest
+    from pydantic import ValidationError
+
+    col = NumericColumn(name="temperature", min=34, max=43, center=37, spread=1)
+    assert np.allclose(encode_tabular({"temperature": 39.0}, [col]), [2.0, 0.0])
+    with pytest.raises(ValidationError, match="center and spread together"):
+        NumericColumn(name="t", min=0, max=1, center=0.5)

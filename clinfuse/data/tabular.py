@@ -5,7 +5,8 @@ rows, so no feature statistic of private data shapes the model. Values outside t
 range are rejected by validation, not clipped silently.
 
 Layout of the vector, column by column in config order:
-numeric -> (value scaled to [0, 1], missing flag); categorical -> (one-hot..., missing flag).
+numeric -> (value scaled by its declared reference center/spread, or to [0, 1] by its declared
+range; missing flag); categorical -> (one-hot..., missing flag).
 A missing value is encoded as zeros plus a raised missing flag.
 """
 
@@ -66,6 +67,8 @@ def encode_tabular(values: Mapping[str, float | str | None], columns: Sequence[C
         if column.type == "numeric":
             if value is None:
                 out[pos + 1] = 1.0
+            elif column.center is not None:
+                out[pos] = (float(value) - column.center) / column.spread
             else:
                 out[pos] = (float(value) - column.min) / (column.max - column.min)
             pos += 2
