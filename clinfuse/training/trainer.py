@@ -255,10 +255,12 @@ class LocalTrainer:
                                              self.cfg.balance.clip_groups)
 
     def _grad_sample_mode(self) -> str:
-        mode = self.cfg.privacy.grad_sample_mode
-        # hooks is the only mode that supports every layer we build (DP attention included) and
-        # was the fastest on the CPU for the default model; "ew"/"functorch" stay available.
-        return "hooks" if mode == "auto" else mode
+        """The Opacus grad-sample mode: ``auto`` picks expanded weights (``ew``, the fastest on the
+        CPU: no module hooks, no discarded batch weight gradient) when it covers every trainable
+        layer of the model, ``hooks`` otherwise."""
+        from clinfuse.training.dp_engine import choose_grad_sample_mode
+
+        return choose_grad_sample_mode(self.model, self.cfg.privacy.grad_sample_mode)
 
     def _prepare(self) -> None:
         if self._prepared:
@@ -266,6 +268,10 @@ class LocalTrainer:
         params = self._trainable()
         if not params:
             raise ValueError("every parameter group is frozen: nothing to train")
+        if self.device.type == "cpu":
+            from clinfuse.training.cpu_memory import keep_freed_memory_for_reuse
+
+            keep_freed_memory_for_reuse()
         if self.cfg.train.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
         else:
@@ -282,13 +288,13 @@ class LocalTrainer:
                                      generator=generator, drop_last=False)
             self.clipping, self.norms = None, None
         else:
-            from opacus import PrivacyEngine
+            from clinfuse.training.dp_engine import DPEngine
 
             patients = PatientSampledDataset(self.train_set, seed=self.cfg.train.seed)
             if len(patients) != self.plan.n_patients:
                 raise ValueError(f"plan was made for {self.plan.n_patients} patients, data has {len(patients)}")
             loader = DataLoader(patients, batch_size=self.plan.batch_size, generator=generator)
-            engine = PrivacyEngine(accountant=self.plan.accountant)
+            engine = DPEngine(accountant=self.plan.accountant)
             # The site's persistent accountant records every step: one accountant across rounds and restarts.
             engine.accountant = self.accountant.accountant
             self.clipping, self.norms = self._clipping()
@@ -363,7 +369,7 @@ class LocalTrainer:
                 loss = per_sample.mean() if len(label) else per_sample.sum()
                 loss.backward()
                 if self.steps % GRAD_SHARE_EVERY == 0:
-                    # Reading every per-sample gradient costs ~20% of a DP step: sample the log.
+                    # A full extra pass over every per-sample gradient: sampled, not run every step.
                     for group, value in self._group_sq_norms().items():
                         group_norms[group] += value
                 self.optimizer.step()
