@@ -37,9 +37,10 @@ note, both missing completely at random; each numeric tabular field is missing f
 About 10% of imaged patients have a second (follow-up) image: two manifest rows, same label.
 
 ``variant="text_dominant"`` keeps everything above but makes the note nearly determine the label
-(``sigma_text`` tiny, the boundary between the equivocal and abnormal grades at the label's) while
-the image and tabular views are weak: a model can reach high accuracy from text alone and neglect
-the image, which is what modality-balancing methods are meant to prevent.
+(``sigma_text`` tiny, the boundary between the equivocal and abnormal grades at the label's) and
+the tabular view weak, while the image keeps the default variant's signal: a model can reach high
+accuracy from text alone and neglect an image that is informative on its own, which is what
+modality-balancing methods are meant to prevent (and what a patient without a note then loses).
 
 Everything is derived from ``seed`` through per-site and per-patient random streams: the same seed
 gives byte-identical manifests, notes and DICOM files (UIDs come from
@@ -85,8 +86,9 @@ _VARIANTS = {
     "default": _Variant(sigma_image=1.25, sigma_text=1.15, sigma_tabular=1.5,
                         text_cuts=(-1.0, -0.35, 0.25, 0.9)),
     # the cut between grades 2 (equivocal) and 3 (bilateral opacities) sits at 0, where the label
-    # flips: the note is almost the label
-    "text_dominant": _Variant(sigma_image=3.5, sigma_text=0.08, sigma_tabular=3.0,
+    # flips: the note is almost the label. The image keeps the default signal: with an image too
+    # weak to learn anyway, neglecting it would cost nothing and balancing would have nothing to save.
+    "text_dominant": _Variant(sigma_image=1.25, sigma_text=0.08, sigma_tabular=3.0,
                               text_cuts=(-0.9, -0.3, 0.0, 0.7)),
 }
 
@@ -422,7 +424,7 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
         Seed of everything written; equal seeds give byte-identical files.
     variant:
         ``"default"`` (every modality moderately informative, fusion best) or
-        ``"text_dominant"`` (notes nearly give the label away, image weakly informative).
+        ``"text_dominant"`` (notes nearly give the label away; the image as informative as in "default").
 
     Returns
     -------
