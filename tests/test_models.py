@@ -22,6 +22,7 @@ from clinfuse.models.encoders.text import (
     save_pretrained_text_encoder,
 )
 from clinfuse.training.balance import AuxLossWeights, multimodal_loss
+from clinfuse.training.dp_engine import ExpandedWeightsGradSampleModule
 
 # Opacus' full backward hooks warn when no module input requires grad (true for our data inputs).
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -56,26 +57,31 @@ def make_batch(mask_rows, *, size=SIZE, tabular_dim=TAB_DIM, seed=0):
     return image, text, tabular, mask, label
 
 
-def per_sample_vs_single(model, batch, weights=None, atol=1e-5):
-    """Per-sample grads from GradSampleModule (hooks) against one backward per sample."""
+def per_sample_vs_single(model, batch, weights=None, atol=1e-5, mode="hooks"):
+    """Per-sample grads from Opacus (``mode``: "hooks", GradSampleModule, or "ew", the expanded
+    weights wrapper the trainer picks by default) against one plain backward per sample."""
     image, text, tabular, mask, label = batch
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    if mode == "hooks":
+        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    else:
+        wrapped = ExpandedWeightsGradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
-        out = gsm(image, text, tabular, mask)
+        out = wrapped(image, text, tabular, mask)
         multimodal_loss(out, label, mask, weights)[0].sum().backward()
         per_sample = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()
                       if p.requires_grad}
         for i in range(mask.shape[0]):
-            gsm.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             s = slice(i, i + 1)
-            out = gsm(image[s], text[s], tabular[s], mask[s])
+            out = model(image[s], text[s], tabular[s], mask[s])
             multimodal_loss(out, label[s], mask[s], weights)[0].sum().backward()
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     torch.testing.assert_close(per_sample[n][i], p.grad, atol=atol, rtol=1e-4,
                                                msg=lambda m, n=n, i=i: f"{n}, sample {i}: {m}")
     finally:
-        gsm._close()
+        if mode == "hooks":
+            wrapped._close()
     return per_sample
 
 
@@ -106,12 +112,13 @@ def test_every_modality_pattern_forward_backward(fusion):
         torch.testing.assert_close(model(*noisy, mask)["logits"], ref)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_per_sample_gradients_match_single_sample_backward(fusion):
+def test_per_sample_gradients_match_single_sample_backward(fusion, mode):
     torch.manual_seed(0)
     model = small_model(fusion)
     batch = make_batch([(1, 1, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0)])
-    per_sample = per_sample_vs_single(model, batch, AuxLossWeights())
+    per_sample = per_sample_vs_single(model, batch, AuxLossWeights(), mode=mode)
     mask = batch[3]
     groups = parameter_groups(model)
     # An absent modality gets an exactly-zero per-sample gradient in its encoder and aux head.
