@@ -25,6 +25,31 @@ COMMAND_MODULES = (
 )
 
 
+def _bounded(cast, kind: str, minimum, *, strict: bool):
+    """An argparse ``type`` that parses with ``cast`` and refuses values below ``minimum`` (or equal,
+    when ``strict``) and non-finite ones, naming the value: argparse then exits with status 2."""
+    import math
+
+    bound = f"above {minimum}" if strict else f"at least {minimum}"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = f"{cast.__name__} {bound}"  # argparse names the type in its messages
+    return parse
+
+
+positive_float = _bounded(float, "a number", 0, strict=True)
+nonneg_float = _bounded(float, "a number", 0, strict=False)
+positive_int = _bounded(int, "an integer", 1, strict=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinfuse",

@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from clinfuse.cli import positive_float
+
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 MAX_PROBLEMS_SHOWN = 5
 
@@ -56,7 +58,7 @@ def register(subparsers) -> None:
     c.add_argument("--state-dir", type=Path, default=None,
                    help="the site's private state directory (accountant, plan, ledger); "
                         "without it the state checks are skipped")
-    c.add_argument("--max-epsilon", type=float, default=None,
+    c.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="this site's privacy cap (default: the config's privacy.target_epsilon)")
     c.add_argument("--no-cache", action="store_true", help="skip decoding images into the cache")
     c.set_defaults(handler=_check_command)

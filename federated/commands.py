@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from clinfuse.cli import positive_float, positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
                     "site and the final validation AUROC. The demo starts its study afresh each time "
                     "(it clears <workdir>/run and <workdir>/sites; the cohort is kept) unless --resume.")
     p.add_argument("--workdir", type=Path, default=Path(".clinfuse-demo"))
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default: federation.rounds, 5)")
+    p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds, 5)")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=200, help="patients per site in the demo cohort")
     _common(p)
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--manifest", type=Path, nargs="+", required=True)
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, global.pt and history.json")
     p.add_argument("--state-root", type=Path, required=True, help="one private state dir per site below it")
-    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--rounds", type=positive_int, default=None)
     _common(p)
     p.set_defaults(handler=_federate)
 
@@ -45,7 +47,7 @@ def register(subparsers) -> None:
 def _common(p) -> None:
     p.add_argument("--config", type=Path, default=None, help="study config (default: configs/demo.yaml)")
     p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
-    p.add_argument("--max-epsilon", type=float, default=None,
+    p.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="every site's cap (default: the study's target epsilon)")
     p.add_argument("--client-dp", action="store_true", help="add client-level DP (Flower's fixed clipping)")
     p.add_argument("--secagg", action="store_true", help="SecAgg+ (Flower's legacy workflow)")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
+from test_balance import random_data, tiny_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,8 +20,6 @@ from clinfuse.training.dp_engine import (
     FlatDPOptimizer,
     choose_grad_sample_mode,
 )
-
-from test_balance import random_data, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Secure RNG turned off",
                                         "ignore:Optimal order is the largest alpha")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clinfuse.cli import positive_int
 from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 
@@ -48,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=SPLITS, default="test", help="rows to evaluate (default: test)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="device for inference (default: the checkpoint config's train.device)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="inference batch size (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="inference batch size (default 64)")
     p.add_argument("--no-robustness", action="store_true", help="skip the missing-modality sweep")
     p.set_defaults(handler=_handle)
 

@@ -11,43 +11,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
+from clinfuse.cli import nonneg_float, positive_float, positive_int
 from clinfuse.errors import InputError
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -64,7 +34,7 @@ def register(subparsers) -> None:
     v.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER", help="a site's ledger.jsonl (one per site)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--out", type=Path, metavar="DIR", help="write report.html and report.json here")
-    v.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+    v.add_argument("--timeout", type=positive_float, default=60.0, metavar="S",
                    help="time limit per accountant computation; beyond it RDP is used and the fallback "
                         "reported (default 60)")
     v.set_defaults(handler=_verify)
@@ -72,16 +42,16 @@ def register(subparsers) -> None:
     p = sub.add_parser("plan", help="epsilon per accountant for given DP-SGD settings (or the inverse)",
                        description="Epsilon of Poisson-subsampled DP-SGD under each accountant, or with "
                                    "--target-epsilon the noise multiplier each accountant needs.")
-    p.add_argument("--sample-rate", type=_positive_float, required=True, metavar="Q",
+    p.add_argument("--sample-rate", type=positive_float, required=True, metavar="Q",
                    help="Poisson sampling probability per step (expected batch size / patients)")
-    p.add_argument("--steps", type=_positive_int, required=True, metavar="T", help="number of DP-SGD steps")
-    p.add_argument("--delta", type=_positive_float, required=True, metavar="D", help="delta (below 1/patients)")
+    p.add_argument("--steps", type=positive_int, required=True, metavar="T", help="number of DP-SGD steps")
+    p.add_argument("--delta", type=positive_float, required=True, metavar="D", help="delta (below 1/patients)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--noise-multiplier", type=_nonneg_float, metavar="S", help="noise multiplier")
-    which.add_argument("--target-epsilon", type=_positive_float, metavar="E",
+    which.add_argument("--noise-multiplier", type=nonneg_float, metavar="S", help="noise multiplier")
+    which.add_argument("--target-epsilon", type=positive_float, metavar="E",
                        help="target epsilon: print the noise multiplier per accountant instead")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=positive_float, default=60.0, metavar="S",
                    help="time limit per accountant computation (default 60)")
     p.set_defaults(handler=_plan)
 
@@ -92,15 +62,15 @@ def register(subparsers) -> None:
                                    "is compared with the epsilon the settings claim. Exit 0 pass, 1 violation.")
     e.add_argument("--config", type=Path, default=None, help="study configuration (default configs/demo.yaml)")
     e.add_argument("--manifest", type=Path, required=True, help="the site's manifest")
-    e.add_argument("--epochs", type=_positive_int, default=None,
+    e.add_argument("--epochs", type=positive_int, default=None,
                    help="training horizon in epochs the noise is planned for (default: federation.rounds x "
                         "federation.local_epochs)")
-    e.add_argument("--steps", type=_positive_int, default=None,
+    e.add_argument("--steps", type=positive_int, default=None,
                    help="steps to audit at the site's sample rate (default: the horizon when one run can "
                         "refute its claim, else a shorter run chosen so that it can; see the printed note)")
-    e.add_argument("--canaries", type=_positive_int, default=2000, help="number of canaries (default 2000)")
+    e.add_argument("--canaries", type=positive_int, default=2000, help="number of canaries (default 2000)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--applied-noise-multiplier", type=_nonneg_float, default=None, metavar="S",
+    e.add_argument("--applied-noise-multiplier", type=nonneg_float, default=None, metavar="S",
                    help="noise actually applied in the shadow run (default: what training applies); set it "
                         "below the planned value, e.g. 0, to see that the audit catches a broken run")
     e.add_argument("--background", type=int, default=256, metavar="N",

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from clinfuse.cli import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--manifest", type=Path, nargs="+", required=True)
     p.add_argument("--out", type=Path, required=True, help="run directory for checkpoint and reports")
     p.add_argument("--no-dp", action="store_true", help="explicitly train WITHOUT differential privacy")
-    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
     p.add_argument("--state-dir", type=Path, default=None, help="where the privacy accountant and ledger live")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_train)
