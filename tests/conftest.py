@@ -103,3 +103,13 @@ def site(tmp_path):
     folder = tmp_path / "site-a"
     folder.mkdir()
     return write_manifest(folder, good_rows(folder))
+
+
+@pytest.fixture(scope="session")
+def federation_cohort(tmp_path_factory) -> Path:
+    """Root of the 3-site, 40-patient demo cohort (seed 0) the federation tests share; written once."""
+    from clinfuse.data.synthetic import write_demo_cohort
+
+    root = tmp_path_factory.mktemp("federation-cohort")
+    write_demo_cohort(root, sites=3, patients=40, seed=0)
+    return root

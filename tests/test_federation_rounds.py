@@ -93,13 +93,9 @@ def tiny_config(folder: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from clinfuse.data.synthetic import write_demo_cohort
-
-    root = tmp_path_factory.mktemp("cohort")
-    write_demo_cohort(root, sites=3, patients=40, seed=0)
-    return root
+@pytest.fixture
+def cohort(federation_cohort):
+    return federation_cohort
 
 
 def crash_mod(partition: int, rounds: set[int]):

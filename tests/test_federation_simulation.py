@@ -36,13 +36,9 @@ def recording_mod(folder: str):
     return mod
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from clinfuse.data.synthetic import write_demo_cohort
-
-    root = tmp_path_factory.mktemp("cohort")
-    write_demo_cohort(root, sites=3, patients=40, seed=0)
-    return root
+@pytest.fixture
+def cohort(federation_cohort):
+    return federation_cohort
 
 
 def test_simulation_survives_a_crashing_site_and_sends_only_weights_counts_metrics(tmp_path, cohort):

@@ -30,12 +30,10 @@ def tiny_config(folder, **privacy):
     return path
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from clinfuse.data.synthetic import write_demo_cohort
-
-    root = tmp_path_factory.mktemp("cohort")
-    return write_demo_cohort(root, sites=3, patients=40, seed=0)
+@pytest.fixture
+def cohort(federation_cohort):
+    """The shared cohort's manifests, site 0 first."""
+    return [federation_cohort / f"site-{k}" / "manifest.csv" for k in range(3)]
 
 
 @pytest.fixture
