@@ -1,0 +1,156 @@
+"""Faster per-sample gradients for PyTorch's expanded weights (Opacus' ``ew`` mode).
+
+PyTorch computes the per-sample gradients of expanded weights in ``torch.nn.utils._expanded_weights``:
+one ``autograd.Function`` per layer type, looked up in a table when the layer's function
+(``F.conv2d``, ``F.group_norm``, ...) is called on an ``ExpandedWeight``. Two of them cost far more
+than the layer's ordinary weight gradient on a CPU:
+
+* **convolution** builds an ``im2col`` patch matrix of the input (``F.unfold``) and multiplies it
+  with the output gradient sample by sample (about 3-4x the ordinary weight gradient on the
+  default small CNN; 10x on DenseNet121's 3x3 convolutions). :class:`ConvPerSampleGrad` gets the
+  same numbers from one *grouped* weight-gradient call of the convolution backend: with the batch
+  folded into the channels (input ``[1, B*C, ...]``, output gradient ``[1, B*O, ...]``, ``B*groups``
+  groups), group ``b``'s weight gradient is exactly sample ``b``'s. The input gradient is the
+  backend's ordinary one.
+* **group norm** normalises the whole input a second time to get ``x_hat`` and multiplies it with
+  the output gradient. :class:`GroupNormPerSampleGrad` uses the mean and ``1/std`` saved by the
+  forward: ``d gamma[b, c] = rstd[b, g] * (sum_hw(dy * x) - mean[b, g] * sum_hw(dy))``.
+
+Both subclass PyTorch's own classes (same forward, same ``grad_sample`` bookkeeping through
+``set_grad_sample_if_exists``), and fall back to PyTorch's backward where they do not apply
+(string padding). :func:`faster_per_sample_grads` swaps them into the lookup table for the
+duration of one forward (the class is chosen at forward time and its backward runs later), so
+nothing outside clinfuse's own DP forward is affected. Should a future PyTorch move these private
+modules, the import fails, :data:`AVAILABLE` is ``False`` and PyTorch's own functions are used.
+
+``tests/test_per_sample_grads.py`` checks every variant against PyTorch's implementation, and
+``tests/test_models.py`` checks the fused model's per-sample gradients against gradients computed
+one sample at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+try:  # private PyTorch modules: see the module docstring
+    from torch.nn.utils._expanded_weights import conv_expanded_weights as _torch_conv
+    from torch.nn.utils._expanded_weights import group_norm_expanded_weights as _torch_group_norm
+    from torch.nn.utils._expanded_weights.conv_utils import conv_backward as _torch_conv_backward
+    from torch.nn.utils._expanded_weights.expanded_weights_impl import HANDLED_FUNCTIONS, ExpandedWeight
+    from torch.nn.utils._expanded_weights.expanded_weights_utils import (
+        set_grad_sample_if_exists,
+        unpack_expanded_weight_or_tensor,
+    )
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed PyTorch
+    AVAILABLE = False
+
+
+def _as_tuple(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def conv_weight_grad_sample(x: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor,
+                            stride, padding, dilation, groups: int) -> torch.Tensor:
+    """Per-sample weight gradients ``[B, *weight.shape]`` of ``conv{1,2,3}d(x, weight)``.
+
+    ``x`` is the (already padded, for string padding) input ``[B, C, *spatial]``,
+    ``grad_output`` the gradient of the convolution's output ``[B, O, *spatial_out]``; stride,
+    padding and dilation as tuples of the spatial rank. One grouped weight-gradient call: the
+    batch becomes groups.
+    """
+    batch, out_channels = x.shape[0], weight.shape[0]
+    # The backend reads only the weight's shape here; the repeat is batch times the (small) kernel.
+    weight_per_group = weight.unsqueeze(0).expand(batch, *weight.shape).reshape(batch * out_channels,
+                                                                                *weight.shape[1:])
+    grad_weight = torch.ops.aten.convolution_backward(
+        grad_output.reshape(1, batch * out_channels, *grad_output.shape[2:]),
+        x.reshape(1, batch * x.shape[1], *x.shape[2:]),
+        weight_per_group, None, stride, padding, dilation, False, [0] * len(stride), batch * groups,
+        [False, True, False])[1]
+    return grad_weight.view(batch, *weight.shape)
+
+
+if AVAILABLE:
+
+    class ConvPerSampleGrad(_torch_conv.ConvPerSampleGrad):
+        """PyTorch's conv{1,2,3}d expanded-weights function with a grouped-convolution backward."""
+
+        @staticmethod
+        def backward(ctx, *grad_outputs):
+            grad_output = grad_outputs[0]
+            if ctx.was_same_padding or not hasattr(ctx, "input"):
+                # String padding narrows the input gradient; no expanded weight: nothing to add.
+                return _torch_conv_backward(ctx.conv_fn, ctx, grad_output)
+            dims = grad_output.dim() - 2
+            stride, padding, dilation = (_as_tuple(v, dims) for v in (ctx.stride, ctx.padding, ctx.dilation))
+            weight = unpack_expanded_weight_or_tensor(ctx.weight)
+            grad_input = None
+            if ctx.input_required_grad:
+                grad_input = torch.ops.aten.convolution_backward(
+                    grad_output, ctx.input, weight, None, stride, padding, dilation, False, [0] * dims,
+                    ctx.groups, [True, False, False])[0]
+            set_grad_sample_if_exists(ctx.weight, lambda w: conv_weight_grad_sample(
+                ctx.input, grad_output, w, stride, padding, dilation, ctx.groups))
+            set_grad_sample_if_exists(ctx.bias, lambda _: grad_output.sum(dim=tuple(range(2, grad_output.dim()))))
+            # kwarg names, conv function, input; then weight, bias, stride, padding, dilation, groups
+            return (None, None, grad_input) + (None,) * 6
+
+    class GroupNormPerSampleGrad(_torch_group_norm.GroupNormPerSampleGrad):
+        """PyTorch's group-norm expanded-weights function; the backward reuses the saved statistics."""
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            x, groups = ctx.input, ctx.num_groups
+            batch, channels = x.shape[:2]
+            grad_input = None
+            if x.requires_grad:
+                weight = unpack_expanded_weight_or_tensor(ctx.weight, lambda t: t.contiguous())
+                grad_input = torch.ops.aten.native_group_norm_backward(
+                    grad_output.contiguous(), x.contiguous(), ctx.mean, ctx.rstd, weight, batch, channels,
+                    x[0, 0].numel(), groups, (True, False, False))[0]
+            dy = grad_output.reshape(batch, channels, -1)
+            sum_dy = dy.sum(-1)
+            if isinstance(ctx.weight, ExpandedWeight):
+                sum_dy_x = (dy * x.reshape(batch, channels, -1)).sum(-1)
+
+                def per_channel(stat: torch.Tensor) -> torch.Tensor:  # [B, G] -> [B, C]
+                    return stat.view(batch, groups, 1).expand(batch, groups, channels // groups).reshape(
+                        batch, channels)
+
+                set_grad_sample_if_exists(
+                    ctx.weight, lambda _: per_channel(ctx.rstd) * (sum_dy_x - per_channel(ctx.mean) * sum_dy))
+            if hasattr(ctx, "bias"):
+                set_grad_sample_if_exists(ctx.bias, lambda _: sum_dy)
+            # kwarg names, function, input; then num_groups, weight, bias, eps
+            return (None, None, grad_input) + (None,) * 4
+
+    _FASTER = {F.conv1d: ConvPerSampleGrad, F.conv2d: ConvPerSampleGrad, F.conv3d: ConvPerSampleGrad,
+               F.group_norm: GroupNormPerSampleGrad}
+
+
+@contextlib.contextmanager
+def faster_per_sample_grads() -> Iterator[None]:
+    """Within the block, expanded-weights convolutions and group norms use this module's functions.
+
+    Wrap the forward pass (the function is chosen when the layer is called); the backward may
+    run after the block. Restores PyTorch's table on exit; a no-op where :data:`AVAILABLE` is False.
+    """
+    if not AVAILABLE:
+        yield
+        return
+    saved = {fn: HANDLED_FUNCTIONS.get(fn) for fn in _FASTER}
+    HANDLED_FUNCTIONS.update(_FASTER)
+    try:
+        yield
+    finally:
+        for fn, original in saved.items():
+            if original is None:
+                HANDLED_FUNCTIONS.pop(fn, None)
+            else:
+                HANDLED_FUNCTIONS[fn] = original
