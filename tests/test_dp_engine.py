@@ -12,6 +12,7 @@ from test_balance import random_data, tiny_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from clinfuse.training import dp_engine
 from clinfuse.training.balance import AuxLossWeights, multimodal_loss
 from clinfuse.training.cpu_memory import keep_freed_memory_for_reuse
 from clinfuse.training.dp_engine import (
@@ -46,9 +47,11 @@ def _train_steps(dp_model, optimizer, data, steps=2):
         optimizer.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("small_parameter", [2048, 64, 1])  # one shared block of small parameters, or none
 @pytest.mark.parametrize("mode", ["hooks", "ew"])
-def test_flat_optimizer_takes_the_same_clipped_steps_as_opacus(mode):
+def test_flat_optimizer_takes_the_same_clipped_steps_as_opacus(mode, small_parameter, monkeypatch):
     """Without noise the update is deterministic: it must equal Opacus' DPOptimizer's (hooks mode)."""
+    monkeypatch.setattr(dp_engine, "SMALL_PARAMETER", small_parameter)
     reference, ref_dp, ref_opt, data = _private(PrivacyEngine(), "hooks")
     assert type(ref_opt) is DPOptimizer
     _train_steps(ref_dp, ref_opt, data)
@@ -61,8 +64,10 @@ def test_flat_optimizer_takes_the_same_clipped_steps_as_opacus(mode):
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_flat_optimizer_accumulates_over_skipped_steps():
+@pytest.mark.parametrize("small_parameter", [2048, 64])
+def test_flat_optimizer_accumulates_over_skipped_steps(small_parameter, monkeypatch):
     """Virtual batches: a skipped step keeps the clipped sum, the next one adds to it."""
+    monkeypatch.setattr(dp_engine, "SMALL_PARAMETER", small_parameter)
     ref, ref_dp, ref_opt, data = _private(PrivacyEngine(), "hooks")
     model, dp_model, optimizer, _ = _private(DPEngine(), "ew")
     for dp, opt in ((ref_dp, ref_opt), (dp_model, optimizer)):

@@ -29,10 +29,9 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
-from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 from torch.utils._pytree import tree_leaves, tree_map
 
-from clinfuse.training.per_sample_grads import faster_per_sample_grads
+from clinfuse.training.per_sample_grads import expanded_weights_forward
 
 # Layers whose parameters PyTorch's expanded weights compute per-sample gradients for (the
 # functions registered in torch.nn.utils._expanded_weights). A parameter held by any other module
@@ -102,9 +101,7 @@ class ExpandedWeightsGradSampleModule(GradSampleModuleExpandedWeights):
         # an input wants its own gradient, which the scaling would change.
         scale_outputs = self.loss_reduction == "mean" and not inputs_need_grad
         reduction = "sum" if scale_outputs else self.loss_reduction
-        with faster_per_sample_grads():
-            out = call_for_per_sample_grads(self._module, batch_size=batch, loss_reduction=reduction)(
-                x, *args, **kwargs)
+        out = expanded_weights_forward(self._module, batch, reduction, x, *args, **kwargs)
         if scale_outputs:
             out = tree_map(lambda t: _ScaleGradient.apply(t, batch)
                            if isinstance(t, torch.Tensor) and t.requires_grad else t, out)
@@ -141,6 +138,10 @@ class _EmptyGradSamplesOnBackward(torch.autograd.Function):
         return grad, None
 
 
+# Parameters smaller than this (elements) share one block of the flat vectors (FlatDPOptimizer._layout).
+SMALL_PARAMETER = 2048
+
+
 class FlatDPOptimizer(DPOptimizer):
     """``DPOptimizer`` (flat clipping) computed on one flat vector of all parameters.
 
@@ -154,6 +155,8 @@ class FlatDPOptimizer(DPOptimizer):
     def __init__(self, *args, **kwargs):
         self._summed_flat: torch.Tensor | None = None  # clipped sum, kept across skipped steps
         self._noised_flat: torch.Tensor | None = None  # what p.grad views after add_noise
+        self._flat_layout: tuple[list[list[int]], list[int]] | None = None
+        self._flat_layout_sizes: list[int] = []
         super().__init__(*args, **kwargs)
 
     def _flat_applies(self) -> bool:
@@ -161,31 +164,58 @@ class FlatDPOptimizer(DPOptimizer):
         return (not self.secure_mode and len(params) > 0
                 and len({(p.dtype, p.device) for p in params}) == 1)
 
+    def _layout(self) -> tuple[list[list[int]], list[int]]:
+        """Where each parameter lives in the flat vectors: ``(blocks, offsets)``.
+
+        Each parameter of at least ``SMALL_PARAMETER`` elements is a block of its own; all smaller
+        ones (biases, norm scales) share the last block, so clipping costs a few large operations
+        instead of several small ones per parameter. ``blocks`` lists parameter indices in flat
+        order, ``offsets[i]`` is where parameter ``i`` starts. Fixed for the optimizer's life, so
+        skipped steps accumulate into the same places; rebuilt only if the parameters change.
+        """
+        sizes = [p.numel() for p in self.params]
+        if self._flat_layout is None or self._flat_layout_sizes != sizes:
+            self._flat_layout_sizes = sizes
+            small = [i for i, n in enumerate(sizes) if n < SMALL_PARAMETER]
+            blocks = [[i] for i, n in enumerate(sizes) if n >= SMALL_PARAMETER] + ([small] if small else [])
+            offsets, at = [0] * len(sizes), 0
+            for i in (i for block in blocks for i in block):
+                offsets[i], at = at, at + sizes[i]
+            self._flat_layout = (blocks, offsets)
+        return self._flat_layout
+
+    def _param_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's slice of ``flat``, shaped like the parameter, in ``self.params`` order."""
+        offsets = self._layout()[1]
+        return [flat[at:at + p.numel()].view_as(p) for p, at in zip(self.params, offsets)]
+
     def clip_and_accumulate(self) -> None:
         if not self._flat_applies():
             self._summed_flat = None
             return super().clip_and_accumulate()
         params = self.params
+        for p in params:
+            _check_processed_flag(p.grad_sample)
         samples = [s.to(p.dtype).reshape(len(s), p.numel()) for p, s in zip(params, self.grad_samples)]
         batch = len(samples[0])
+        blocks = [samples[b[0]] if len(b) == 1 else torch.cat([samples[i] for i in b], dim=1)
+                  for b in self._layout()[0]]
         if batch == 0:
             clip_factor = samples[0].new_zeros(0)
         else:
-            per_param = torch.stack([torch.linalg.vector_norm(s, dim=1) for s in samples], dim=1)
-            per_sample = torch.linalg.vector_norm(per_param, dim=1)
+            per_block = torch.stack([torch.linalg.vector_norm(s, dim=1) for s in blocks], dim=1)
+            per_sample = torch.linalg.vector_norm(per_block, dim=1)
             clip_factor = (self.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
-        sizes = [p.numel() for p in params]
-        clipped_sum = params[0].new_empty(sum(sizes))
-        for p, s, out in zip(params, samples, clipped_sum.split(sizes)):
-            _check_processed_flag(p.grad_sample)
-            torch.mv(s.t(), clip_factor, out=out)  # sum_i clip_i * g_i, without a [B, n] temporary
+        clipped_sum = params[0].new_empty(sum(p.numel() for p in params))
+        for block, out in zip(blocks, clipped_sum.split([s.shape[1] for s in blocks])):
+            torch.mv(block.t(), clip_factor, out=out)  # sum_i clip_i * g_i, without a [B, n] temporary
         accumulate = self._summed_flat is not None and all(p.summed_grad is not None for p in params)
         if accumulate:
             self._summed_flat += clipped_sum
         else:
             self._summed_flat = clipped_sum
-        for p, view in zip(params, self._summed_flat.split(sizes)):
-            p.summed_grad = view.view_as(p)
+        for p, view in zip(params, self._param_views(self._summed_flat)):
+            p.summed_grad = view
             _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
@@ -201,8 +231,8 @@ class FlatDPOptimizer(DPOptimizer):
                                        dtype=flat.dtype, generator=self.generator)
         else:
             flat = flat.clone()  # p.grad must not alias summed_grad, which may keep accumulating
-        for p, view in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = view.view_as(p)
+        for p, view in zip(params, self._param_views(flat)):
+            p.grad = view
             _mark_as_processed(p.summed_grad)
         self._noised_flat = flat
 
