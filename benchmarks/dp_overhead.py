@@ -8,7 +8,8 @@ is trained on ``--threads`` CPU threads in each of these setups:
 - ``auto``: what ``LocalTrainer`` runs under DP with ``privacy.grad_sample_mode: auto`` — the mode
   :func:`clinfuse.training.dp_engine.choose_grad_sample_mode` picks for the model (printed: ``ew``
   for both models here), through :class:`~clinfuse.training.dp_engine.DPEngine` (flat-vector
-  clipping and noise, empty-batch-safe expanded weights);
+  clipping and noise, empty-batch-safe expanded weights, convolution and group-norm per-sample
+  gradients from :mod:`clinfuse.training.per_sample_grads`);
 - ``hooks``: the same engine forced to Opacus' hooks mode (``privacy.grad_sample_mode: hooks``);
 - ``opacus-hooks``: plain ``opacus.PrivacyEngine`` in hooks mode with ``DPOptimizer`` (what the
   trainer ran before).
@@ -26,10 +27,12 @@ where they are not separable: its "backward" includes them), the grad-share log 
 pass over the per-sample gradients to log each encoder's share of the gradient norm, made every
 ``GRAD_SHARE_EVERY`` steps as in the trainer, so its column is the per-step average), clipping
 (per-sample norms + clipped sum), noise (noise + scaling by the expected batch size), the Adam
-update and zero_grad. Phase columns are per-step medians (the grad-share log: its mean). With ``--profile``, a torch.profiler
-table of the top operators of one ``auto`` step is printed too.
+update and zero_grad. Phase columns are per-step medians (the grad-share log: its mean). With
+``--profile``, a torch.profiler table of the top operators of one ``auto`` step is printed too; it
+shows which operators run, not their share of an ordinary step: under the profiler the grouped
+convolution backward of ``per_sample_grads`` runs several times slower than without it.
 
-    python benchmarks/dp_overhead.py [--steps 12] [--warmup 2] [--batch 32] [--threads 2] [--skip-densenet]
+    python benchmarks/dp_overhead.py [--steps 30] [--warmup 2] [--batch 32] [--threads 2] [--skip-densenet]
         [--setups auto hooks opacus-hooks] [--no-allocator-tuning] [--profile]
 """
 
@@ -220,6 +223,8 @@ def run_interleaved(cfg, setups: list[str], args) -> dict[str, dict]:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 built["auto"].step()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+            print("(operators of one step under the profiler, which slows the grouped convolution backward "
+                  "several times: the phase columns below are the timings of ordinary steps)")
         return results
     finally:
         restore()
@@ -255,7 +260,7 @@ def print_table(results: dict[str, dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12, help="timed steps per setup (interleaved)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per setup (interleaved)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)

@@ -37,7 +37,10 @@ def _assert_same(expected, actual):
 
 
 CONVS = [  # class, in, out, kernel, other arguments, input size
-    (nn.Conv2d, 1, 6, 3, {"stride": 2, "padding": 1, "bias": False}, (16, 16)),
+    (nn.Conv2d, 1, 6, 3, {"stride": 2, "padding": 1, "bias": False}, (16, 16)),  # single channel: patches
+    (nn.Conv2d, 1, 4, (3, 5), {"stride": (2, 1), "padding": (1, 2)}, (9, 12)),
+    (nn.Conv2d, 1, 3, 7, {"stride": 2, "padding": 3}, (20, 20)),
+    (nn.Conv2d, 1, 3, 3, {"dilation": 2}, (9, 9)),
     (nn.Conv2d, 4, 6, 3, {"stride": 2, "padding": 1}, (9, 9)),
     (nn.Conv2d, 3, 5, (3, 4), {"stride": (1, 2), "padding": (2, 1)}, (8, 11)),
     (nn.Conv2d, 4, 6, 3, {"groups": 2, "dilation": 2, "padding": 2}, (10, 10)),

@@ -68,10 +68,20 @@ def conv_weight_grad_sample(x: torch.Tensor, grad_output: torch.Tensor, weight: 
 
     ``x`` is the (already padded, for string padding) input ``[B, C, *spatial]``,
     ``grad_output`` the gradient of the convolution's output ``[B, O, *spatial_out]``; stride,
-    padding and dilation as tuples of the spatial rank. One grouped weight-gradient call: the
-    batch becomes groups.
+    padding and dilation as tuples of the spatial rank. One grouped weight-gradient call (the
+    batch becomes groups), or for a 2-D single-channel input one batched matmul over its patches.
     """
     batch, out_channels = x.shape[0], weight.shape[0]
+    if x.dim() == 4 and x.shape[1] == 1 and groups == 1 and tuple(dilation) == (1, 1):
+        # One input channel (a grayscale image's first layer): groups of a single channel are slow
+        # in the backend; the patches are few (kernel height x width per position), so take them as
+        # strided views and contract them with the output gradient in one batched matmul.
+        (pad_h, pad_w), (kernel_h, kernel_w) = padding, weight.shape[2:]
+        patches = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).unfold(2, kernel_h, stride[0]).unfold(3, kernel_w, stride[1])
+        positions = patches.shape[2] * patches.shape[3]
+        patches = patches.permute(0, 1, 4, 5, 2, 3).reshape(batch, kernel_h * kernel_w, positions)
+        grad_weight = torch.bmm(grad_output.reshape(batch, out_channels, positions), patches.transpose(1, 2))
+        return grad_weight.view(batch, *weight.shape)
     # The backend reads only the weight's shape here; the repeat is batch times the (small) kernel.
     weight_per_group = weight.unsqueeze(0).expand(batch, *weight.shape).reshape(batch * out_channels,
                                                                                 *weight.shape[1:])
