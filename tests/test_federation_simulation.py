@@ -4,6 +4,7 @@ on the way out of the ClientApp, and the SecAgg+ legacy path. Slow: each starts 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,11 @@ def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort):
     from test_federation_rounds import REPO, tiny_config
 
     http, control = _free_port(), _free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+    # Flower's tools (and the processes the SuperLink spawns) from this Python's environment, also
+    # when it is not activated (`make test` runs .venv/bin/python directly).
+    tools = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": tools + os.pathsep + os.environ.get("PATH", ""),
+           "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_UPDATE_CHECK": "1"}
     (tmp_path / "flwr").mkdir()
     superlink = subprocess.Popen(
@@ -146,7 +151,6 @@ def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort):
 
 def test_clinfuse_demo_prints_rounds_epsilon_per_site_and_auroc(tmp_path):
     import subprocess
-    import sys
 
     from test_federation_rounds import tiny_config
 
