@@ -14,7 +14,8 @@ from clinfuse.training import per_sample_grads
 from clinfuse.training.dp_engine import ExpandedWeightsGradSampleModule
 from clinfuse.training.per_sample_grads import faster_per_sample_grads
 
-pytestmark = pytest.mark.skipif(not per_sample_grads.AVAILABLE, reason="PyTorch moved its expanded weights")
+pytestmark = [pytest.mark.skipif(not per_sample_grads.AVAILABLE, reason="PyTorch moved its expanded weights"),
+              pytest.mark.filterwarnings("ignore:Full backward hook")]
 
 
 def _gradients(layer: nn.Module, x: torch.Tensor, faster: bool, reduction: str = "mean"):
@@ -126,3 +127,37 @@ def test_wrapper_mean_reduction_gives_pytorchs_per_sample_gradients(input_grad):
 
     wrapper = ExpandedWeightsGradSampleModule(model, loss_reduction="mean")
     _assert_same(run(pytorch), run(wrapper))
+
+
+@pytest.mark.parametrize("encoder", ["small_cnn", "resnet10", "densenet121"])
+def test_image_encoders_get_the_per_sample_gradients_of_opacus_hooks(encoder):
+    """Whole MONAI backbones (strided, 1x1 and 7x7 convolutions, group norms, a single-channel stem):
+    the wrapper's per-sample gradients equal those of Opacus' hooks, which use neither PyTorch's
+    expanded weights nor this module."""
+    from opacus import GradSampleModule
+
+    from clinfuse.config import ImageEncoderConfig
+    from clinfuse.models.encoders.image import build_image_encoder
+
+    torch.manual_seed(0)
+    net = build_image_encoder(ImageEncoderConfig(name=encoder), dim=8)
+    x = torch.randn(3, 1, 32, 32)
+
+    def per_sample(wrapped):
+        for p in net.parameters():
+            p.grad_sample = None
+        wrapped(x).pow(2).sum(1).mean().backward()
+        grads = {name: p.grad_sample.detach().clone() for name, p in net.named_parameters()}
+        for p in net.parameters():
+            p.grad_sample = None
+            p.grad = None
+        return grads
+
+    hooked = GradSampleModule(net, loss_reduction="mean")
+    expected = per_sample(hooked)
+    hooked.remove_hooks()
+    actual = per_sample(ExpandedWeightsGradSampleModule(net, loss_reduction="mean"))
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5 * float(value.abs().max()) + 1e-8,
+                                   msg=name)
