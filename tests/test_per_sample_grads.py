@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils._expanded_weights import ExpandedWeight
-from torch.nn.utils._expanded_weights.expanded_weights_impl import HANDLED_FUNCTIONS
 
 from clinfuse.training import per_sample_grads
 from clinfuse.training.dp_engine import ExpandedWeightsGradSampleModule
 from clinfuse.training.per_sample_grads import faster_per_sample_grads
+
+# PyTorch's private expanded weights: the reference the tests compare with.
+_impl = pytest.importorskip("torch.nn.utils._expanded_weights.expanded_weights_impl")
+ExpandedWeight, HANDLED_FUNCTIONS = _impl.ExpandedWeight, _impl.HANDLED_FUNCTIONS
 
 pytestmark = [pytest.mark.skipif(not per_sample_grads.AVAILABLE, reason="PyTorch moved its expanded weights"),
               pytest.mark.filterwarnings("ignore:Full backward hook")]

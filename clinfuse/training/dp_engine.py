@@ -22,6 +22,8 @@ the expected batch size; the accountant counts every step, empty batches include
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModuleExpandedWeights
@@ -138,8 +140,26 @@ class _EmptyGradSamplesOnBackward(torch.autograd.Function):
         return grad, None
 
 
-# Parameters smaller than this (elements) share one block of the flat vectors (FlatDPOptimizer._layout).
+# Parameters smaller than this (elements) share one block of the flat vectors (_flat_layout).
 SMALL_PARAMETER = 2048
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_layout(sizes: tuple[int, ...], small_below: int) -> tuple[list[list[int]], list[int]]:
+    """Where parameters of ``sizes`` elements live in FlatDPOptimizer's flat vectors.
+
+    Each parameter of at least ``small_below`` elements is a block of its own; all smaller ones
+    (biases, norm scales) share the last block, so clipping costs a few large operations instead
+    of several small ones per parameter. Returns ``(blocks, offsets)``: ``blocks`` lists parameter
+    indices in flat order, ``offsets[i]`` is where parameter ``i`` starts. A function of the sizes
+    only, so skipped steps accumulate into the same places.
+    """
+    small = [i for i, n in enumerate(sizes) if n < small_below]
+    blocks = [[i] for i, n in enumerate(sizes) if n >= small_below] + ([small] if small else [])
+    offsets, at = [0] * len(sizes), 0
+    for i in (i for block in blocks for i in block):
+        offsets[i], at = at, at + sizes[i]
+    return blocks, offsets
 
 
 class FlatDPOptimizer(DPOptimizer):
@@ -155,8 +175,6 @@ class FlatDPOptimizer(DPOptimizer):
     def __init__(self, *args, **kwargs):
         self._summed_flat: torch.Tensor | None = None  # clipped sum, kept across skipped steps
         self._noised_flat: torch.Tensor | None = None  # what p.grad views after add_noise
-        self._flat_layout: tuple[list[list[int]], list[int]] | None = None
-        self._flat_layout_sizes: list[int] = []
         super().__init__(*args, **kwargs)
 
     def _flat_applies(self) -> bool:
@@ -165,24 +183,8 @@ class FlatDPOptimizer(DPOptimizer):
                 and len({(p.dtype, p.device) for p in params}) == 1)
 
     def _layout(self) -> tuple[list[list[int]], list[int]]:
-        """Where each parameter lives in the flat vectors: ``(blocks, offsets)``.
-
-        Each parameter of at least ``SMALL_PARAMETER`` elements is a block of its own; all smaller
-        ones (biases, norm scales) share the last block, so clipping costs a few large operations
-        instead of several small ones per parameter. ``blocks`` lists parameter indices in flat
-        order, ``offsets[i]`` is where parameter ``i`` starts. Fixed for the optimizer's life, so
-        skipped steps accumulate into the same places; rebuilt only if the parameters change.
-        """
-        sizes = [p.numel() for p in self.params]
-        if self._flat_layout is None or self._flat_layout_sizes != sizes:
-            self._flat_layout_sizes = sizes
-            small = [i for i, n in enumerate(sizes) if n < SMALL_PARAMETER]
-            blocks = [[i] for i, n in enumerate(sizes) if n >= SMALL_PARAMETER] + ([small] if small else [])
-            offsets, at = [0] * len(sizes), 0
-            for i in (i for block in blocks for i in block):
-                offsets[i], at = at, at + sizes[i]
-            self._flat_layout = (blocks, offsets)
-        return self._flat_layout
+        """Where each parameter lives in the flat vectors: see :func:`_flat_layout`."""
+        return _flat_layout(tuple(p.numel() for p in self.params), SMALL_PARAMETER)
 
     def _param_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's slice of ``flat``, shaped like the parameter, in ``self.params`` order."""

@@ -41,7 +41,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
 try:  # private PyTorch modules: see the module docstring
     from torch.nn.utils._expanded_weights import conv_expanded_weights as _torch_conv
@@ -178,6 +177,8 @@ def expanded_weights_forward(module: nn.Module, batch_size: int, loss_reduction:
     modules gets one ``ExpandedWeight``, whose per-sample gradients add up, as in PyTorch.
     """
     if not AVAILABLE:
+        from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
         return call_for_per_sample_grads(module, batch_size=batch_size, loss_reduction=loss_reduction)(
             *args, **kwargs)
     slots = [(owner, name, p) for owner in module.modules() for name, p in owner._parameters.items()
