@@ -36,7 +36,7 @@ from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
 from clinfuse.data.manifest import read_manifest
 from clinfuse.data.synthetic import write_demo_cohort
 from clinfuse.federation.aggregation import SiteUpdate, aggregate
-from clinfuse.federation.site import SiteRuntime, numpy_to_state
+from clinfuse.federation.site_runtime import SiteRuntime, numpy_to_state
 from clinfuse.models.fusion import parameter_groups
 from clinfuse.training.checkpoint import build_model_for, clean_state_dict
 from clinfuse.training.trainer import _auroc, predict_outputs, seed_everything

@@ -73,7 +73,7 @@ def train_local(cfg, manifests, out: Path) -> Path:
 def train_federated(cfg, manifests, out: Path, *, modality_aware: bool, epsilon: float | None) -> tuple[Path, dict]:
     """In-process federation over SiteRuntime; returns (checkpoint, info with per-site epsilon)."""
     from clinfuse.federation.aggregation import SiteUpdate, aggregate
-    from clinfuse.federation.site import SiteRuntime, state_to_numpy
+    from clinfuse.federation.site_runtime import SiteRuntime, state_to_numpy
     from clinfuse.models.fusion import parameter_groups
     from clinfuse.training.checkpoint import build_model_for, save_checkpoint
     from clinfuse.training.trainer import seed_everything

@@ -39,7 +39,7 @@ STARTUP_STEPS = [
     ("+ ClientApp module (flwr)", "import federated.client_app"),
     ("+ torch", "import federated.client_app, torch"),
     ("+ everything a train message imports",
-     ("import federated.client_app, torch, opacus; import clinfuse.federation.site, clinfuse.training.trainer, "
+     ("import federated.client_app, torch, opacus; import clinfuse.federation.site_runtime, clinfuse.training.trainer, "
       "clinfuse.models.fusion, clinfuse.data.dataset, clinfuse.privacy.accountant, clinfuse.privacy.ledger")),
 ]
 
@@ -62,7 +62,7 @@ def time_site_open(manifest: Path, state_dir: Path, repeats: int) -> dict:
     (cold: every image file checked and decoded into the cache) and later (warm cache, manifest
     already validated)."""
     code = ("import sys, time; from clinfuse.config import load_config; "
-            "from clinfuse.federation.site import SiteRuntime; import opacus, clinfuse.data.manifest, "
+            "from clinfuse.federation.site_runtime import SiteRuntime; import opacus, clinfuse.data.manifest, "
             "clinfuse.data.dataset, clinfuse.privacy.accountant, clinfuse.privacy.ledger; t = time.perf_counter(); "
             "s = SiteRuntime(load_config(None), sys.argv[1], site_id='bench', state_dir=sys.argv[2], max_epsilon=8); "
             "s.train_set.warm(False); s.val_set.warm(False); print(time.perf_counter() - t)")

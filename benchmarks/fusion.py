@@ -98,8 +98,9 @@ def train_dp(cfg, train_set: MultimodalDataset):
     The accountant is a fresh one per model, in a temporary file (the trainer saves it each epoch).
     """
     from clinfuse.privacy.accountant import SiteAccountant
+    from clinfuse.privacy.plan import plan_privacy
     from clinfuse.training.checkpoint import build_model_for, clean_state_dict
-    from clinfuse.training.trainer import LocalTrainer, plan_privacy, seed_everything
+    from clinfuse.training.trainer import LocalTrainer, seed_everything
 
     seed_everything(cfg.train.seed)
     n_patients = len({r.patient_id for r in train_set.records})

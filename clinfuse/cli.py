@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "clinfuse.training.commands",
     "clinfuse.evaluation.commands",
     "clinfuse.privacy.commands",
-    "clinfuse.site",
+    "clinfuse.site_check",
     "federated.commands",
 )
 

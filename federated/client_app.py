@@ -1,4 +1,4 @@
-"""The site's Flower ClientApp: thin wiring around :class:`clinfuse.federation.site.SiteRuntime`.
+"""The site's Flower ClientApp: thin wiring around :class:`clinfuse.federation.site_runtime.SiteRuntime`.
 
 Which site
 ----------
@@ -120,7 +120,7 @@ def open_site(context: Context, run_config: dict):
     Nothing is kept in memory between messages on purpose: in simulation one worker serves
     several sites in turn, and the accountant on disk is the only truth.
     """
-    from clinfuse.federation.site import SiteRuntime
+    from clinfuse.federation.site_runtime import SiteRuntime
 
     spec = site_spec(dict(context.node_config), run_config)
     cfg = site_config(spec, run_config)

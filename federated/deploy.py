@@ -622,7 +622,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     """
     from clinfuse.config import load_config
     from clinfuse.data.synthetic import write_demo_cohort
-    from clinfuse.site import check_site, format_checklist, ready
+    from clinfuse.site_check import check_site, format_checklist, ready
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     app_dir = Path(app_dir or Path(__file__).resolve().parent.parent).resolve()

@@ -127,7 +127,7 @@ def base_config(tmp_path, cohort, **extra) -> dict:
 
 def site_epsilon_after(cfg_path, manifest, rounds_done, rounds, state_dir):
     """What one accountant over all the steps of ``rounds_done`` rounds reports."""
-    from clinfuse.federation.site import SiteRuntime
+    from clinfuse.federation.site_runtime import SiteRuntime
 
     site = SiteRuntime(load_config(cfg_path), manifest, site_id="probe", state_dir=state_dir, max_epsilon=100)
     plan = site.plan(rounds, 1)

@@ -50,7 +50,7 @@ def initial_state(cfg):
 
 
 def open_site(cfg, manifest, state_dir, cap):
-    from clinfuse.federation.site import SiteRuntime
+    from clinfuse.federation.site_runtime import SiteRuntime
 
     return SiteRuntime(cfg, manifest, site_id="site-x", state_dir=state_dir, max_epsilon=cap)
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from clinfuse.cli import main
-from clinfuse.site import FAIL, OK, SKIP, check_site, ready
+from clinfuse.site_check import FAIL, OK, SKIP, check_site, ready
 
 
 @pytest.fixture(scope="module")

@@ -161,8 +161,9 @@ def _empirical(args) -> int:
 
     from clinfuse.config import load_config
     from clinfuse.privacy.canary import plan_audit, run_canary_audit
+    from clinfuse.privacy.plan import plan_privacy
     from clinfuse.training.commands import load_split_datasets
-    from clinfuse.training.trainer import plan_privacy, seed_everything
+    from clinfuse.training.trainer import seed_everything
 
     cfg = load_config(args.config)
     if args.canaries < 10:

@@ -58,6 +58,7 @@ def _train(args) -> int:
     from clinfuse.fileio import atomic_write_json
     from clinfuse.privacy.accountant import SiteAccountant
     from clinfuse.privacy.ledger import Ledger
+    from clinfuse.privacy.plan import plan_privacy
     from clinfuse.training.checkpoint import (
         build_model_for,
         clean_state_dict,
@@ -65,7 +66,7 @@ def _train(args) -> int:
         state_dict_hash,
         versions,
     )
-    from clinfuse.training.trainer import LocalTrainer, plan_privacy, seed_everything
+    from clinfuse.training.trainer import LocalTrainer, seed_everything
 
     cfg = load_config(args.config)
     epochs = args.epochs or cfg.train.epochs

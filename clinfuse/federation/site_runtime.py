@@ -127,7 +127,7 @@ class SiteRuntime:
         A restarted server or a new run of the same study reuses the stored plan: re-planning
         mid-study would change the noise the budget was approved for.
         """
-        from clinfuse.training.trainer import PrivacyPlan, plan_privacy
+        from clinfuse.privacy.plan import PrivacyPlan, plan_privacy
 
         path = self.state_dir / "plan.json"
         if path.exists():

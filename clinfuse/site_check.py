@@ -219,7 +219,7 @@ def _check_cap(cfg, data, state_dir: Path | None, max_epsilon: float | None, *, 
         return Check("cap", SKIP, f"{max_epsilon:g} from {source}; the spend check needs valid data")
 
     from clinfuse.privacy.accountant import SiteAccountant
-    from clinfuse.training.trainer import PrivacyPlan, default_delta
+    from clinfuse.privacy.plan import PrivacyPlan, default_delta
 
     n_patients = len({r.patient_id for r in data.records if r.split == "train"})
     if n_patients < 2:
