@@ -4,6 +4,15 @@
 bad values raise :class:`clinfuse.errors.InputError` naming the file and the dotted key path,
 e.g. ``configs/demo.yaml: key 'train.batch_size': Input should be a valid integer``.
 
+A study declares its inputs as a list of named **modalities** (top-level ``modalities``), each of a
+*kind* — ``image`` (2-D DICOM/PNG/JPEG), ``volume`` (3-D: a DICOM series folder, a multi-frame
+DICOM file, NIfTI), ``text``, ``tabular`` or ``signal`` (1-D multichannel: WFDB, CSV, NPY) — with
+its preprocessing, its encoder and ``max_count`` (how many files of it one patient may have;
+they are pooled into one feature). Only declared modalities exist in the model. The older
+three-slot form (``data.image``, ``data.text``, ``data.tabular`` and ``model.*_encoder``) is read
+as modalities named ``image``, ``text`` and ``tabular`` and dumped back in that form. ``cfg.modalities``
+is always the resolved tuple, in declared order.
+
 Everything that shapes preprocessing is *declared* here (labels, tabular ranges and categories,
 image size, tokeniser buckets) and never fitted on a site's data, so nothing learned from private
 records leaks into the model through its input pipeline.
@@ -13,15 +22,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from clinfuse.errors import InputError
 
-MODALITIES = ("image", "text", "tabular")
+KINDS = ("image", "volume", "text", "tabular", "signal")
+#: Names a modality cannot take: batch keys, group and head names, manifest columns.
+RESERVED_NAMES = frozenset({"fusion", "main", "mask", "label", "instances", "none", "patient_id", "split",
+                            "site", "all"})
+#: Manifest columns every manifest may have whatever the modalities.
+MANIFEST_COLUMNS = ("patient_id", "label", "split", "site")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -91,9 +114,10 @@ class SplitConfig(_Strict):
 
 class DataConfig(_Strict):
     labels: list[str] = Field(min_length=2)
+    # The three-slot form (see the module docstring); with ``modalities`` declared these stay unset.
     tabular: list[TabularColumn] = Field(default_factory=list)
-    image: ImageConfig = ImageConfig()
-    text: TextConfig = TextConfig()
+    image: ImageConfig | None = None
+    text: TextConfig | None = None
     split: SplitConfig = SplitConfig()
     require_deidentified: bool = False
     cache_dir: str | None = None  # default: <manifest dir>/.clinfuse-cache
@@ -118,6 +142,22 @@ class ImageEncoderConfig(_Strict):
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
 
 
+class VolumeEncoderConfig(_Strict):
+    """3-D encoders: ``small_cnn3d`` (strided 3x3x3 convolutions, the CPU default) or the MONAI nets
+    with ``spatial_dims=3``, built DP-valid (GroupNorm, no in-place operations)."""
+    name: Literal["small_cnn3d", "densenet121", "resnet10", "resnet18"] = "small_cnn3d"
+    pretrained: str | None = None
+    channels: list[int] = Field(default_factory=lambda: [8, 16, 32])
+
+
+class SignalEncoderConfig(_Strict):
+    """1-D CNN over ``[channels, length]``: strided convolutions with GroupNorm, global pooling."""
+    name: Literal["cnn1d"] = "cnn1d"
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    kernel_size: int = Field(7, ge=3, le=63)
+    pretrained: str | None = None
+
+
 class TextEncoderConfig(_Strict):
     name: Literal["hashed_bag", "transformer", "pretrained"] = "hashed_bag"
     layers: int = Field(1, ge=1, le=12)
@@ -131,11 +171,123 @@ class TextEncoderConfig(_Strict):
 
 
 class TabularEncoderConfig(_Strict):
-    hidden: int = Field(32, ge=4)
+    hidden: int | None = Field(None, ge=4)  # default: the model width
+
+
+# -- modalities ---------------------------------------------------------------------------------
+
+_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+
+
+class _ModalityCommon(_Strict):
+    """What every modality declares besides its kind's preprocessing."""
+    name: str = Field(pattern=_NAME_PATTERN)
+    # How many inputs of this modality one patient may have (rows of the patient, or several
+    # paths in one cell separated by ';'): they are pooled by masked attention into one feature.
+    max_count: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _reserved(self):
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"modality name '{self.name}' is reserved; pick another")
+        return self
+
+    def preprocessing(self) -> dict:
+        """The settings that shape this modality's decoded input (cache keys, checkpoints)."""
+        skip = {"name", "encoder", "column", "max_count"}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+
+
+class ImageModality(ImageConfig, _ModalityCommon):
+    """A 2-D image (DICOM, PNG, JPEG). Manifest column: ``column`` (default: the name), a path."""
+    kind: Literal["image"]
+    column: str | None = None
+    encoder: ImageEncoderConfig = ImageEncoderConfig()
+
+
+class VolumeModality(_ModalityCommon):
+    """A 3-D volume: a DICOM series folder, a multi-frame (or single) DICOM file, or NIfTI.
+
+    Decoded to the file's intensity units (CT: Hounsfield units), clipped to ``intensity_range``
+    when given, resized to ``size`` = (depth, height, width) and normalised on its own.
+    """
+    kind: Literal["volume"]
+    column: str | None = None
+    size: tuple[int, int, int] = (32, 64, 64)
+    normalize: Literal["zscore", "minmax"] = "zscore"
+    intensity_range: tuple[float, float] | None = None  # e.g. [-1000, 400] HU before normalising
+    encoder: VolumeEncoderConfig = VolumeEncoderConfig()
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if min(self.size) < 1:
+            raise ValueError(f"size must be positive, got {list(self.size)}")
+        if self.intensity_range is not None and not self.intensity_range[1] > self.intensity_range[0]:
+            raise ValueError("intensity_range must be [low, high] with high > low")
+        return self
+
+
+class SignalModality(_ModalityCommon):
+    """A 1-D multichannel series: a WFDB record (``.hea``), or a CSV/NPY array ``[samples, channels]``.
+
+    ``channels`` and ``sampling_rate`` (Hz) are declared: CSV/NPY files are taken to be at that
+    rate; WFDB records carry their own and are resampled to it. ``channel_names`` picks WFDB
+    channels by name (in that order). The series is cropped or zero-padded to ``length`` samples
+    and normalised per channel (``zscore``) or left in its units (``none``).
+    """
+    kind: Literal["signal"]
+    column: str | None = None
+    channels: int = Field(ge=1, le=256)
+    sampling_rate: float = Field(gt=0.0)
+    length: int = Field(ge=8, le=1_000_000)
+    channel_names: list[str] | None = None
+    normalize: Literal["zscore", "none"] = "zscore"
+    encoder: SignalEncoderConfig = SignalEncoderConfig()
+
+    @model_validator(mode="after")
+    def _names(self):
+        if self.channel_names is not None and len(self.channel_names) != self.channels:
+            raise ValueError(f"channel_names lists {len(self.channel_names)} names for {self.channels} channels")
+        return self
+
+
+class TextModality(TextConfig, _ModalityCommon):
+    """A clinical note: inline in column ``column`` (default: the name) or a UTF-8 file named in
+    ``<column>_path``."""
+    kind: Literal["text"]
+    column: str | None = None
+    encoder: TextEncoderConfig = TextEncoderConfig()
+
+
+class TabularModality(_ModalityCommon):
+    """Declared EHR fields, one manifest column each (named after the field)."""
+    kind: Literal["tabular"]
+    columns: list[TabularColumn] = Field(min_length=1)
+    encoder: TabularEncoderConfig = TabularEncoderConfig()
+
+    @model_validator(mode="after")
+    def _unique_columns(self):
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names):
+            raise ValueError("tabular column names must be unique")
+        return self
+
+
+Modality = Annotated[ImageModality | VolumeModality | TextModality | TabularModality | SignalModality,
+                     Field(discriminator="kind")]
+
+
+def modality_columns(spec) -> tuple[str, ...]:
+    """The manifest columns a modality reads (tabular: one per field; text: inline and ``_path``)."""
+    if spec.kind == "tabular":
+        return tuple(c.name for c in spec.columns)
+    column = spec.column or spec.name
+    return (column, f"{column}_path") if spec.kind == "text" else (column,)
 
 
 class FusionConfig(_Strict):
-    name: Literal["concat", "gated", "attention", "lowrank"] = "attention"
+    # default: "attention" for two or more modalities, "concat" for one
+    name: Literal["concat", "gated", "attention", "lowrank"] | None = None
     rank: int = Field(4, ge=1, le=64)
     # Add each present modality's auxiliary logits to the fused logits (a product of experts):
     # the fused model then starts from the combination of what each modality says alone.
@@ -143,18 +295,15 @@ class FusionConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    dim: int = Field(64, ge=8, le=2048)
+    # default: follows the inputs — 64 when any modality is an image, volume, signal or note;
+    # for tabular-only studies the number of fields rounded up to a power of two, within [8, 64]
+    dim: int | None = Field(None, ge=8, le=2048)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
-    text_encoder: TextEncoderConfig = TextEncoderConfig()
-    tabular_encoder: TabularEncoderConfig = TabularEncoderConfig()
+    # the three-slot form (see the module docstring)
+    image_encoder: ImageEncoderConfig | None = None
+    text_encoder: TextEncoderConfig | None = None
+    tabular_encoder: TabularEncoderConfig | None = None
     fusion: FusionConfig = FusionConfig()
-
-
-class ModalityRates(_Strict):
-    image: float = Field(0.0, ge=0.0, lt=1.0)
-    text: float = Field(0.0, ge=0.0, lt=1.0)
-    tabular: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class AuxWeightsConfig(_Strict):
@@ -162,17 +311,39 @@ class AuxWeightsConfig(_Strict):
     weight: float = Field(0.3, ge=0.0)
 
 
-class ClipGroupsConfig(_Strict):
-    """Share of the DP clipping budget per parameter group (renormalised to sum 1)."""
+#: Default share of the DP clipping budget per modality kind (and for the fusion group).
+DEFAULT_CLIP_SHARES = {"image": 0.4, "volume": 0.4, "signal": 0.2, "text": 0.2, "tabular": 0.1, "fusion": 0.3}
+
+
+class ClipGroupsConfig(BaseModel):
+    """Share of the DP clipping budget per parameter group (renormalised to sum 1).
+
+    Besides ``enabled`` and ``fusion``, one key per modality name, e.g. ``{enabled: true, ct: 0.4,
+    note: 0.2, fusion: 0.3}``; a modality not named gets its kind's default
+    (:data:`DEFAULT_CLIP_SHARES`).
+    """
+    model_config = ConfigDict(extra="allow", frozen=True)
     enabled: bool = False
-    image: float = Field(0.4, gt=0.0)
-    text: float = Field(0.2, gt=0.0)
-    tabular: float = Field(0.1, gt=0.0)
     fusion: float = Field(0.3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _shares(self):
+        for key, value in (self.model_extra or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"share of '{key}' must be a positive number, got {value!r}")
+        return self
+
+    def shares(self, modalities) -> dict[str, float]:
+        """``{group: share}`` for these modality specs plus ``fusion``."""
+        extra = self.model_extra or {}
+        out = {m.name: float(extra.get(m.name, DEFAULT_CLIP_SHARES[m.kind])) for m in modalities}
+        out["fusion"] = float(self.fusion)
+        return out
 
 
 class BalanceConfig(_Strict):
-    modality_dropout: ModalityRates = ModalityRates()
+    # {modality name: rate in [0, 1)}; a modality not named is never dropped
+    modality_dropout: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default_factory=dict)
     aux_weights: AuxWeightsConfig = AuxWeightsConfig()
     clip_groups: ClipGroupsConfig = ClipGroupsConfig()
 
@@ -222,9 +393,25 @@ class EvaluationConfig(_Strict):
     ece_bins: int = Field(10, ge=2)
 
 
+NEW_FORM_EXAMPLE = """modalities:
+  - {name: chest, kind: image, size: [64, 64], encoder: {name: small_cnn}}
+  - {name: ct, kind: volume, size: [32, 64, 64], encoder: {name: small_cnn3d}}
+  - {name: note, kind: text, max_tokens: 128, encoder: {name: hashed_bag}}
+  - name: ehr
+    kind: tabular
+    columns: [{name: age, type: numeric, min: 0, max: 110}]
+  - {name: ecg, kind: signal, channels: 12, sampling_rate: 100, length: 1000}"""
+
+_LEGACY_DATA = ("image", "text", "tabular")
+_LEGACY_MODEL = ("image_encoder", "text_encoder", "tabular_encoder")
+
+
 class Config(_Strict):
     study: str = "clinfuse-study"
     data: DataConfig
+    # The study's inputs in declared order; after loading always the resolved tuple (a three-slot
+    # config is translated, see the module docstring).
+    modalities: tuple[Modality, ...] | None = None
     model: ModelConfig = ModelConfig()
     balance: BalanceConfig = BalanceConfig()
     train: TrainConfig = TrainConfig()
@@ -232,9 +419,99 @@ class Config(_Strict):
     federation: FederationConfig = FederationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    _legacy: bool = PrivateAttr(False)
+
+    @model_validator(mode="after")
+    def _resolve_modalities(self):
+        legacy_keys = [f"data.{k}" for k in _LEGACY_DATA if getattr(self.data, k)] + \
+                      [f"model.{k}" for k in _LEGACY_MODEL if getattr(self.model, k) is not None]
+        if self.modalities is not None:
+            if legacy_keys:
+                raise ValueError(f"declare inputs either as 'modalities' or in the three-slot form, not both "
+                                 f"(found {', '.join(legacy_keys)}); the modalities form is:\n{NEW_FORM_EXAMPLE}")
+            specs = tuple(self.modalities)
+        else:
+            specs = self._translate_legacy()
+            self._legacy = True
+        if not specs:
+            raise ValueError(f"the study declares no modality; declare them, e.g.\n{NEW_FORM_EXAMPLE}")
+        names = [m.name for m in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"modality names must be unique, got {names}")
+        owner: dict[str, str] = {}
+        for spec in specs:
+            for column in modality_columns(spec):
+                if column in MANIFEST_COLUMNS or column in owner:
+                    other = owner.get(column, "the manifest's own columns")
+                    raise ValueError(f"modality '{spec.name}' reads manifest column '{column}', "
+                                     f"already used by {other}")
+                owner[column] = f"modality '{spec.name}'"
+        # Frozen models: the resolved values are set once, here, before anyone reads them.
+        object.__setattr__(self, "modalities", specs)
+        rates = dict(self.balance.modality_dropout)
+        unknown = sorted(set(rates) - set(names))
+        if unknown and not self._legacy:
+            raise ValueError(f"balance.modality_dropout names unknown modalities {unknown} (declared: {names})")
+        unknown_shares = sorted(set(self.balance.clip_groups.model_extra or {}) - set(names))
+        if unknown_shares and not self._legacy:
+            raise ValueError(f"balance.clip_groups names unknown modalities {unknown_shares} (declared: {names})")
+        if unknown:  # the three-slot form allowed a rate for a slot the study does not use
+            balance = self.balance.model_copy(update={"modality_dropout": {k: v for k, v in rates.items()
+                                                                           if k in names}})
+            object.__setattr__(self, "balance", balance)
+        model_updates = {}
+        if self.model.dim is None:
+            model_updates["dim"] = default_model_dim(specs)
+        if self.model.fusion.name is None:
+            fusion = self.model.fusion.model_copy(update={"name": "attention" if len(specs) > 1 else "concat"})
+            model_updates["fusion"] = fusion
+        if model_updates:
+            object.__setattr__(self, "model", self.model.model_copy(update=model_updates))
+        return self
+
+    def _translate_legacy(self) -> tuple:
+        """The three-slot form as modalities named ``image``, ``text`` and ``tabular`` (the last only
+        when tabular fields are declared): what the fixed-slot model always had."""
+        data, model = self.data, self.model
+        image = (data.image or ImageConfig()).model_dump()
+        text = (data.text or TextConfig()).model_dump()
+        specs = [ImageModality(name="image", kind="image", encoder=model.image_encoder or ImageEncoderConfig(),
+                               **image),
+                 TextModality(name="text", kind="text", column="note",
+                              encoder=model.text_encoder or TextEncoderConfig(), **text)]
+        if data.tabular:
+            specs.append(TabularModality(name="tabular", kind="tabular", columns=list(data.tabular),
+                                         encoder=model.tabular_encoder or TabularEncoderConfig()))
+        return tuple(specs)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # A three-slot config dumps as it was written (so it reloads the same, with the same digest);
+        # a modalities config dumps without the empty three-slot keys.
+        out = handler(self)
+        if self._legacy:
+            out.pop("modalities", None)
+        else:
+            for key in _LEGACY_DATA:
+                out["data"].pop(key, None)
+            for key in _LEGACY_MODEL:
+                out["model"].pop(key, None)
+        return out
+
     @property
     def n_classes(self) -> int:
         return len(self.data.labels)
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
+
+    def modality(self, name: str):
+        """The spec of the modality called ``name``."""
+        for spec in self.modalities:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no modality named {name!r} (declared: {list(self.modality_names)})")
 
     def digest(self) -> str:
         """sha256 of the canonical JSON form: names the exact configuration in ledgers and caches."""
@@ -244,10 +521,21 @@ class Config(_Strict):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
 
+def default_model_dim(modalities) -> int:
+    """Model width for these modalities when ``model.dim`` is not set: 64 with any image, volume,
+    signal or note; a tabular-only study gets its field count rounded up to a power of two, in
+    [8, 64] (a 25-field study gets 32: under DP every extra parameter adds noise)."""
+    if any(m.kind != "tabular" for m in modalities):
+        return 64
+    fields = sum(len(m.columns) for m in modalities)
+    return int(min(64, max(8, 2 ** math.ceil(math.log2(max(fields, 1))))))
+
+
 def _key_path(loc) -> str:
     # pydantic puts the discriminator tag (e.g. 'numeric') into the location; drop it so the
     # path is the one the user typed.
-    parts = [str(p) for p in loc if p not in ("numeric", "categorical")]
+    tags = ("numeric", "categorical", *KINDS)
+    parts = [str(p) for i, p in enumerate(loc) if not (p in tags and i and isinstance(loc[i - 1], int))]
     return ".".join(parts)
 
 
@@ -260,7 +548,7 @@ def config_from_dict(data: dict, *, source: str | Path = "<config>") -> Config:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = _key_path(err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against configs/demo.yaml)"
         elif err["type"] == "missing":

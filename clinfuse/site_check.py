@@ -266,13 +266,16 @@ def _check_cache(manifest, cfg, data, progress: bool) -> Check:
 
     cache_dir = default_cache_dir(manifest, cfg)
     dataset = MultimodalDataset(data.records, cfg, cache_dir)
-    n_images = sum(r.image is not None for r in data.records)
+    from clinfuse.data.manifest import PATH_KINDS
+
+    n_images = sum(len(s.inputs[m.name]) for s in dataset.samples for m in cfg.modalities if m.kind in PATH_KINDS)
     try:
         dataset.warm(progress)
     except OSError as exc:
         return Check("cache", FAIL, f"{cache_dir}: cannot write the image cache ({exc.strerror or exc})")
     except Exception as exc:  # noqa: BLE001 - any decoder failure makes the site unable to train
         return Check("cache", FAIL, f"an image does not decode: {type(exc).__name__}: {exc}")
-    cache = dataset.cache
-    return Check("cache", OK, f"{n_images} images decoded into {cache_dir} "
-                 f"({cache.hits} already cached, {cache.misses + cache.rebuilt} new)")
+    caches = dataset.caches.values()
+    hits = sum(c.hits for c in caches)
+    new = sum(c.misses + c.rebuilt for c in caches)
+    return Check("cache", OK, f"{n_images} files decoded into {cache_dir} ({hits} already cached, {new} new)")

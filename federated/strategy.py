@@ -36,7 +36,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.supercore import log
 
-from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 from federated.client_app import ARRAYS, CONFIG, DECLINED, METRICS, NUM_EXAMPLES, REASON, SITE, SITE_ID
 
@@ -239,7 +238,8 @@ class _ModalityAware(_SiteRounds):
             arrays = reply.message.content[ARRAYS]
             updates.append(SiteUpdate(state={k: a.numpy() for k, a in arrays.items()},
                                       num_examples=int(m[NUM_EXAMPLES]),
-                                      modality_examples={mod: int(m.get(f"examples-{mod}", 0)) for mod in MODALITIES}))
+                                      modality_examples={mod: int(m.get(f"examples-{mod}", 0))
+                                                         for mod in self.groups if mod != "fusion"}))
         missing = [k for u in updates for k in self._previous if k not in u.state]
         if missing:
             raise InputError(f"a site's reply lacks parameter {missing[0]!r}: sites run different models?")

@@ -9,10 +9,9 @@ import torch
 from opacus import GradSampleModule, PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from clinfuse.config import MODALITIES, AuxWeightsConfig, ClipGroupsConfig, ModalityRates, ModelConfig
-from clinfuse.models import build_model, parameter_groups
+from clinfuse.config import AuxWeightsConfig, ClipGroupsConfig
+from clinfuse.models import parameter_groups
 from clinfuse.training.balance import (
-    HEADS,
     AuxLossWeights,
     HeadLossMeter,
     ModalityDropout,
@@ -24,31 +23,20 @@ from clinfuse.training.balance import (
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Secure RNG turned off",
                                         "ignore:Optimal order is the")
 
-BUCKETS, TEXT_LEN, TAB_DIM, SIZE, N_CLASSES = 64, 8, 5, 16, 2
+from tests.modelkit import as_batch, random_data, three_modalities, tiny_model
+
+MODALITIES = ("image", "text", "tabular")
+HEADS = ("main", *MODALITIES)
 
 
-def tiny_model(fusion="attention", dropout=0.0, residual_aux=False):
-    cfg = ModelConfig(dim=16, dropout=dropout, fusion={"name": fusion, "rank": 2, "residual_aux": residual_aux},
-                      image_encoder={"name": "small_cnn", "channels": [4, 8]}, tabular_encoder={"hidden": 8})
-    return build_model(cfg, n_classes=N_CLASSES, tabular_dim=TAB_DIM, text_buckets=BUCKETS,
-                       text_len=TEXT_LEN, image_size=(SIZE, SIZE))
-
-
-def random_data(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(n, 3, generator=g) < 0.7).float()
-    mask[mask.sum(1) == 0, 0] = 1.0
-    image = torch.randn(n, 1, SIZE, SIZE, generator=g) * mask[:, 0, None, None, None]
-    text = torch.randint(1, BUCKETS, (n, TEXT_LEN), generator=g) * mask[:, 1:2].long()
-    tabular = torch.rand(n, TAB_DIM, generator=g) * mask[:, 2:3]
-    label = torch.randint(0, N_CLASSES, (n,), generator=g)
-    return image, text, tabular, mask, label
+def rates(**kw):
+    return {m: kw.get(m, 0.0) for m in MODALITIES}
 
 
 # --- modality dropout ---------------------------------------------------------------------
 
 def test_modality_dropout_never_empties_a_sample_and_never_adds_a_modality():
-    drop = ModalityDropout(ModalityRates(image=0.9, text=0.9, tabular=0.9))
+    drop = ModalityDropout(rates(image=0.9, text=0.9, tabular=0.9), MODALITIES)
     g = torch.Generator().manual_seed(0)
     patterns = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.float32)
     mask = patterns.repeat(400, 1)
@@ -63,7 +51,7 @@ def test_modality_dropout_never_empties_a_sample_and_never_adds_a_modality():
 
 
 def test_modality_dropout_rates_apply_per_modality():
-    drop = ModalityDropout(ModalityRates(image=0.5, text=0.0, tabular=0.2))
+    drop = ModalityDropout(rates(image=0.5, text=0.0, tabular=0.2), MODALITIES)
     g = torch.Generator().manual_seed(1)
     mask = torch.ones(20000, 3)
     out = drop(mask, generator=g)
@@ -74,7 +62,7 @@ def test_modality_dropout_rates_apply_per_modality():
 
 def test_modality_dropout_is_per_sample():
     """A sample's outcome must not depend on the other samples in the batch."""
-    drop = ModalityDropout(ModalityRates(image=0.5, text=0.5, tabular=0.5))
+    drop = ModalityDropout(rates(image=0.5, text=0.5, tabular=0.5), MODALITIES)
     first = torch.tensor([[1.0, 1.0, 1.0]])
     outcomes = []
     for others in ([[1, 1, 1]] * 7, [[0, 0, 1]] * 7, [[1, 0, 0], [0, 1, 0]] * 3 + [[1, 1, 1]]):
@@ -84,7 +72,7 @@ def test_modality_dropout_is_per_sample():
 
 
 def test_modality_dropout_disabled_is_identity():
-    drop = ModalityDropout(ModalityRates())
+    drop = ModalityDropout({}, MODALITIES)
     assert not drop.enabled
     mask = torch.tensor([[1.0, 0.0, 1.0]])
     assert torch.equal(drop(mask), mask)
@@ -100,7 +88,7 @@ def test_multimodal_loss_masks_absent_aux_losses():
     out = {"logits": logits, "aux": aux}
     ce = torch.nn.functional.cross_entropy
 
-    loss, parts = multimodal_loss(out, label, mask, AuxLossWeights(AuxWeightsConfig(mode="fixed", weight=0.5)))
+    loss, parts = multimodal_loss(out, label, mask, AuxLossWeights(AuxWeightsConfig(mode="fixed", weight=0.5), MODALITIES))
     expected = ce(logits, label, reduction="none")
     for i, m in enumerate(MODALITIES):
         expected = expected + 0.5 * mask[:, i] * ce(aux[m], label, reduction="none")
@@ -108,7 +96,7 @@ def test_multimodal_loss_masks_absent_aux_losses():
     assert parts["text"][0] == 0 and parts["image"][1] == 0 and parts["tabular"][2] == 0
     assert parts["image"][0] > 0
 
-    none_loss, _ = multimodal_loss(out, label, mask, AuxLossWeights(AuxWeightsConfig(mode="none")))
+    none_loss, _ = multimodal_loss(out, label, mask, AuxLossWeights(AuxWeightsConfig(mode="none"), MODALITIES))
     torch.testing.assert_close(none_loss, ce(logits, label, reduction="none"))
     torch.testing.assert_close(multimodal_loss(out, label, mask, None)[0], none_loss)
 
@@ -119,8 +107,8 @@ def test_aux_heads_stay_in_the_graph_with_zero_weight():
     image, text, tabular, mask, label = random_data(4)
     gsm = GradSampleModule(model, loss_reduction="sum")
     try:
-        out = gsm(image, text, tabular, mask)
-        loss, _ = multimodal_loss(out, label, mask, AuxLossWeights(AuxWeightsConfig(mode="none")))
+        out = gsm(as_batch(image, text, tabular, mask))
+        loss, _ = multimodal_loss(out, label, mask, AuxLossWeights(AuxWeightsConfig(mode="none"), MODALITIES))
         loss.sum().backward()
         # The DP optimizer needs a per-sample gradient (zero here) for every trainable parameter.
         for m in MODALITIES:
@@ -133,7 +121,7 @@ def test_aux_heads_stay_in_the_graph_with_zero_weight():
 def test_uncertainty_weights_get_per_sample_gradients():
     torch.manual_seed(0)
     model = tiny_model("lowrank")
-    weights = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"))
+    weights = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"), MODALITIES)
     model.attach_loss_weights(weights)
     assert "loss_weights.log_vars.weight" in parameter_groups(model)["fusion"]
     with torch.no_grad():
@@ -142,7 +130,7 @@ def test_uncertainty_weights_get_per_sample_gradients():
     mask[0] = torch.tensor([1.0, 0.0, 0.0])
     gsm = GradSampleModule(model, loss_reduction="sum")
     try:
-        out = gsm(image, text, tabular, mask)
+        out = gsm(as_batch(image, text, tabular, mask))
         assert out["log_vars"].shape == (5, 4)
         loss, parts = multimodal_loss(out, label, mask, weights)
         loss.sum().backward()
@@ -162,7 +150,7 @@ def test_uncertainty_weights_get_per_sample_gradients():
 
 
 def test_gblend_weights_follow_generalisation_over_overfitting():
-    w = AuxLossWeights(AuxWeightsConfig(mode="gblend"))
+    w = AuxLossWeights(AuxWeightsConfig(mode="gblend"), MODALITIES)
     assert w.current() == dict.fromkeys(HEADS, 1.0)
     train_before = {"main": 0.60, "image": 0.65, "text": 0.66, "tabular": 0.68}
     val_before = {"main": 0.65, "image": 0.68, "text": 0.69, "tabular": 0.69}
@@ -181,11 +169,11 @@ def test_gblend_weights_follow_generalisation_over_overfitting():
     before = w.current()
     assert w.update_from_losses(train_before, val_before, train_before, val_before) == before
     with pytest.raises(ValueError, match="gblend"):
-        AuxLossWeights(AuxWeightsConfig(mode="fixed")).update_from_losses({}, {}, {}, {})
+        AuxLossWeights(AuxWeightsConfig(mode="fixed"), MODALITIES).update_from_losses({}, {}, {}, {})
 
 
 def test_head_loss_meter_averages_aux_losses_over_present_samples():
-    meter = HeadLossMeter()
+    meter = HeadLossMeter(MODALITIES)
     parts = {"main": torch.tensor([1.0, 3.0]), "image": torch.tensor([2.0, 0.0]),
              "text": torch.tensor([0.0, 0.0]), "tabular": torch.tensor([1.0, 5.0])}
     meter.update(parts, torch.tensor([[1.0, 0, 1], [0, 0, 1]]))
@@ -199,7 +187,7 @@ def test_head_loss_meter_averages_aux_losses_over_present_samples():
 def test_clip_group_norms_split_the_total_budget():
     model = tiny_model("gated")
     shares = ClipGroupsConfig(enabled=True, image=0.4, text=0.2, tabular=0.1, fusion=0.3)
-    norms = clip_group_norms(model, 2.0, shares)
+    norms = clip_group_norms(model, 2.0, shares.shares(three_modalities()))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(norms) == len(trainable)
     assert math.isclose(sum(x * x for x in norms), 4.0, rel_tol=1e-9)
@@ -218,8 +206,8 @@ def test_modality_contributions_from_grad_and_grad_sample():
     model = tiny_model("concat")
     image, text, tabular, mask, label = random_data(4)
     mask[:, 2] = 0  # no tabular data: its group contributes nothing
-    out = model(image, text, tabular, mask)
-    loss, _ = multimodal_loss(out, label, mask, AuxLossWeights())
+    out = model(as_batch(image, text, tabular, mask))
+    loss, _ = multimodal_loss(out, label, mask, AuxLossWeights(modalities=MODALITIES))
     loss.mean().backward()
     shares = modality_contributions(model)
     assert set(shares) == {"image", "text", "tabular", "fusion"}
@@ -228,8 +216,8 @@ def test_modality_contributions_from_grad_and_grad_sample():
     model.zero_grad(set_to_none=True)
     gsm = GradSampleModule(model, loss_reduction="sum")
     try:
-        out = gsm(image, text, tabular, mask)
-        multimodal_loss(out, label, mask, AuxLossWeights())[0].sum().backward()
+        out = gsm(as_batch(image, text, tabular, mask))
+        multimodal_loss(out, label, mask, AuxLossWeights(modalities=MODALITIES))[0].sum().backward()
         per_sample = modality_contributions(gsm)
     finally:
         gsm._close()
@@ -242,23 +230,23 @@ def test_modality_contributions_from_grad_and_grad_sample():
 def test_dp_sgd_end_to_end_with_poisson_sampling(clipping):
     torch.manual_seed(0)
     model = tiny_model("attention", dropout=0.1)
-    weights = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"))
+    weights = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"), MODALITIES)
     model.attach_loss_weights(weights)
     data = TensorDataset(*random_data(48, seed=5))
     loader = DataLoader(data, batch_size=12)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05)
-    max_grad_norm = clip_group_norms(model, 1.0, ClipGroupsConfig()) if clipping == "per_layer" else 1.0
+    max_grad_norm = clip_group_norms(model, 1.0, ClipGroupsConfig().shares(three_modalities())) if clipping == "per_layer" else 1.0
     before = {k: v.clone() for k, v in model.state_dict().items()}
     engine = PrivacyEngine(accountant="rdp")
     dp_model, dp_opt, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
         max_grad_norm=max_grad_norm, clipping=clipping, poisson_sampling=True, grad_sample_mode="hooks")
-    drop = ModalityDropout(ModalityRates(image=0.2, text=0.2, tabular=0.2))
+    drop = ModalityDropout(rates(image=0.2, text=0.2, tabular=0.2), MODALITIES)
     steps = 0
     for image, text, tabular, mask, label in dp_loader:
         mask = drop(mask)
-        out = dp_model(image, text, tabular, mask)
+        out = dp_model(as_batch(image, text, tabular, mask))
         loss, _ = multimodal_loss(out, label, mask, weights)
         dp_opt.zero_grad()
         loss.mean().backward()
@@ -290,8 +278,8 @@ def test_dp_sgd_survives_empty_poisson_batches():
         for image, text, tabular, mask, label in dp_loader:
             sizes.append(len(label))
             before = model.head.weight.detach().clone()
-            out = dp_model(image, text, tabular, mask)
-            loss, _ = multimodal_loss(out, label, mask, AuxLossWeights())
+            out = dp_model(as_batch(image, text, tabular, mask))
+            loss, _ = multimodal_loss(out, label, mask, AuxLossWeights(modalities=MODALITIES))
             dp_opt.zero_grad()
             loss.mean().backward()  # NaN value on an empty batch, but a valid (empty) backward
             dp_opt.step()

@@ -8,7 +8,6 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
-from test_balance import random_data, tiny_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,6 +20,9 @@ from clinfuse.training.dp_engine import (
     FlatDPOptimizer,
     choose_grad_sample_mode,
 )
+from tests.modelkit import as_batch, random_data, tiny_model
+
+MODALITIES = ("image", "text", "tabular")
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Secure RNG turned off",
                                         "ignore:Optimal order is the largest alpha")
@@ -41,8 +43,8 @@ def _train_steps(dp_model, optimizer, data, steps=2):
     for step in range(steps):
         rows = slice(12 * step, 12 * step + 12)
         batch = [t[rows] for t in data]
-        out = dp_model(*batch[:4])
-        multimodal_loss(out, batch[4], batch[3], AuxLossWeights())[0].mean().backward()
+        out = dp_model(as_batch(*batch[:4]))
+        multimodal_loss(out, batch[4], batch[3], AuxLossWeights(modalities=MODALITIES))[0].mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -73,7 +75,7 @@ def test_flat_optimizer_accumulates_over_skipped_steps(small_parameter, monkeypa
     for dp, opt in ((ref_dp, ref_opt), (dp_model, optimizer)):
         for step, skip in enumerate((True, False)):
             batch = [t[12 * step:12 * step + 12] for t in data]
-            multimodal_loss(dp(*batch[:4]), batch[4], batch[3], AuxLossWeights())[0].mean().backward()
+            multimodal_loss(dp(as_batch(*batch[:4])), batch[4], batch[3], AuxLossWeights(modalities=MODALITIES))[0].mean().backward()
             opt.signal_skip_step(skip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -87,7 +89,7 @@ def test_flat_optimizer_noise_has_the_mechanism_scale():
     sigma, clip, batch = 2.0, 0.5, 12
     model, dp_model, optimizer, data = _private(DPEngine(), "ew", noise=sigma, max_grad_norm=clip, batch=batch)
     empty = [t[:0] for t in data]
-    multimodal_loss(dp_model(*empty[:4]), empty[4], empty[3], AuxLossWeights())[0].sum().backward()
+    multimodal_loss(dp_model(as_batch(*empty[:4])), empty[4], empty[3], AuxLossWeights(modalities=MODALITIES))[0].sum().backward()
     optimizer.pre_step()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     expected_std = sigma * clip / batch
@@ -109,7 +111,7 @@ def test_expanded_weights_survive_empty_poisson_batches_and_count_every_step():
             sizes.append(len(label))
             before = model.head.weight.detach().clone()
             optimizer.zero_grad(set_to_none=True)  # before the forward, as in the trainer (ew needs it)
-            per_sample, _ = multimodal_loss(dp_model(image, text, tabular, mask), label, mask, AuxLossWeights())
+            per_sample, _ = multimodal_loss(dp_model(as_batch(image, text, tabular, mask)), label, mask, AuxLossWeights(modalities=MODALITIES))
             (per_sample.mean() if len(label) else per_sample.sum()).backward()
             optimizer.step()
             assert not torch.equal(before, model.head.weight)  # noise, even on an empty batch
@@ -120,13 +122,13 @@ def test_expanded_weights_survive_empty_poisson_batches_and_count_every_step():
 
 def test_expanded_weights_plain_forward_for_evaluation_after_a_step():
     model, dp_model, optimizer, data = _private(DPEngine(), "ew")
-    out = dp_model(*data[:4])
-    multimodal_loss(out, data[4], data[3], AuxLossWeights())[0].mean().backward()
+    out = dp_model(as_batch(*data[:4]))
+    multimodal_loss(out, data[4], data[3], AuxLossWeights(modalities=MODALITIES))[0].mean().backward()
     optimizer.step()  # grad_sample stays set until zero_grad, as in the trainer
     dp_model.eval()
     with torch.no_grad():
-        logits = dp_model(*data[:4])["logits"]
-    torch.testing.assert_close(logits, model.eval()(*data[:4])["logits"])
+        logits = dp_model(as_batch(*data[:4]))["logits"]
+    torch.testing.assert_close(logits, model.eval()(as_batch(*data[:4]))["logits"])
 
 
 class _BareParameterScale(nn.Module):
@@ -150,7 +152,7 @@ def test_auto_mode_falls_back_to_hooks_and_explicit_modes_are_kept():
     mixed.bias.requires_grad_(False)  # expanded weights refuse a trainable/frozen mix in one call
     assert choose_grad_sample_mode(mixed, "auto") == "hooks"
     frozen = tiny_model()
-    for p in frozen.image_encoder.parameters():
+    for p in frozen.encoders["image"].parameters():
         p.requires_grad_(False)  # a frozen encoder is no obstacle
     assert choose_grad_sample_mode(frozen, "auto") == "ew"
     for mode in ("hooks", "ew", "functorch"):

@@ -14,10 +14,9 @@ from PIL import Image
 
 from clinfuse.cli import main
 from clinfuse.config import config_from_dict
-from clinfuse.data.dataset import MultimodalDataset
+from clinfuse.data.dataset import MultimodalDataset, absent_input
 from clinfuse.data.manifest import read_manifest
-from clinfuse.data.tabular import encode_tabular
-from clinfuse.evaluation.commands import _absent_inputs, _RowView
+from clinfuse.evaluation.commands import _RowView
 from clinfuse.training.checkpoint import build_model_for, save_checkpoint
 
 HEADER = ["patient_id", "label", "split", "image", "note", "age", "sex", "temperature", "spo2", "wbc"]
@@ -105,9 +104,12 @@ def test_evaluate_cli_writes_report_metrics_and_predictions(tmp_path, setup, cap
     model, ckpt_cfg, _ = load_checkpoint(ckpts[0])
     site0 = read_manifest(manifests[0], ckpt_cfg)
     recs = [r for r in site0.records if r.split == "test"]
-    direct = predict_proba(model, MultimodalDataset(recs, ckpt_cfg))
+    test_set = MultimodalDataset(recs, ckpt_cfg)
+    direct = predict_proba(model, test_set)
+    # one prediction per patient, reported on the patient's first row
+    assert len(direct) == len({r.patient_id for r in recs}) < len(recs)
     mine = test_rows[test_rows.site == "site-0"].sort_values("row")
-    order = np.argsort([r.row for r in recs])
+    order = np.argsort([recs[p.rows[0]].row for p in test_set.samples])
     assert np.allclose(mine["prob_positive"].to_numpy(), direct[order, 1], atol=1e-5)
 
 
@@ -115,18 +117,18 @@ def test_removed_modality_looks_like_a_naturally_absent_one(tmp_path, setup):
     cfg, manifests, _, _ = setup
     recs = read_manifest(manifests[0], cfg).records
     ds = MultimodalDataset(recs, cfg)
-    full = next(i for i, r in enumerate(recs) if all(r.mask))
-    view = _RowView([(ds, full)], masks=np.array([[0, 0, 0]], dtype=np.float32), absent=_absent_inputs(cfg))
-    image, text, tabular, mask, label = view[0]
-    assert mask.tolist() == [0, 0, 0] and mask.dtype == torch.float32
-    assert not image.any() and not text.any()
-    assert torch.equal(tabular, torch.from_numpy(encode_tabular({}, cfg.data.tabular)))
-    assert tabular.dtype == ds[full][2].dtype and int(label) == recs[full].label
-    # The dataset's own item for a row without tabular data is the same encoding.
-    no_tab = next(i for i, r in enumerate(recs) if not r.mask[2])
-    assert torch.equal(ds[no_tab][2], tabular)
+    full = next(i for i, p in enumerate(ds.samples) if all(p.mask))
+    view = _RowView([(ds, full)], masks=np.array([[0, 0, 0]], dtype=np.float32))
+    item = view[0]
+    assert item["mask"].tolist() == [0, 0, 0] and item["mask"].dtype == torch.float32
+    assert not item["image"].any() and not item["text"].any()
+    assert torch.equal(item["tabular"], absent_input(cfg.modality("tabular")))
+    assert item["tabular"].dtype == ds[full]["tabular"].dtype and int(item["label"]) == ds.samples[full].label
+    # The dataset's own item for a patient without tabular data is the same input.
+    no_tab = next(i for i, p in enumerate(ds.samples) if not p.mask[2])
+    assert torch.equal(ds[no_tab]["tabular"], item["tabular"])
     untouched = _RowView([(ds, full)])[0]
-    assert torch.equal(untouched[0], ds[full][0]) and untouched[3].tolist() == [1, 1, 1]
+    assert torch.equal(untouched["image"], ds[full]["image"]) and untouched["mask"].tolist() == [1, 1, 1]
 
 
 def test_evaluate_cli_errors_are_one_line(tmp_path, setup, capsys):

@@ -62,6 +62,7 @@ def result():
     robustness = {name: robustness_sweep(lambda r, m, pr=pr: predict(r, m, pr), mask, labels, groups,
                                          np.array(list(core["runs"][name]["thresholds"].values())),
                                          label_names=["negative", "positive"], n_resamples=100,
+                                         modalities=("image", "text", "tabular"),
                                          baseline_probs=pr, progress=False)
                   for name, pr in runs.items()}
     return {"labels": ["negative", "positive"], "split": "test", "threshold_method": "youden",

@@ -10,6 +10,8 @@ import pytest
 from clinfuse.errors import InputError
 from clinfuse.evaluation.robustness import RATES, removal_masks, robustness_sweep
 
+M3 = ("image", "text", "tabular")
+
 
 def masks_fixture(n=100, seed=0):
     rng = np.random.default_rng(seed)
@@ -21,7 +23,7 @@ def masks_fixture(n=100, seed=0):
 def test_removal_masks_rates_nested_and_seeded():
     mask = masks_fixture()
     have = int(mask[:, 0].sum())
-    out = removal_masks(mask, "image", RATES, seed=3)
+    out = removal_masks(mask, "image", RATES, modalities=M3, seed=3)
     assert len(out) == len(RATES)
     np.testing.assert_array_equal(out[0], mask)
     for rate, new in zip(RATES, out):
@@ -32,19 +34,19 @@ def test_removal_masks_rates_nested_and_seeded():
     assert out[-1][:, 0].sum() == 0
     for a, b in itertools.pairwise(out):  # what is gone at a lower rate stays gone at a higher one
         assert (b <= a).all()
-    again = removal_masks(mask, "image", RATES, seed=3)
-    other = removal_masks(mask, "image", RATES, seed=4)
+    again = removal_masks(mask, "image", RATES, modalities=M3, seed=3)
+    other = removal_masks(mask, "image", RATES, modalities=M3, seed=4)
     np.testing.assert_array_equal(again[2], out[2])
     assert not np.array_equal(other[2], out[2])
 
 
 def test_removal_masks_reject_bad_input():
     with pytest.raises(InputError, match="unknown modality"):
-        removal_masks(np.ones((3, 3)), "audio")
+        removal_masks(np.ones((3, 3)), "audio", modalities=M3)
     with pytest.raises(InputError, match="outside"):
-        removal_masks(np.ones((3, 3)), "text", [1.5])
+        removal_masks(np.ones((3, 3)), "text", [1.5], modalities=M3)
     with pytest.raises(InputError, match="shape"):
-        removal_masks(np.ones((3, 2)), "text")
+        removal_masks(np.ones((3, 2)), "text", modalities=M3)
 
 
 def test_sweep_measures_degradation_and_counts_dropped_rows():
@@ -62,7 +64,7 @@ def test_sweep_measures_degradation_and_counts_dropped_rows():
         return np.c_[1 - p, p]
 
     baseline = np.c_[1 - np.where(mask[:, 0] > 0.5, signal, 0.5), np.where(mask[:, 0] > 0.5, signal, 0.5)]
-    cells = robustness_sweep(predict, mask, labels, np.arange(n), [0.5], label_names=["neg", "pos"],
+    cells = robustness_sweep(predict, mask, labels, np.arange(n), [0.5], label_names=["neg", "pos"], modalities=M3,
                              n_resamples=200, seed=0, baseline_probs=baseline, progress=False)
     assert len(cells) == 3 * len(RATES)
     by = {(c["modality"], c["rate"]): c for c in cells}
@@ -94,8 +96,8 @@ def test_sweep_with_every_row_dropped_reports_empty_cell():
     def predict(rows, m):
         return np.tile([0.4, 0.6], (len(rows), 1))
 
-    cells = robustness_sweep(predict, mask, labels, np.arange(20), [0.5], label_names=["a", "b"],
-                             modalities=("image",), n_resamples=100, progress=False)
+    cells = robustness_sweep(predict, mask, labels, np.arange(20), [0.5], label_names=["a", "b"], modalities=M3,
+                             swept=("image",), n_resamples=100, progress=False)
     last = cells[-1]
     assert last["n_rows"] == 0 and last["n_dropped"] == 20
     assert last["metrics"]["auroc"]["value"] is None

@@ -118,7 +118,7 @@ def test_empty_note_is_missing_not_error(tmp_path, small_cfg):
     rows[0]["note"] = "   "
     data = read_manifest(write_manifest(tmp_path, rows), small_cfg)
     record = next(r for r in data.records if r.row == 1)
-    assert record.note is None and record.mask[1] is False
+    assert record.inputs["text"] is None and record.mask[1] is False
     assert any(p.row == 1 and p.severity == "warning" and "empty" in p.message for p in data.problems)
 
 
@@ -182,7 +182,7 @@ def test_bad_split_value(tmp_path, small_cfg):
 def test_row_without_any_modality(tmp_path, small_cfg):
     rows = good_rows(tmp_path, 4)
     rows[0].update(image="", note="", age="", sex="", temperature="", spo2="", wbc="")
-    only_error(read_manifest(write_manifest(tmp_path, rows), small_cfg), 1, None, "no image, no note")
+    only_error(read_manifest(write_manifest(tmp_path, rows), small_cfg), 1, None, "no input of any modality")
 
 
 def test_missing_note_file(tmp_path, small_cfg):
@@ -193,7 +193,7 @@ def test_missing_note_file(tmp_path, small_cfg):
     header = [h for h in HEADER if h != "note"] + ["note_path"]
     data = read_manifest(write_manifest(tmp_path, rows, header=header), small_cfg)
     only_error(data, 1, "note_path", "not found")
-    assert {r.note for r in data.records} == {"fever"}
+    assert {r.inputs["text"] for r in data.records} == {"fever"}
 
 
 def test_phi_in_dicom_is_error_when_required(tmp_path, demo_cfg, small_cfg):
@@ -226,7 +226,7 @@ def test_parquet_manifest(tmp_path, small_cfg):
     frame["age"] = pd.to_numeric(frame["age"])
     frame.to_parquet(tmp_path / "m.parquet")
     data = read_manifest(tmp_path / "m.parquet", small_cfg)
-    assert len(data.records) == 6 and data.records[0].tabular["age"] == 30.0
+    assert len(data.records) == 6 and data.records[0].inputs["tabular"]["age"] == 30.0
 
 
 # ---- the CLI: exit 2, one line, no traceback -----------------------------------------------

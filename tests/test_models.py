@@ -10,9 +10,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from clinfuse.config import MODALITIES, ImageEncoderConfig, ModelConfig
+from clinfuse.config import ImageEncoderConfig, TextEncoderConfig
 from clinfuse.errors import InputError
-from clinfuse.models import build_model, parameter_groups
+from clinfuse.models import parameter_groups
 from clinfuse.models.encoders.image import build_image_encoder
 from clinfuse.models.encoders.text import (
     BatchFirstDPMultiheadAttention,
@@ -23,24 +23,23 @@ from clinfuse.models.encoders.text import (
 )
 from clinfuse.training.balance import AuxLossWeights, multimodal_loss
 from clinfuse.training.dp_engine import ExpandedWeightsGradSampleModule
+from tests.modelkit import BUCKETS, SIZE, TAB_DIM, TEXT_LEN, as_batch, tiny_model
 
 # Opacus' full backward hooks warn when no module input requires grad (true for our data inputs).
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
 
+MODALITIES = ("image", "text", "tabular")
 FUSIONS = ("concat", "gated", "attention", "lowrank")
 PATTERNS = [p for p in itertools.product((0, 1), repeat=3) if any(p)]
-BUCKETS, TEXT_LEN, TAB_DIM, SIZE, N_CLASSES = 64, 8, 5, 16, 3
+N_CLASSES = 3
 
 
-def small_cfg(fusion="attention", dropout=0.0, **kw) -> ModelConfig:
-    return ModelConfig(dim=16, dropout=dropout, fusion={"name": fusion, "rank": 3},
-                       image_encoder={"name": "small_cnn", "channels": [4, 8]},
-                       tabular_encoder={"hidden": 8}, **kw)
+def weights(cfg=None):
+    return AuxLossWeights(cfg, MODALITIES)
 
 
-def small_model(fusion="attention", *, tabular_dim=TAB_DIM, size=SIZE, **kw):
-    return build_model(small_cfg(fusion, **kw), n_classes=N_CLASSES, tabular_dim=tabular_dim,
-                       text_buckets=BUCKETS, text_len=TEXT_LEN, image_size=(size, size))
+def small_model(fusion="attention", **kw):
+    return tiny_model(fusion, n_classes=N_CLASSES, rank=3, **kw)
 
 
 def make_batch(mask_rows, *, size=SIZE, tabular_dim=TAB_DIM, seed=0):
@@ -66,14 +65,14 @@ def per_sample_vs_single(model, batch, weights=None, atol=1e-5, mode="hooks"):
     else:
         wrapped = ExpandedWeightsGradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
-        out = wrapped(image, text, tabular, mask)
+        out = wrapped(as_batch(image, text, tabular, mask))
         multimodal_loss(out, label, mask, weights)[0].sum().backward()
         per_sample = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()
                       if p.requires_grad}
         for i in range(mask.shape[0]):
             model.zero_grad(set_to_none=True)
             s = slice(i, i + 1)
-            out = model(image[s], text[s], tabular[s], mask[s])
+            out = model(as_batch(image[s], text[s], tabular[s], mask[s]))
             multimodal_loss(out, label[s], mask[s], weights)[0].sum().backward()
             for n, p in model.named_parameters():
                 if p.requires_grad:
@@ -91,11 +90,11 @@ def test_every_modality_pattern_forward_backward(fusion):
     assert ModuleValidator.validate(model, strict=False) == []
     batch = make_batch(PATTERNS)
     image, text, tabular, mask, label = batch
-    out = model(image, text, tabular, mask)
+    out = model(as_batch(image, text, tabular, mask))
     assert out["logits"].shape == (len(PATTERNS), N_CLASSES)
     assert set(out["aux"]) == set(MODALITIES)
     assert all(a.shape == (len(PATTERNS), N_CLASSES) for a in out["aux"].values())
-    loss, _ = multimodal_loss(out, label, mask, AuxLossWeights())
+    loss, _ = multimodal_loss(out, label, mask, weights())
     loss.mean().backward()
     assert torch.isfinite(loss).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -104,12 +103,12 @@ def test_every_modality_pattern_forward_backward(fusion):
     model.eval()
     for pattern in PATTERNS:
         image, text, tabular, mask, _ = make_batch([pattern] * 2, seed=1)
-        ref = model(image, text, tabular, mask)["logits"]
+        ref = model(as_batch(image, text, tabular, mask))["logits"]
         assert torch.isfinite(ref).all()
         noisy = (image + (1 - mask[:, 0, None, None, None]) * 5.0,
                  torch.where(mask[:, 1:2] > 0, text, torch.full_like(text, 7)),
                  tabular + (1 - mask[:, 2:3]) * 3.0)
-        torch.testing.assert_close(model(*noisy, mask)["logits"], ref)
+        torch.testing.assert_close(model(as_batch(*noisy, mask))["logits"], ref)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ew"])
@@ -118,7 +117,7 @@ def test_per_sample_gradients_match_single_sample_backward(fusion, mode):
     torch.manual_seed(0)
     model = small_model(fusion)
     batch = make_batch([(1, 1, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0)])
-    per_sample = per_sample_vs_single(model, batch, AuxLossWeights(), mode=mode)
+    per_sample = per_sample_vs_single(model, batch, weights(), mode=mode)
     mask = batch[3]
     groups = parameter_groups(model)
     # An absent modality gets an exactly-zero per-sample gradient in its encoder and aux head.
@@ -130,7 +129,7 @@ def test_per_sample_gradients_match_single_sample_backward(fusion, mode):
             for s in absent:
                 assert torch.count_nonzero(per_sample[name][s]) == 0, (name, s)
         # A present modality does train its encoder (the test would pass vacuously otherwise).
-        enc = [n for n in groups[m] if n.startswith(f"{m}_encoder.")]
+        enc = [n for n in groups[m] if n.startswith(f"encoders.{m}.")]
         assert any(per_sample[n][present].abs().sum() > 0 for n in enc)
         # ... and its missing token gets nothing from samples where the modality is present.
         for s in present:
@@ -142,7 +141,7 @@ def test_transformer_text_encoder_under_grad_sample_module():
     model = small_model("lowrank", text_encoder={"name": "transformer", "layers": 2, "heads": 2})
     assert ModuleValidator.validate(model, strict=False) == []
     batch = make_batch([(1, 1, 1), (1, 0, 1), (0, 1, 0)])
-    per_sample = per_sample_vs_single(model, batch, AuxLossWeights())
+    per_sample = per_sample_vs_single(model, batch, weights())
     for name in parameter_groups(model)["text"]:
         assert torch.count_nonzero(per_sample[name][1]) == 0, name
 
@@ -173,31 +172,38 @@ def test_frozen_hashed_bag_table_is_seeded_fixed_and_not_trained():
     a = small_model("attention")
     torch.manual_seed(2)
     b = small_model("attention")
-    table = a.text_encoder.table
+    table = a.encoders["text"].table
     assert table.shape == (BUCKETS, 256) and torch.count_nonzero(table[0]) == 0
-    torch.testing.assert_close(table, b.text_encoder.table, rtol=0, atol=0)
+    torch.testing.assert_close(table, b.encoders["text"].table, rtol=0, atol=0)
     other = small_model("attention", text_encoder={"embedding_seed": 1})
-    assert not torch.equal(table, other.text_encoder.table)
-    assert "text_encoder.table" in a.state_dict()  # travels with checkpoints
+    assert not torch.equal(table, other.encoders["text"].table)
+    assert "encoders.text.table" in a.state_dict()  # travels with checkpoints
     assert all(".table" not in n and ".embed." not in n for n, _ in a.named_parameters())
     # Per-sample gradients exist for the Linear layers above the table, and match single-sample
     # ones; the table itself stays unchanged by a DP step.
     image, text, tabular, mask, label = make_batch([(1, 1, 1), (0, 1, 0), (1, 0, 1)])
-    per_sample = per_sample_vs_single(a, (image, text, tabular, mask, label), AuxLossWeights())
-    assert per_sample["text_encoder.proj.weight"][0].abs().sum() > 0
-    assert torch.count_nonzero(per_sample["text_encoder.proj.weight"][2]) == 0
+    per_sample = per_sample_vs_single(a, (image, text, tabular, mask, label), weights())
+    assert per_sample["encoders.text.proj.weight"][0].abs().sum() > 0
+    assert torch.count_nonzero(per_sample["encoders.text.proj.weight"][2]) == 0
     # The trainable variant keeps its learned table as a parameter.
     trainable = small_model("attention", text_encoder={"trainable_embedding": True})
-    assert "text_encoder.embed.weight" in dict(trainable.named_parameters())
+    assert "encoders.text.embed.weight" in dict(trainable.named_parameters())
 
 
-def test_tabular_dim_zero_means_no_tabular_parameters():
-    model = small_model("gated", tabular_dim=0)
+def test_only_declared_modalities_exist():
+    """A study without tabular fields has no tabular encoder, token, head or group."""
+    from tests.modelkit import three_modalities
+
+    image, text, _ = three_modalities()
+    model = small_model("gated", modalities=(image, text))
     groups = parameter_groups(model)
-    assert groups["tabular"] == ["aux_heads.tabular.weight", "aux_heads.tabular.bias"]
-    image, text, tabular, mask, label = make_batch([(1, 1, 0), (1, 0, 0)], tabular_dim=0)
-    assert tabular.shape == (2, 0)
-    per_sample_vs_single(model, (image, text, tabular, mask, label), AuxLossWeights())
+    assert list(groups) == ["image", "text", "fusion"]
+    assert not any("tabular" in n for n in model.state_dict())
+    img, txt, _, mask, _ = make_batch([(1, 1, 0), (1, 0, 0)])
+    out = model({"image": img, "text": txt, "mask": mask[:, :2], "instances": {}})
+    assert list(out["aux"]) == ["image", "text"]
+    with pytest.raises(ValueError, match="mask"):
+        model({"image": img, "text": txt, "mask": mask, "instances": {}})
 
 
 def test_parameter_groups_cover_every_parameter_once():
@@ -207,7 +213,7 @@ def test_parameter_groups_cover_every_parameter_once():
     assert sorted(n for names_ in groups.values() for n in names_) == sorted(names)
     assert "aux_heads.image.weight" in groups["image"]
     assert "missing.text.weight" in groups["fusion"]
-    assert all(n.startswith(("image_encoder.", "aux_heads.image.")) for n in groups["image"])
+    assert all(n.startswith(("encoders.image.", "aux_heads.image.")) for n in groups["image"])
     assert all(n.startswith(("fusion.", "head.", "missing.")) for n in groups["fusion"])
     wrapped = GradSampleModule(model)
     try:
@@ -281,34 +287,33 @@ def test_pretrained_text_encoder_is_frozen_and_validated(tmp_path):
     torch.manual_seed(0)
     src = TransformerTextEncoder(BUCKETS, 8, TEXT_LEN, layers=1, heads=2)
     save_pretrained_text_encoder(src, tmp_path / "enc")
-    cfg = small_cfg("concat", text_encoder={"name": "pretrained", "path": str(tmp_path / "enc")})
-    model = build_model(cfg, n_classes=N_CLASSES, tabular_dim=TAB_DIM, text_buckets=BUCKETS,
-                        text_len=TEXT_LEN, image_size=(SIZE, SIZE))
-    text_enc = model.text_encoder
+    text_cfg = TextEncoderConfig(name="pretrained", path=str(tmp_path / "enc"))
+    model = small_model("concat", text_encoder=text_cfg)
+    text_enc = model.encoders["text"]
     assert text_enc.frozen is True
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen and all(n.startswith("text_encoder.encoder.") for n in frozen)
+    assert frozen and all(n.startswith("encoders.text.encoder.") for n in frozen)
     assert parameter_groups(model, trainable_only=True)["text"] == [
-        "text_encoder.proj.weight", "text_encoder.proj.bias", "aux_heads.text.weight", "aux_heads.text.bias"]
+        "encoders.text.proj.weight", "encoders.text.proj.bias", "aux_heads.text.weight", "aux_heads.text.bias"]
     ids = torch.randint(1, BUCKETS, (2, TEXT_LEN))
     torch.testing.assert_close(text_enc.embed(ids), src.eval()(ids))
     model.train()
     assert not text_enc.encoder.training
-    per_sample_vs_single(model, make_batch([(1, 1, 1), (1, 0, 1)]), AuxLossWeights())
+    per_sample_vs_single(model, make_batch([(1, 1, 1), (1, 0, 1)]), weights())
 
     with pytest.raises(InputError, match="hash buckets"):
-        build_text_encoder(cfg.text_encoder, 16, buckets=128, text_len=TEXT_LEN)
+        build_text_encoder(text_cfg, 16, buckets=128, text_len=TEXT_LEN)
     with pytest.raises(InputError, match="not found"):
-        build_text_encoder(cfg.text_encoder.model_copy(update={"path": str(tmp_path / "x")}), 16,
+        build_text_encoder(text_cfg.model_copy(update={"path": str(tmp_path / "x")}), 16,
                            buckets=BUCKETS, text_len=TEXT_LEN)
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     with pytest.raises(InputError, match="HuggingFace"):
-        build_text_encoder(cfg.text_encoder.model_copy(update={"path": str(hf)}), 16,
+        build_text_encoder(text_cfg.model_copy(update={"path": str(hf)}), 16,
                            buckets=BUCKETS, text_len=TEXT_LEN)
     with pytest.raises(InputError, match="needs a local directory"):
-        build_text_encoder(cfg.text_encoder.model_copy(update={"path": None}), 16,
+        build_text_encoder(text_cfg.model_copy(update={"path": None}), 16,
                            buckets=BUCKETS, text_len=TEXT_LEN)
 
 
@@ -319,11 +324,12 @@ def test_transformer_heads_must_divide_dim():
 
 
 def test_demo_sized_model_builds_and_runs():
-    cfg = ModelConfig()  # the demo's defaults: dim 64, small_cnn [16, 32, 64], attention fusion
-    model = build_model(cfg, n_classes=2, tabular_dim=11, text_buckets=4096, text_len=64,
-                        image_size=(64, 64))
-    out = model(torch.zeros(2, 1, 64, 64), torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 11),
-                torch.tensor([[1.0, 0, 0], [0, 0, 1]]))
+    from clinfuse.config import load_config
+    from clinfuse.training.checkpoint import build_model_for
+
+    model = build_model_for(load_config())  # the demo: dim 64, small_cnn [16, 32, 64], attention fusion
+    out = model(as_batch(torch.zeros(2, 1, 64, 64), torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 11),
+                         torch.tensor([[1.0, 0, 0], [0, 0, 1]])))
     assert out["logits"].shape == (2, 2)
     assert math.isfinite(float(out["logits"].detach().sum()))
 
@@ -360,20 +366,18 @@ def test_state_dict_keys_are_the_parameter_names():
                                           {"name": "hashed_bag", "trainable_embedding": True},
                                           {"name": "transformer"}])
 def test_expanded_weights_mode_agrees_with_hooks(text_encoder):
-    from opacus.grad_sample import GradSampleModuleExpandedWeights
-
     from clinfuse.config import AuxWeightsConfig
 
     torch.manual_seed(0)
     model = small_model("attention", text_encoder=text_encoder)
-    weights = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"))
-    model.attach_loss_weights(weights)
+    learned = AuxLossWeights(AuxWeightsConfig(mode="uncertainty"), MODALITIES)
+    model.attach_loss_weights(learned)
     image, text, tabular, mask, label = make_batch(PATTERNS)
     grads = []
     for wrapper in (GradSampleModule(model, loss_reduction="sum"),
-                    GradSampleModuleExpandedWeights(model, loss_reduction="sum")):
-        out = wrapper(image, text, tabular, mask)
-        multimodal_loss(out, label, mask, weights)[0].sum().backward()
+                    ExpandedWeightsGradSampleModule(model, loss_reduction="sum")):
+        out = wrapper(as_batch(image, text, tabular, mask))
+        multimodal_loss(out, label, mask, learned)[0].sum().backward()
         grads.append({n: p.grad_sample.clone() for n, p in model.named_parameters()})
         for p in model.parameters():
             p.grad, p.grad_sample = None, None
@@ -396,22 +400,17 @@ def test_frozen_hashed_bag_round_trips_as_pretrained_directory(tmp_path):
 
 
 def test_residual_aux_fusion_starts_as_product_of_experts_and_stays_dp_exact():
-    from clinfuse.config import FusionConfig
-
-    cfg = small_cfg("attention").model_copy(update={"fusion": FusionConfig(name="attention", rank=3,
-                                                                           residual_aux=True)})
-    model = build_model(cfg, n_classes=N_CLASSES, tabular_dim=TAB_DIM, text_buckets=BUCKETS,
-                        text_len=TEXT_LEN, image_size=(SIZE, SIZE)).eval()
+    model = small_model("attention", residual_aux=True).eval()
     batch = make_batch([(1, 0, 1), (0, 1, 0), (1, 1, 1)])
     image, text, tabular, mask, _ = batch
     with torch.no_grad():
-        out = model(image, text, tabular, mask)
+        out = model(as_batch(image, text, tabular, mask))
     expected = sum(mask[:, i:i + 1] * out["aux"][m] for i, m in enumerate(MODALITIES))
     torch.testing.assert_close(out["logits"], expected)  # zero-initialised fusion head
     per_sample = per_sample_vs_single(model.train(), batch)
     for name, grads in per_sample.items():
         for i, m in enumerate(MODALITIES):
-            if name.startswith(f"{m}_encoder."):
+            if name.startswith(f"encoders.{m}."):
                 for row in range(3):
                     if mask[row, i] == 0:
                         assert torch.count_nonzero(grads[row]) == 0, (name, row)

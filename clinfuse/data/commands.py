@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clinfuse.config import MODALITIES, Config
+from clinfuse.config import Config
 
 
 def register(subparsers) -> None:
@@ -25,7 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=200, help="patients per site")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", choices=["default", "text_dominant"], default="default")
+    p.add_argument("--variant", choices=["default", "text_dominant", "rich"], default="default",
+                   help="rich: five modalities (chest film, CT series, note, tabular, ECG); "
+                        "configs/rich.yaml reads it")
     p.set_defaults(handler=_synth)
 
     p = subparsers.add_parser("prepare", help="convert a public dataset into per-site manifests")
@@ -46,14 +48,16 @@ def format_report(summary: dict, problems: list, *, max_problems: int = 50) -> s
          f"patients {summary['patients']}"),
         "  labels: " + ", ".join(f"{k} {v}" for k, v in summary["labels"].items()),
         "  splits: " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()),
-        "  availability: " + ", ".join(f"{m} {summary['availability'][m]} ({summary['availability'][m] / rows:.0%})"
-                                       for m in MODALITIES),
+        "  availability: " + ", ".join(f"{m} {n} ({n / rows:.0%})" for m, n in summary["availability"].items()),
         "",
         f"  {'modality pattern':<24}{'rows':>6}{'share':>8}",
     ]
     for name, count in summary["patterns"].items():
         lines.append(f"  {name:<24}{count:>6}{count / rows:>8.0%}")
     lines.append("")
+    if summary.get("unused_inputs"):
+        lines.append("  inputs beyond a modality's max_count (not used; raise max_count to pool them): "
+                     + ", ".join(f"{m} {n}" for m, n in summary["unused_inputs"].items()))
     lines.append(f"  problems: {summary['errors']} errors (rows skipped), {summary['warnings']} warnings")
     for problem in problems[:max_problems]:
         lines.append("    " + problem.describe())

@@ -1,19 +1,31 @@
-"""Multimodal dataset: per-record tensors plus a modality mask, with a disk cache of decoded images.
+"""Multimodal dataset: one item per patient, a dict keyed by modality name, with a disk cache.
 
-Each item is the tuple ``(image, text, tabular, mask, label)``:
+The batch contract. Item ``i`` is patient ``i`` (their rows pooled), a dict:
 
-- ``image``   float32 ``[1, H, W]`` (zeros when absent)
-- ``text``    int64 ``[max_tokens]`` hashed n-gram ids, 0 = padding (zeros when absent)
-- ``tabular`` float32 ``[D]`` declared-range encoding with missing flags
-- ``mask``    float32 ``[3]`` = (has_image, has_text, has_tabular)
-- ``label``   int64 scalar
+- ``<modality name>``: the modality's input, zeros when absent. Its shape by kind:
+  ``image`` float32 ``[1, H, W]``; ``volume`` float32 ``[1, D, H, W]``; ``text`` int64
+  ``[max_tokens]`` hashed n-gram ids (0 = padding); ``tabular`` float32 ``[D]`` (declared-range
+  encoding with missing flags); ``signal`` float32 ``[channels, length]``. A modality with
+  ``max_count`` K > 1 has a leading instance axis: ``[K, ...]``, zero-padded.
+- ``"mask"``: float32 ``[M]``, 1 where the modality is present, in declared order.
+- ``"instances"``: ``{name: float32 [K]}`` for each modality with ``max_count`` > 1, 1 for each
+  filled instance slot (the slots are filled in row order).
+- ``"label"``: int64 scalar.
 
+:meth:`MultimodalDataset.collate` stacks items into the same dict with a leading batch axis, and
+builds an empty batch of the right shapes for the empty batches Poisson sampling draws.
 Absent modalities are placeholders that the model masks; nothing is imputed from other patients.
 
-Images are decoded once. The decoded array is stored in the site's cache directory under a key
-made of the image file's content hash and the preprocessing settings, so later epochs and later
-processes (a Flower ClientApp is a new process every round) read it back instead of decoding.
-Entries carry a checksum; a corrupt entry is detected, rebuilt and overwritten.
+One item per patient is what DP training needs (the patient is the privacy unit: one prediction
+and one clipped gradient per patient per step) and what evaluation scores (one prediction per
+patient). A patient's inputs of a modality are the distinct values of their rows, in row order,
+at most ``max_count`` (:func:`clinfuse.data.manifest.patient_inputs`).
+
+Images, volumes and signals are decoded once. The decoded array is stored in the site's cache
+directory under a key made of the file's content hash (a series folder: every file in it) and the
+modality's preprocessing settings, so later epochs and later processes (a Flower ClientApp is a
+new process every round) read it back instead of decoding. Entries carry a checksum; a corrupt
+entry is detected, rebuilt and overwritten.
 """
 
 from __future__ import annotations
@@ -22,18 +34,17 @@ import hashlib
 import io
 import json
 import os
-import random
 import tempfile
-from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from clinfuse.config import Config
-from clinfuse.data.manifest import Record
+from clinfuse.data.manifest import PATH_KINDS, Record, patient_inputs
 from clinfuse.data.tabular import encode_tabular, tabular_dim
 from clinfuse.data.text import tokenize
 
@@ -48,27 +59,43 @@ def default_cache_dir(manifest: str | Path, cfg: Config) -> Path:
     return Path(manifest).resolve().parent / ".clinfuse-cache"
 
 
+def _content_files(path: Path) -> list[Path]:
+    """The files whose bytes define a decoded input: the file, a series folder's files, a WFDB
+    record's header and signal files."""
+    if path.is_dir():
+        return sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    if path.suffix.lower() == ".hea" or (not path.exists() and path.with_name(path.name + ".hea").exists()):
+        stem = path.with_suffix("") if path.suffix.lower() == ".hea" else path
+        return sorted(f for f in stem.parent.glob(stem.name + ".*") if f.is_file())
+    return [path]
+
+
 class ImageCache:
-    """Content-addressed store of decoded images.
+    """Content-addressed store of decoded inputs (images, volumes, signals).
 
     An entry is ``sha256(payload) || payload`` where payload is the ``.npy`` bytes; reading checks
     the digest, so a truncated or altered entry is rebuilt instead of feeding garbage to training.
+    ``settings`` (the modality's kind and preprocessing) enter every key; ``subdir`` names the
+    store under ``root``.
     """
 
-    def __init__(self, root: str | Path, image_settings: dict):
-        self.root = Path(root) / "images"
+    def __init__(self, root: str | Path, image_settings: dict, subdir: str = "images"):
+        self.root = Path(root) / subdir
         self._settings = json.dumps({**image_settings, "decoder": DECODER_VERSION}, sort_keys=True)
         self._keys: dict[tuple, str] = {}
         self.hits = self.misses = self.rebuilt = 0
 
     def key(self, path: Path) -> str:
-        stat = path.stat()
-        memo = (str(path), stat.st_size, stat.st_mtime_ns)
+        files = _content_files(path)
+        stats = [f.stat() for f in files]
+        memo = (str(path), tuple((str(f), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
         if memo not in self._keys:
             digest = hashlib.sha256(self._settings.encode())
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
+            for f in files:
+                digest.update(f.name.encode() + b"\0")
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        digest.update(chunk)
             self._keys[memo] = digest.hexdigest()
         return self._keys[memo]
 
@@ -110,84 +137,193 @@ class ImageCache:
             raise
 
 
+@dataclass(frozen=True)
+class PatientSample:
+    """One patient of a dataset: their rows pooled. ``inputs[name]`` lists the patient's inputs of
+    that modality (paths, notes or tabular value dicts), at most its ``max_count``."""
+    site: str
+    patient_id: str
+    label: int
+    split: str
+    rows: tuple[int, ...]  # indices into ``MultimodalDataset.records``
+    inputs: dict
+    mask: tuple[bool, ...]
+
+
+def group_patients(records: Sequence[Record], cfg: Config) -> list[PatientSample]:
+    """Pool records by (site, patient), in order of each patient's first row."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r.site, r.patient_id), []).append(i)
+    out = []
+    for (site, patient), rows in groups.items():
+        first = records[rows[0]]
+        inputs = {spec.name: patient_inputs(spec, [records[i].inputs[spec.name] for i in rows])
+                  for spec in cfg.modalities}
+        out.append(PatientSample(site=site, patient_id=patient, label=first.label, split=first.split,
+                                 rows=tuple(rows), inputs=inputs,
+                                 mask=tuple(bool(inputs[spec.name]) for spec in cfg.modalities)))
+    return out
+
+
+def input_shape(spec) -> tuple[int, ...]:
+    """Shape of one input of a modality (without the instance axis)."""
+    if spec.kind == "image":
+        return (1, *spec.size)
+    if spec.kind == "volume":
+        return (1, *spec.size)
+    if spec.kind == "signal":
+        return (spec.channels, spec.length)
+    if spec.kind == "text":
+        return (spec.max_tokens,)
+    return (tabular_dim(spec.columns),)
+
+
+def absent_input(spec) -> torch.Tensor:
+    """What an item holds for a modality the patient lacks (zeros; text: all padding)."""
+    dtype = torch.int64 if spec.kind == "text" else torch.float32
+    shape = input_shape(spec)
+    return torch.zeros((spec.max_count, *shape) if spec.max_count > 1 else shape, dtype=dtype)
+
+
+def without_modalities(item: dict, keep, cfg: Config) -> dict:
+    """``item`` with the modalities whose ``keep`` entry is 0 removed: mask 0 and the absent input,
+    exactly what the dataset gives a patient who lacks them."""
+    out = dict(item)
+    keep = torch.as_tensor(np.asarray(keep, dtype=np.float32))
+    out["mask"] = item["mask"] * keep
+    instances = dict(item["instances"])
+    for i, spec in enumerate(cfg.modalities):
+        if keep[i] < 0.5:
+            out[spec.name] = absent_input(spec)
+            if spec.name in instances:
+                instances[spec.name] = torch.zeros_like(instances[spec.name])
+    out["instances"] = instances
+    return out
+
+
 class MultimodalDataset(Dataset):
-    """Records of one site as model-ready tensors (see the module docstring for the item layout).
+    """Records of one site as model-ready patient items (see the module docstring for the layout).
 
     Parameters
     ----------
     records: validated manifest records (``read_manifest(...).records``, possibly one split).
-    cfg: the study configuration; preprocessing comes from ``cfg.data``.
-    cache_dir: where decoded images are kept between processes; ``None`` keeps them in memory only.
+    cfg: the study configuration; the modalities and their preprocessing come from ``cfg.modalities``.
+    cache_dir: where decoded inputs are kept between processes; ``None`` keeps them in memory only.
+
+    ``samples`` lists the patients (``len(dataset)`` of them), ``records`` the rows.
     """
 
     def __init__(self, records: Sequence[Record], cfg: Config, cache_dir: str | Path | None = None):
         self.records = list(records)
         self.cfg = cfg
-        self.cache = ImageCache(cache_dir, cfg.data.image.model_dump(mode="json")) if cache_dir else None
-        self._memory: dict[int, np.ndarray] = {}
-        size = tuple(cfg.data.image.size)
-        self._blank_image = torch.zeros((1, *size), dtype=torch.float32)
+        self.samples = group_patients(self.records, cfg)
+        self.caches = {spec.name: ImageCache(cache_dir, {"kind": spec.kind, **spec.preprocessing()},
+                                             subdir="images" if spec.kind == "image" else spec.kind + "s")
+                       for spec in cfg.modalities if spec.kind in PATH_KINDS} if cache_dir else {}
+        self._memory: dict[tuple[str, Path], np.ndarray] = {}
+        self._absent = {spec.name: absent_input(spec) for spec in cfg.modalities}
         # Text and tabular encodings are cheap and small: compute them once, up front.
-        self._text = [torch.from_numpy(tokenize(r.note, cfg.data.text)) for r in self.records]
-        self._tabular = [torch.from_numpy(encode_tabular(r.tabular, cfg.data.tabular)) for r in self.records]
-        self.tabular_dim = tabular_dim(cfg.data.tabular)
+        self._encoded: dict[str, list[list[torch.Tensor]]] = {}
+        for spec in cfg.modalities:
+            if spec.kind == "text":
+                self._encoded[spec.name] = [[torch.from_numpy(tokenize(v, spec)) for v in p.inputs[spec.name]]
+                                            for p in self.samples]
+            elif spec.kind == "tabular":
+                self._encoded[spec.name] = [[torch.from_numpy(encode_tabular(v, spec.columns))
+                                             for v in p.inputs[spec.name]] for p in self.samples]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.samples)
 
-    def image_array(self, index: int) -> np.ndarray:
-        """Decoded image of record ``index`` (memory, then disk cache, then decode)."""
-        from clinfuse.data.images import decode_image
+    @property
+    def cache(self) -> ImageCache | None:
+        """The cache of the first imaging modality (hit/miss counts for reports), or ``None``."""
+        return next(iter(self.caches.values()), None)
 
-        if index in self._memory:
-            return self._memory[index]
-        path = self.records[index].image
-        array = self.cache.get(path) if self.cache else None
+    def decoded(self, name: str, path: Path) -> np.ndarray:
+        """Decoded input of modality ``name`` from ``path`` (memory, then disk cache, then decode)."""
+        key = (name, path)
+        if key in self._memory:
+            return self._memory[key]
+        spec = self.cfg.modality(name)
+        cache = self.caches.get(name)
+        array = cache.get(path) if cache else None
         if array is None:
-            array = np.ascontiguousarray(decode_image(path, self.cfg.data.image), dtype=np.float32)
-            if self.cache:
-                self.cache.put(path, array)
-        self._memory[index] = array
+            array = np.ascontiguousarray(_decode(spec, path), dtype=np.float32)
+            if cache:
+                cache.put(path, array)
+        self._memory[key] = array
         return array
 
-    def __getitem__(self, index: int):
-        record = self.records[index]
-        image = (torch.from_numpy(self.image_array(index)) if record.image is not None
-                 else self._blank_image)
-        mask = torch.tensor(record.mask, dtype=torch.float32)
-        return image, self._text[index], self._tabular[index], mask, torch.tensor(record.label)
+    def _inputs(self, spec, index: int) -> list[torch.Tensor]:
+        if spec.kind in PATH_KINDS:
+            return [torch.from_numpy(self.decoded(spec.name, p)) for p in self.samples[index].inputs[spec.name]]
+        return self._encoded[spec.name][index]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        item: dict = {}
+        instances = {}
+        for spec in self.cfg.modalities:
+            values = self._inputs(spec, index)
+            if spec.max_count == 1:
+                item[spec.name] = values[0] if values else self._absent[spec.name]
+            else:
+                stacked = self._absent[spec.name].clone()
+                for k, v in enumerate(values):
+                    stacked[k] = v
+                item[spec.name] = stacked
+                filled = torch.zeros(spec.max_count, dtype=torch.float32)
+                filled[:len(values)] = 1.0
+                instances[spec.name] = filled
+        item["mask"] = torch.tensor(sample.mask, dtype=torch.float32)
+        item["instances"] = instances
+        item["label"] = torch.tensor(sample.label)
+        return item
+
+    def collate(self, items: list[dict]) -> dict:
+        """Stack items into a batch; an empty list gives an empty batch of the right shapes."""
+        if items:
+            return default_collate(items)
+        empty = {spec.name: self._absent[spec.name].new_zeros((0, *self._absent[spec.name].shape))
+                 for spec in self.cfg.modalities}
+        empty["mask"] = torch.zeros((0, len(self.cfg.modalities)))
+        empty["instances"] = {spec.name: torch.zeros((0, spec.max_count))
+                              for spec in self.cfg.modalities if spec.max_count > 1}
+        empty["label"] = torch.zeros((0,), dtype=torch.int64)
+        return empty
 
     def warm(self, progress: bool = True) -> None:
-        """Decode every image now (fills the disk cache), with a progress bar."""
+        """Decode every image, volume and signal now (fills the disk cache), with a progress bar."""
         from tqdm.auto import tqdm
 
-        indices = [i for i, r in enumerate(self.records) if r.image is not None]
-        for i in tqdm(indices, desc="decoding images", unit="img", disable=not progress or None):
-            self.image_array(i)
+        todo = [(spec.name, p) for spec in self.cfg.modalities if spec.kind in PATH_KINDS
+                for sample in self.samples for p in sample.inputs[spec.name]]
+        for name, path in tqdm(todo, desc="decoding inputs", unit="file", disable=not progress or None):
+            self.decoded(name, path)
 
 
-class PatientSampledDataset(Dataset):
-    """One item per *patient*: the privacy unit of DP training.
+def _decode(spec, path: Path) -> np.ndarray:
+    if spec.kind == "image":
+        from clinfuse.config import ImageConfig
+        from clinfuse.data.images import decode_image
 
-    With several images per patient, sampling rows would let one patient contribute several
-    clipped gradients to a step and break the patient-level guarantee. Here index ``j`` is patient
-    ``j``; each access returns one of that patient's records chosen at random, so every patient
-    contributes at most one clipped per-sample gradient per step and ``len()`` is the number of
-    patients that the accountant's sample rate refers to.
-    """
+        # the preprocessing part only: the transform is cached per distinct ImageConfig
+        return decode_image(path, ImageConfig(**{k: getattr(spec, k) for k in ImageConfig.model_fields}))
+    if spec.kind == "volume":
+        from clinfuse.data.volumes import decode_volume
 
-    def __init__(self, dataset: MultimodalDataset, seed: int = 0):
-        self.dataset = dataset
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, record in enumerate(dataset.records):
-            groups[record.patient_id].append(i)
-        self.patients = sorted(groups)
-        self._rows = [groups[p] for p in self.patients]
-        self._rng = random.Random(seed)
+        return decode_volume(path, spec)
+    from clinfuse.data.signals import decode_signal
 
-    def __len__(self) -> int:
-        return len(self.patients)
+    return decode_signal(path, spec)
 
-    def __getitem__(self, index: int):
-        rows = self._rows[index]
-        return self.dataset[rows[0] if len(rows) == 1 else self._rng.choice(rows)]
+
+def move_batch(batch, device):
+    """A batch (nested dicts of tensors) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    return batch

@@ -53,6 +53,7 @@ __all__ = [
     "check_image",
     "decode_image",
     "phi_fields",
+    "read_frames",
     "read_pixels",
 ]
 
@@ -159,6 +160,20 @@ def read_pixels(path: str | os.PathLike[str], *, frame: Frame = "middle",
         arr = _read_raster(p)
     else:
         arr = _read_dicom_pixels(p, head, frame=frame, voi=apply_voi_lut)
+    if not np.isfinite(arr).all():
+        raise InputError("pixel data contains NaN or infinite values", file=p)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_frames(path: str | os.PathLike[str], *, apply_voi_lut: bool = False) -> np.ndarray:
+    """Every frame of a DICOM file as float32 ``[frames, rows, columns]`` (a single-frame file
+    gives one), each as :func:`read_pixels` reads it; the file is read and checked once. By
+    default without the VOI LUT/window: a volume keeps its physical units (CT: Hounsfield)."""
+    p, head = _open(path)
+    if _kind(p, head) == "raster":
+        arr = _read_raster(p)[None]
+    else:
+        arr = _read_dicom_pixels(p, head, frame="all", voi=apply_voi_lut)
     if not np.isfinite(arr).all():
         raise InputError("pixel data contains NaN or infinite values", file=p)
     return np.ascontiguousarray(arr, dtype=np.float32)
@@ -453,7 +468,7 @@ def _use_frame_functional_groups(ds: Dataset, index: int) -> None:
                         setattr(ds, keyword, items[0][keyword].value)
 
 
-def _read_dicom_pixels(p: Path, head: bytes, *, frame: Frame, voi: bool) -> np.ndarray:
+def _read_dicom_pixels(p: Path, head: bytes, *, frame: Frame | Literal["all"], voi: bool) -> np.ndarray:
     with warnings.catch_warnings():
         # pydicom warns per file about benign header oddities; in a data loader that is noise.
         warnings.simplefilter("ignore")
@@ -467,19 +482,23 @@ def _read_dicom_pixels(p: Path, head: bytes, *, frame: Frame, voi: bool) -> np.n
         elif truncated:
             raise InputError("DICOM file is truncated: the compressed pixel data ends before its end marker",
                              file=p)
-        index = _frame_index(frame, get_nr_frames(ds, warn=False), p)
-        try:
-            arr, props = decoder.as_array(ds, index=index, validate=True, raw=False, **as_pixel_options(ds))
-        except Exception as exc:
-            raise InputError(f"cannot decode pixel data in transfer syntax '{ts.name}' ({ts}): "
-                             f"{_one_line(exc)}", file=p) from exc
-        photometric = str(props.get("photometric_interpretation", ds.PhotometricInterpretation)).upper()
-        try:
-            return _dicom_to_gray(arr, ds, photometric, index, voi)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"cannot apply the DICOM LUTs ({photometric}): {_one_line(exc)}", file=p) from exc
+        n_frames = get_nr_frames(ds, warn=False)
+        indices = range(n_frames) if frame == "all" else [_frame_index(frame, n_frames, p)]
+        out = []
+        for index in indices:
+            try:
+                arr, props = decoder.as_array(ds, index=index, validate=True, raw=False, **as_pixel_options(ds))
+            except Exception as exc:
+                raise InputError(f"cannot decode pixel data in transfer syntax '{ts.name}' ({ts}): "
+                                 f"{_one_line(exc)}", file=p) from exc
+            photometric = str(props.get("photometric_interpretation", ds.PhotometricInterpretation)).upper()
+            try:
+                out.append(_dicom_to_gray(arr, ds, photometric, index, voi))
+            except InputError:
+                raise
+            except Exception as exc:
+                raise InputError(f"cannot apply the DICOM LUTs ({photometric}): {_one_line(exc)}", file=p) from exc
+        return np.stack(out) if frame == "all" else out[0]
 
 
 def _dicom_to_gray(arr: np.ndarray, ds: Dataset, photometric: str, index: int, voi: bool) -> np.ndarray:

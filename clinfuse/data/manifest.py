@@ -1,11 +1,20 @@
 """Site manifest: schema, validation and the patient-level split.
 
-A manifest is a CSV or Parquet file with one row per image/note/EHR record:
+A manifest is a CSV or Parquet file with one row per record:
 
-``patient_id`` (required), ``label`` (required; one of ``data.labels``), ``image`` (path relative
-to the manifest: DICOM, PNG or JPEG), ``note`` (inline text) or ``note_path`` (relative path to a
-UTF-8 text file), one column per declared tabular field, optional ``split`` (train/val/test) and
-optional ``site``. Empty cells mean the modality or value is absent.
+``patient_id`` (required), ``label`` (required; one of ``data.labels``), optional ``split``
+(train/val/test) and optional ``site``, and the columns of the study's modalities
+(:func:`clinfuse.config.modality_columns`), named after each modality unless it declares
+``column``:
+
+* ``image`` / ``volume`` / ``signal`` kinds: a path relative to the manifest (an image file; a
+  volume's DICOM series folder, multi-frame DICOM or NIfTI file; a signal's WFDB header, CSV or
+  NPY file), or several paths separated by ``;`` when a patient has several;
+* ``text``: inline text in ``<column>``, or a UTF-8 file named in ``<column>_path``;
+* ``tabular``: one column per declared field.
+
+Empty cells mean the modality or value is absent. The rows of one patient are pooled downstream
+(:class:`clinfuse.data.dataset.MultimodalDataset`): one patient, one sample.
 
 :func:`read_manifest` returns a :class:`SiteData`: the usable :class:`Record` s plus every
 :class:`Problem` found, each naming its row (1-based, header excluded) and file. Rows with an
@@ -23,35 +32,48 @@ from pathlib import Path
 
 import pandas as pd
 
-from clinfuse.config import MODALITIES, Config
+from clinfuse.config import Config, modality_columns
 from clinfuse.data import tabular as tab
 from clinfuse.data.text import normalize_note
 from clinfuse.errors import InputError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("patient_id", "label")
+PATH_KINDS = ("image", "volume", "signal")
+PATH_SEPARATOR = ";"
+
+
+def has_input(kind: str, value) -> bool:
+    """Whether a record's value of a modality of ``kind`` is present."""
+    if kind in PATH_KINDS:
+        return bool(value)
+    if kind == "tabular":
+        return any(v is not None for v in value.values())
+    return value is not None
 
 
 @dataclass(frozen=True)
 class Record:
-    """One usable manifest row. ``image`` is an absolute path; absent modalities are ``None``."""
+    """One usable manifest row.
+
+    ``inputs`` maps each declared modality, in declared order, to its value: a tuple of absolute
+    paths for image, volume and signal kinds (empty when absent), the normalised note (``None``
+    when absent) for text, ``{field: value or None}`` for tabular. ``mask`` says which are present.
+    """
     row: int
     patient_id: str
     label: int
-    image: Path | None
-    note: str | None
-    tabular: dict[str, float | str | None]
+    inputs: dict
+    mask: tuple[bool, ...]
     split: str
     site: str
 
-    @property
-    def has_tabular(self) -> bool:
-        return any(v is not None for v in self.tabular.values())
-
-    @property
-    def mask(self) -> tuple[bool, bool, bool]:
-        """Modality availability in ``MODALITIES`` order (image, text, tabular)."""
-        return (self.image is not None, self.note is not None, self.has_tabular)
+    def __getattr__(self, name: str):
+        # record.<modality name> reads inputs[name] (e.g. record.tabular["age"])
+        inputs = self.__dict__.get("inputs")
+        if inputs is not None and name in inputs:
+            return inputs[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,9 @@ class SiteData:
     n_rows: int
     records: list[Record] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    modalities: tuple[str, ...] = ()  # the study's modality names, in the order of ``Record.mask``
+    # per modality: inputs beyond its max_count (a patient's later images, differing notes), not used
+    unused_inputs: dict[str, int] = field(default_factory=dict)
 
     @property
     def skipped_rows(self) -> list[int]:
@@ -87,7 +112,7 @@ class SiteData:
 
     def summary(self, labels: list[str]) -> dict:
         """Counts a site engineer reads first: rows, patients, labels, modalities, patterns, splits."""
-        availability = {m: sum(r.mask[i] for r in self.records) for i, m in enumerate(MODALITIES)}
+        availability = {m: sum(r.mask[i] for r in self.records) for i, m in enumerate(self.modalities)}
         return {
             "manifest": str(self.manifest),
             "site": self.site,
@@ -97,16 +122,19 @@ class SiteData:
             "patients": len(self.patients),
             "labels": {name: sum(r.label == i for r in self.records) for i, name in enumerate(labels)},
             "availability": availability,
-            "patterns": dict(Counter(pattern_name(r.mask) for r in self.records).most_common()),
+            "patterns": dict(Counter(pattern_name(r.mask, self.modalities) for r in self.records).most_common()),
             "splits": {s: sum(r.split == s for r in self.records) for s in SPLITS},
+            "unused_inputs": {m: n for m, n in self.unused_inputs.items() if n},
             "errors": sum(p.severity == "error" for p in self.problems),
             "warnings": sum(p.severity == "warning" for p in self.problems),
         }
 
 
-def pattern_name(mask) -> str:
-    """Human name of a modality pattern, e.g. ``image+text`` or ``image only`` or ``none``."""
-    present = [m for m, has in zip(MODALITIES, mask) if has]
+def pattern_name(mask, modalities) -> str:
+    """Human name of a modality pattern, e.g. ``image+text`` or ``image only`` or ``none``.
+
+    ``mask`` is in the order of ``modalities`` (the study's modality names)."""
+    present = [m for m, has in zip(modalities, mask) if has]
     if not present:
         return "none"
     return present[0] + " only" if len(present) == 1 else "+".join(present)
@@ -147,14 +175,17 @@ def _check_columns(frame: pd.DataFrame, cfg: Config, path: Path) -> None:
         if column not in frame.columns:
             raise InputError(f"required column '{column}' is missing (columns: {list(frame.columns)})",
                              file=path, key=column)
-    for column in cfg.data.tabular:
-        if column.name not in frame.columns:
-            raise InputError(
-                f"declared tabular column '{column.name}' is missing; add it (empty cells are allowed) "
-                "or remove it from data.tabular in the config", file=path, key=column.name)
-    if "note" in frame.columns and "note_path" in frame.columns:
-        raise InputError("give notes either inline ('note') or as files ('note_path'), not both",
-                         file=path, key="note_path")
+    for spec in cfg.modalities:
+        columns = modality_columns(spec)
+        if spec.kind == "tabular":
+            for name in columns:
+                if name not in frame.columns:
+                    raise InputError(
+                        f"declared tabular column '{name}' (modality '{spec.name}') is missing; add it (empty "
+                        "cells are allowed) or remove it from the config", file=path, key=name)
+        elif spec.kind == "text" and all(c in frame.columns for c in columns):
+            raise InputError(f"give notes either inline ('{columns[0]}') or as files ('{columns[1]}'), not both",
+                             file=path, key=columns[1])
 
 
 def _site_name(frame: pd.DataFrame, path: Path) -> str:
@@ -174,21 +205,112 @@ def _read_note_file(path: Path) -> str:
         raise ValueError(f"note file {path} is not UTF-8 text") from None
 
 
+def split_paths(cell: str) -> list[str]:
+    """The paths of one cell: one path, or several separated by ``;`` (blank parts ignored)."""
+    return [part.strip() for part in cell.split(PATH_SEPARATOR) if part.strip()]
+
+
+def _check_paths(spec, raw: dict, columns, base: Path, check_files: bool, cfg: Config, error) -> tuple[Path, ...]:
+    """Validate the path(s) of an image, volume or signal cell; returns the usable absolute paths.
+
+    Each bad path is an error of the row (the row is then skipped); file formats are checked by
+    the decoder module of the kind (header-level, no full decode).
+    """
+    column = spec.column or spec.name
+    if column not in columns or not raw[column].strip():
+        return ()
+    out = []
+    for rel in split_paths(raw[column]):
+        target = (base / rel).resolve()
+        if spec.kind == "image":
+            problem, phi = _check_image_file(target, check_files)
+        elif spec.kind == "volume":
+            from clinfuse.data.volumes import check_volume
+
+            problem, phi = _checked(lambda t=target: check_volume(t, phi=True), check_files, target)
+        else:
+            from clinfuse.data.signals import check_signal
+
+            problem, phi = _checked(lambda t=target: (check_signal(t, spec), [])[1], check_files, target)
+        if problem:
+            error(column, problem)
+            continue
+        if phi:
+            error(column, f"identifying DICOM tags are filled in {target.name}: {', '.join(phi)}",
+                  "error" if cfg.data.require_deidentified else "warning")
+        out.append(target)
+    return tuple(out)
+
+
+def _checked(check, check_files: bool, target: Path) -> tuple[str | None, list[str]]:
+    if not target.exists():
+        return f"file not found: {target}", []
+    if not check_files:
+        return None, []
+    try:
+        return None, list(check() or [])
+    except InputError as exc:
+        return exc.describe(), []
+
+
+def _check_image_file(image: Path, check_files: bool) -> tuple[str | None, list[str]]:
+    from clinfuse.data.images import IMAGE_SUFFIXES, check_image, phi_fields  # pydicom is slow to import
+
+    if image.suffix.lower() not in IMAGE_SUFFIXES:
+        return (f"unsupported image type '{image.suffix}' ({image.name}); "
+                f"use one of {sorted(IMAGE_SUFFIXES)}"), []
+    if not image.is_file():
+        return f"image file not found: {image}", []
+    if not check_files:
+        return None, []
+    try:
+        check_image(image)
+        return None, phi_fields(image)
+    except InputError as exc:
+        return exc.describe(), []
+
+
+def _read_note(spec, raw: dict, columns, base: Path, error) -> str | None:
+    inline, by_file = spec.column or spec.name, f"{spec.column or spec.name}_path"
+    note = None
+    if inline in columns:
+        note = normalize_note(raw[inline])
+        if raw[inline] and note is None:
+            error(inline, "note is empty; counted as a missing note", "warning")
+    elif by_file in columns and raw[by_file].strip():
+        note_file = (base / raw[by_file].strip()).resolve()
+        if not note_file.is_file():
+            error(by_file, f"note file not found: {note_file}")
+        else:
+            try:
+                note = normalize_note(_read_note_file(note_file))
+            except ValueError as exc:
+                error(by_file, str(exc))
+            else:
+                if note is None:
+                    error(by_file, f"note file {note_file.name} is empty; counted as a missing note", "warning")
+    return note
+
+
 def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) -> SiteData:
     """Validate a site manifest against ``cfg`` and return its usable records and problems.
 
     ``check_files`` opens every image (header-level checks, PHI scan) and note file; switch it off
     only when the same manifest was just validated.
     """
-    from clinfuse.data.images import IMAGE_SUFFIXES, check_image, phi_fields  # pydicom is slow to import
-
     path = Path(path)
     frame = _read_table(path)
     _check_columns(frame, cfg, path)
     site = _site_name(frame, path)
     base = path.resolve().parent
-    data = SiteData(manifest=path, site=site, n_rows=len(frame))
+    data = SiteData(manifest=path, site=site, n_rows=len(frame), modalities=cfg.modality_names)
     file = str(path)
+    for spec in cfg.modalities:
+        column = modality_columns(spec)
+        if spec.kind != "tabular" and not any(c in frame.columns for c in column):
+            data.problems.append(Problem(file, None, column[0], f"no column for modality '{spec.name}' "
+                                         f"(expected {' or '.join(repr(c) for c in column)}): no row has it",
+                                         "warning"))
     labels = {name: i for i, name in enumerate(cfg.data.labels)}
     has_split = "split" in frame.columns and any(s.strip() for s in frame["split"])
 
@@ -210,58 +332,28 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) ->
             error("label", f"label '{label_text}' is not one of the declared labels {cfg.data.labels}"
                   if label_text else "label is empty")
 
-        image = None
-        if "image" in frame.columns and raw["image"].strip():
-            image = (base / raw["image"].strip()).resolve()
-            if image.suffix.lower() not in IMAGE_SUFFIXES:
-                error("image", f"unsupported image type '{image.suffix}' ({image.name}); "
-                      f"use one of {sorted(IMAGE_SUFFIXES)}")
-            elif not image.is_file():
-                error("image", f"image file not found: {image}")
-            elif check_files:
-                try:
-                    check_image(image)
-                    phi = phi_fields(image)
-                except InputError as exc:
-                    error("image", exc.describe())
-                else:
-                    if phi:
-                        error("image", f"identifying DICOM tags are filled in {image.name}: {', '.join(phi)}",
-                              "error" if cfg.data.require_deidentified else "warning")
-
-        note = None
-        if "note" in frame.columns:
-            note = normalize_note(raw["note"])
-            if raw["note"] and note is None:
-                error("note", "note is empty; counted as a missing note", "warning")
-        elif "note_path" in frame.columns and raw["note_path"].strip():
-            note_file = (base / raw["note_path"].strip()).resolve()
-            if not note_file.is_file():
-                error("note_path", f"note file not found: {note_file}")
+        inputs: dict = {}
+        for spec in cfg.modalities:
+            if spec.kind in PATH_KINDS:
+                inputs[spec.name] = _check_paths(spec, raw, frame.columns, base, check_files, cfg, error)
+            elif spec.kind == "text":
+                inputs[spec.name] = _read_note(spec, raw, frame.columns, base, error)
             else:
-                try:
-                    note = normalize_note(_read_note_file(note_file))
-                except ValueError as exc:
-                    error("note_path", str(exc))
-                else:
-                    if note is None:
-                        error("note_path", f"note file {note_file.name} is empty; counted as a missing note",
-                              "warning")
-
-        values = {}
-        for column in cfg.data.tabular:
-            try:
-                values[column.name] = tab.parse_value(column, raw[column.name])
-            except ValueError as exc:
-                error(column.name, str(exc))
+                values = {}
+                for column in spec.columns:
+                    try:
+                        values[column.name] = tab.parse_value(column, raw[column.name])
+                    except ValueError as exc:
+                        error(column.name, str(exc))
+                inputs[spec.name] = values
+        mask = tuple(has_input(spec.kind, inputs[spec.name]) for spec in cfg.modalities)
 
         split = raw.get("split", "").strip() if has_split else ""
         if has_split and split not in SPLITS:
             error("split", f"split '{split}' must be one of {list(SPLITS)}")
 
-        if all(p.severity == "warning" for p in errors) and image is None and note is None \
-                and not any(v is not None for v in values.values()):
-            error(None, "row has no image, no note and no tabular value")
+        if all(p.severity == "warning" for p in errors) and not any(mask):
+            error(None, f"row has no input of any modality ({', '.join(cfg.modality_names)})")
 
         key = tuple(sorted((k, v) for k, v in raw.items()))
         if key in seen:
@@ -272,10 +364,11 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) ->
         data.problems.extend(errors)
         if any(p.severity == "error" for p in errors):
             continue
-        candidates.append(Record(row=row, patient_id=patient_id, label=label, image=image, note=note,
-                                 tabular=values, split=split or patient_split(patient_id, cfg), site=site))
+        candidates.append(Record(row=row, patient_id=patient_id, label=label, inputs=inputs, mask=mask,
+                                 split=split or patient_split(patient_id, cfg), site=site))
 
     data.records = _drop_inconsistent_patients(candidates, data, file, cfg)
+    data.unused_inputs = _unused_inputs(data.records, cfg)
     data.problems.sort(key=lambda p: (p.row or 0, p.severity))
     return data
 
@@ -302,3 +395,42 @@ def _drop_inconsistent_patients(records: list[Record], data: SiteData, file: str
         else:
             keep.extend(rows)
     return sorted(keep, key=lambda r: r.row)
+
+
+def _unused_inputs(records: list[Record], cfg: Config) -> dict[str, int]:
+    """Per modality, how many distinct inputs of patients go beyond its ``max_count`` (the first
+    ones in row order are used; raise ``max_count`` to pool more): a patient's second film with
+    ``max_count: 1``, or rows whose notes differ."""
+    by_patient: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_patient[record.patient_id].append(record)
+    out = dict.fromkeys(cfg.modality_names, 0)
+    for rows in by_patient.values():
+        for spec in cfg.modalities:
+            values = [r.inputs[spec.name] for r in rows]
+            out[spec.name] += _count_distinct(spec, values) - len(patient_inputs(spec, values))
+    return out
+
+
+def _count_distinct(spec, values: list) -> int:
+    if spec.kind in PATH_KINDS:
+        return len(dict.fromkeys(p for paths in values for p in paths))
+    present = [v for v in values if has_input(spec.kind, v)]
+    keys = [tuple(sorted(v.items())) if spec.kind == "tabular" else v for v in present]
+    return len(dict.fromkeys(keys))
+
+
+def patient_inputs(spec, values: list) -> list:
+    """One patient's inputs of a modality, pooled over their rows: the distinct present values in
+    row order (paths of several cells in order), at most ``spec.max_count``."""
+    if spec.kind in PATH_KINDS:
+        return list(dict.fromkeys(p for paths in values for p in paths))[:spec.max_count]
+    out, seen = [], set()
+    for v in values:
+        if not has_input(spec.kind, v):
+            continue
+        key = tuple(sorted(v.items())) if spec.kind == "tabular" else v
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out[:spec.max_count]

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from clinfuse.cli import positive_int
-from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -68,43 +67,36 @@ def _handle(args) -> int:
 class _RowView:
     """Map-style dataset over chosen items of several datasets, optionally with modalities removed.
 
-    ``items`` lists ``(dataset, index)`` pairs. With ``masks [len(items), 3]``, a modality whose
-    mask entry is 0 gets its mask entry zeroed and its input replaced by ``absent[m]``, the exact
-    input the dataset gives a record that lacks the modality, so a removed modality looks like a
-    naturally missing one. Module-level so DataLoader workers could pickle it.
+    ``items`` lists ``(dataset, index)`` pairs (all datasets of one study config). With ``masks
+    [len(items), M]``, a modality whose mask entry is 0 gets its mask entry zeroed and its input
+    replaced by the exact input the dataset gives a patient who lacks the modality, so a removed
+    modality looks like a naturally missing one. Module-level so DataLoader workers could pickle it.
     """
 
-    def __init__(self, items, masks=None, absent=None):
+    def __init__(self, items, masks=None):
         self.items = items
         self.masks = masks
-        self.absent = absent
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
+        from clinfuse.data.dataset import without_modalities
+
         ds, j = self.items[i]
-        image, text, tabular, mask, label = ds[j]
+        item = ds[j]
         if self.masks is None:
-            return image, text, tabular, mask, label
-        keep = np.asarray(self.masks[i], dtype=np.float32)
-        inputs = [image, text, tabular]
-        for m in range(len(MODALITIES)):
-            if keep[m] < 0.5:
-                inputs[m] = self.absent[m].to(inputs[m].dtype)
-        return (*inputs, mask.new_tensor(keep), label)
+            return item
+        return without_modalities(item, self.masks[i], ds.cfg)
+
+    def collate(self, items):
+        return self.items[0][0].collate(items)
 
 
-def _absent_inputs(cfg):
-    """The inputs a record without each modality gets from the dataset (image, text, tabular)."""
-    import torch
-
-    from clinfuse.data.tabular import encode_tabular
-    from clinfuse.data.text import tokenize
-
-    return (torch.zeros((1, *cfg.data.image.size), dtype=torch.float32),
-            torch.from_numpy(tokenize(None, cfg.data.text)),
-            torch.from_numpy(encode_tabular({}, cfg.data.tabular)))
+def _data_key(cfg) -> str:
+    """What decides how manifests are read into items: the data section and the modalities."""
+    return json.dumps({"data": cfg.data.model_dump(mode="json"),
+                       "modalities": [m.model_dump(mode="json") for m in cfg.modalities]}, sort_keys=True)
 
 
 def _resolve_device(device: str) -> str:
@@ -195,7 +187,7 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
     runs_eval, runs_val, robustness_out, all_probs = {}, {}, {}, {}
     masks = None
     for name, p, (model, cfg, meta) in zip(names, ckpt_paths, loaded):
-        key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+        key = _data_key(cfg)
         if key not in per_data:
             items = []
             for mi, mp in enumerate(manifest_paths):
@@ -206,12 +198,14 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
                     if not recs:
                         continue
                     ds = MultimodalDataset(recs, cfg, cache_dir=cache_dir)
-                    for j, r in enumerate(recs):
-                        items.append({"manifest": str(mp), "manifest_index": mi, "row": r.row,
-                                      "patient_id": str(r.patient_id),
-                                      "site": str(getattr(r, "site", None) or sd.site or mp.stem),
-                                      "split": s, "label": int(r.label), "mask": r.mask,
-                                      "pattern": pattern_name(r.mask), "dataset": ds, "index": j})
+                    # one item per patient: their rows are pooled into one prediction
+                    for j, p in enumerate(ds.samples):
+                        items.append({"manifest": str(mp), "manifest_index": mi, "row": recs[p.rows[0]].row,
+                                      "patient_id": str(p.patient_id),
+                                      "site": str(p.site or sd.site or mp.stem),
+                                      "split": s, "label": int(p.label), "mask": p.mask,
+                                      "pattern": pattern_name(p.mask, cfg.modality_names), "dataset": ds,
+                                      "index": j})
             per_data[key] = items
         items = per_data[key]
         if row_info is None:
@@ -219,7 +213,7 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
             if not any(it["split"] == split for it in items):
                 raise InputError(f"no rows with split '{split}' in the manifests "
                                  f"({', '.join(str(m) for m in manifest_paths)})")
-            masks = np.array([it["mask"] for it in items], dtype=np.float32).reshape(-1, len(MODALITIES))
+            masks = np.array([it["mask"] for it in items], dtype=np.float32).reshape(-1, len(cfg.modalities))
         else:
             ref = [(it["manifest_index"], it["row"]) for it in row_info]
             if [(it["manifest_index"], it["row"]) for it in items] != ref:
@@ -267,20 +261,20 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
         eval_pairs = [(it["dataset"], it["index"]) for it in eval_items]
         for name, (model, cfg, _meta) in zip(names, loaded):
             dev = _resolve_device(device or cfg.train.device)
+            sweep_masks = eval_masks
             if len(per_data) > 1:
-                key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
-                own = per_data[key]
-                eval_pairs = [(it["dataset"], it["index"]) for it in own if it["split"] == split]
+                own = [it for it in per_data[_data_key(cfg)] if it["split"] == split]
+                eval_pairs = [(it["dataset"], it["index"]) for it in own]
+                sweep_masks = np.array([it["mask"] for it in own], dtype=np.float32).reshape(-1, len(cfg.modalities))
 
-            absent = _absent_inputs(cfg)
-
-            def predict(rows, mask_rows, _model=model, _dev=dev, _pairs=eval_pairs, _absent=absent):
-                view = _RowView([_pairs[r] for r in rows], masks=mask_rows, absent=_absent)
+            def predict(rows, mask_rows, _model=model, _dev=dev, _pairs=eval_pairs):
+                view = _RowView([_pairs[r] for r in rows], masks=mask_rows)
                 return predict_proba(_model, view, batch_size=batch_size, device=_dev)
 
             thresholds = np.array(list(result_core["runs"][name]["thresholds"].values()))
             robustness_out[name] = robustness_sweep(
-                predict, eval_masks, eval_labels, groups, thresholds, label_names=label_names,
+                predict, sweep_masks, eval_labels, groups, thresholds, label_names=label_names,
+                modalities=cfg.modality_names,
                 seed=ev.seed, n_resamples=ev.bootstrap, ece_bins=ev.ece_bins,
                 baseline_probs=runs_eval[name], progress=progress)
 

@@ -27,7 +27,6 @@ import warnings
 
 import numpy as np
 
-from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 
 METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "brier", "ece")
@@ -336,11 +335,22 @@ def weighted_metrics(weights, probs, labels, thresholds, *, ece_bins: int = 10) 
 # Modality-pattern breakdowns
 
 
-def pattern_sort_key(name: str) -> tuple:
+def pattern_sort_key(name: str, modalities=None) -> tuple:
     """Order modality-pattern names ("image+text+tabular", "image only", "none", as named by
-    :func:`clinfuse.data.manifest.pattern_name`) from most to fewest modalities, then in
-    MODALITIES order; unknown names go last, alphabetically."""
-    present = [] if name == "none" else name.removesuffix(" only").split("+")
-    if not all(m in MODALITIES for m in present):
+    :func:`clinfuse.data.manifest.pattern_name`) from most to fewest modalities, then in the
+    study's order ``modalities`` (alphabetically without it); names that are not patterns (or
+    name a modality not in ``modalities``) go last, alphabetically."""
+    if name == "none":
+        present = []
+    elif name.endswith(" only"):
+        present = [name.removesuffix(" only")]
+    elif "+" in name:
+        present = name.split("+")
+    else:
         return (1, 0, [], name)
-    return (0, -len(present), [MODALITIES.index(m) for m in present], name)
+    if modalities is None:
+        return (0, -len(present), present, name)
+    order = list(modalities)
+    if not all(m in order for m in present):
+        return (1, 0, [], name)
+    return (0, -len(present), [order.index(m) for m in present], name)

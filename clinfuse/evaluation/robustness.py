@@ -24,25 +24,26 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 from clinfuse.evaluation.bootstrap import bootstrap_draws, subset_summary
 
 RATES = (0.0, 0.3, 0.5, 0.7, 1.0)
 
 
-def removal_masks(mask, modality: str, rates=RATES, *, seed: int = 0) -> list[np.ndarray]:
+def removal_masks(mask, modality: str, rates=RATES, *, modalities, seed: int = 0) -> list[np.ndarray]:
     """Masks after removing ``modality`` from a fraction of the rows that have it.
 
-    ``mask`` ``[N, 3]`` (MODALITIES order). Returns one ``[N, 3]`` float32 mask per rate; the
-    removed sets are nested across rates and depend only on ``seed`` and the modality.
+    ``mask`` ``[N, M]`` in the order of ``modalities`` (the study's modality names). Returns one
+    ``[N, M]`` float32 mask per rate; the removed sets are nested across rates and depend only on
+    ``seed`` and the modality's position.
     """
     mask = np.asarray(mask, dtype=np.float32)
-    if mask.ndim != 2 or mask.shape[1] != len(MODALITIES):
-        raise InputError(f"modality mask must have shape [rows, {len(MODALITIES)}], got {mask.shape}")
-    if modality not in MODALITIES:
-        raise InputError(f"unknown modality {modality!r} (one of {', '.join(MODALITIES)})")
-    j = MODALITIES.index(modality)
+    modalities = list(modalities)
+    if mask.ndim != 2 or mask.shape[1] != len(modalities):
+        raise InputError(f"modality mask must have shape [rows, {len(modalities)}], got {mask.shape}")
+    if modality not in modalities:
+        raise InputError(f"unknown modality {modality!r} (one of {', '.join(modalities)})")
+    j = modalities.index(modality)
     have = np.flatnonzero(mask[:, j] > 0.5)
     order = np.random.default_rng([seed, j]).permutation(have)
     out = []
@@ -57,14 +58,15 @@ def removal_masks(mask, modality: str, rates=RATES, *, seed: int = 0) -> list[np
 
 
 def robustness_sweep(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], mask, labels, groups,
-                     thresholds, *, label_names: list[str], rates=RATES, modalities=MODALITIES,
+                     thresholds, *, label_names: list[str], modalities, swept=None, rates=RATES,
                      seed: int = 0, n_resamples: int = 1000, ece_bins: int = 10,
                      baseline_probs=None, progress: bool = True) -> list[dict]:
     """Score a model with each modality removed at each rate.
 
     ``predict(rows, mask_rows)`` returns ``[len(rows), C]`` probabilities for the given row indices
-    with the given ``[len(rows), 3]`` masks applied (absent modalities zeroed).
-    ``mask [N, 3]``, ``labels [N]``, ``groups [N]`` patient keys; ``thresholds`` per evaluated
+    with the given ``[len(rows), M]`` masks applied (absent modalities zeroed). ``modalities``: the
+    study's modality names (the columns of ``mask``); ``swept`` those to remove (default: all).
+    ``mask [N, M]``, ``labels [N]``, ``groups [N]`` patient keys; ``thresholds`` per evaluated
     class (from validation). ``baseline_probs`` ``[N, C]``, when given, is used for every rate-0
     cell instead of predicting again.
 
@@ -82,10 +84,11 @@ def robustness_sweep(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], ma
 
     cells = []
     cache: dict[bytes, np.ndarray] = {}
-    with tqdm(total=len(modalities) * len(rates), desc="robustness", unit="cell", file=sys.stderr,
+    swept = list(modalities if swept is None else swept)
+    with tqdm(total=len(swept) * len(rates), desc="robustness", unit="cell", file=sys.stderr,
               disable=None if progress else True, leave=False) as bar:
-        for modality in modalities:
-            for rate, new in zip(rates, removal_masks(mask, modality, rates, seed=seed)):
+        for modality in swept:
+            for rate, new in zip(rates, removal_masks(mask, modality, rates, modalities=modalities, seed=seed)):
                 # Only rows the removal emptied are dropped; a row that had no modality to begin
                 # with is scored as in the baseline, so rate 0 is exactly the baseline.
                 emptied = (new.max(axis=1) < 0.5) & (mask.max(axis=1) > 0.5)

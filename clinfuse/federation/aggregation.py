@@ -1,7 +1,7 @@
 """Server-side aggregation of site updates, plain or modality-aware.
 
-Modality-aware averaging: parameters are grouped by modality encoder (``image``, ``text``,
-``tabular``) plus ``fusion`` (everything shared). An encoder group is averaged only over the sites
+Modality-aware averaging: parameters are grouped by modality (one group per modality the study
+declares: its encoder, pool and auxiliary head) plus ``fusion`` (everything shared). An encoder group is averaged only over the sites
 that trained it, weighted by how many of their training samples had that modality; a site without
 notes never pulls the text encoder back towards the weights it was sent. The ``fusion`` group is
 averaged over all sites, weighted by their number of samples. A group that no site trained keeps
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clinfuse.config import MODALITIES
+FUSION = "fusion"
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def aggregate(updates: Sequence[SiteUpdate], previous: Mapping[str, np.ndarray],
     owner = group_of(groups or {}) if modality_aware else {}
     result = {}
     for name, old in previous.items():
-        group = owner.get(name, "fusion")
-        if group in MODALITIES:
+        group = owner.get(name, FUSION)
+        if group != FUSION:
             chosen = [(u.state[name], u.modality_examples.get(group, 0)) for u in updates
                       if u.modality_examples.get(group, 0) > 0]
         else:

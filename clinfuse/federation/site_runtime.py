@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clinfuse.config import MODALITIES, Config
+from clinfuse.config import Config
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_json
 
@@ -104,21 +104,14 @@ class SiteRuntime:
 
     @property
     def n_patients(self) -> int:
-        return len({r.patient_id for r in self.train_set.records})
+        return len(self.train_set)  # one item per patient
 
     def modality_examples(self) -> dict[str, int]:
-        """Training samples per modality. Under DP the unit is the patient: count patients having it."""
-        if self.cfg.privacy.enabled:
-            having = {m: set() for m in MODALITIES}
-            for r in self.train_set.records:
-                for m, has in zip(MODALITIES, r.mask):
-                    if has:
-                        having[m].add(r.patient_id)
-            return {m: len(v) for m, v in having.items()}
-        return {m: sum(r.mask[i] for r in self.train_set.records) for i, m in enumerate(MODALITIES)}
+        """Training patients having each of the study's modalities (the patient is the sample)."""
+        return {m: sum(p.mask[i] for p in self.train_set.samples) for i, m in enumerate(self.cfg.modality_names)}
 
     def num_examples(self) -> int:
-        return self.n_patients if self.cfg.privacy.enabled else len(self.train_set)
+        return self.n_patients
 
     # -- privacy plan ---------------------------------------------------------------------------
     def plan(self, rounds: int, local_epochs: int):
@@ -171,12 +164,12 @@ class SiteRuntime:
                                    epsilon=epsilon_before, delta=plan.delta, reason=reason, site=self.site_id)
                 metrics = {"declined": 1.0, "epsilon": epsilon_before, "delta": plan.delta,
                            "max_epsilon": self.max_epsilon}
-                return RoundResult(None, 0, dict.fromkeys(MODALITIES, 0), metrics, reason)
+                return RoundResult(None, 0, dict.fromkeys(self.cfg.modality_names, 0), metrics, reason)
 
         seed_everything(self.cfg.train.seed + 1000 * server_round)
         self.train_set.warm(self.progress)
         self._mark_validated()
-        frozen = [m for m in MODALITIES if counts[m] == 0] if modality_aware else []
+        frozen = [m for m in self.cfg.modality_names if counts[m] == 0] if modality_aware else []
         anchor = numpy_to_state(global_state) if proximal_mu > 0 else None
         trainer = LocalTrainer(self.cfg, self._model(global_state), self.train_set, plan=plan,
                                accountant=self.accountant if dp else None, frozen_groups=frozen,

@@ -201,19 +201,22 @@ def _empirical(args) -> int:
     if args.background > 0:
         from torch.utils.data import DataLoader, Subset
 
-        from clinfuse.data.dataset import PatientSampledDataset
         from clinfuse.training.balance import multimodal_loss
         from clinfuse.training.checkpoint import build_model_for
 
         model = build_model_for(cfg)
-        # One row per patient, as in DP training (the patient is the privacy unit).
-        patients = PatientSampledDataset(train, seed=args.seed)
-        count = min(args.background, len(patients))
-        subset = Subset(patients, np.random.default_rng(args.seed).permutation(len(patients))[:count].tolist())
-        background = DataLoader(subset, batch_size=min(32, count))
+        # One item per patient, as in DP training (the patient is the privacy unit); the audit
+        # calls model(*batch[:-1]) with the target last: (batch dict, label).
+        count = min(args.background, len(train))
+        subset = Subset(train, np.random.default_rng(args.seed).permutation(len(train))[:count].tolist())
+        def with_target(items):
+            batch = train.collate(items)
+            return batch, batch["label"]
+
+        background = DataLoader(subset, batch_size=min(32, count), collate_fn=with_target)
 
         def loss_fn(output, batch):
-            return multimodal_loss(output, batch[4], batch[3])[0].sum()
+            return multimodal_loss(output, batch[-1], batch[0]["mask"])[0].sum()
     else:
         loss_fn = None
     if cfg.train.num_threads:

@@ -7,7 +7,7 @@
   (Wang et al., 2020, "What makes training multi-modal classification networks hard?") or
   ``uncertainty`` (Kendall et al., 2018, learned log-variances).
 * :func:`clip_group_norms` — per-parameter clipping thresholds for Opacus ``clipping="per_layer"``
-  that give each parameter group (image/text/tabular/fusion) its share of the clipping budget.
+  that give each parameter group (one per modality, plus fusion) its share of the clipping budget.
 * :func:`modality_contributions` — share of the gradient norm per group, for logs.
 
 All per-sample quantities stay per sample (no statistic over the batch), which DP-SGD needs: the
@@ -23,33 +23,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clinfuse.config import MODALITIES, AuxWeightsConfig, ClipGroupsConfig, ModalityRates
-from clinfuse.models.fusion import GROUPS, group_of
+from clinfuse.config import AuxWeightsConfig
+from clinfuse.models.fusion import FUSION_GROUP, group_of, modality_names_of
 
-HEADS = ("main",) + MODALITIES
+MAIN = "main"
 LOG_VAR_LIMIT = 4.0  # learned log-variances are clamped to [-4, 4] (weights e^-4 .. e^4)
 
 
 class ModalityDropout:
     """Drop present modalities per sample with their configured rates (training batches only).
 
-    ``dropout(mask [B, 3]) -> new mask [B, 3]`` (same dtype/device). Each present modality of each
+    ``rates`` maps modality names to rates (names not given are never dropped); ``modalities`` is
+    the study's order. ``dropout(mask [B, M]) -> new mask [B, M]`` (same dtype/device). Each present modality of each
     sample is dropped independently with its rate; if that would leave a sample with no
     modality, one of its present modalities, chosen uniformly, is kept. A sample's outcome depends
     only on its own mask and fresh randomness, never on the rest of the batch. Samples with no
     present modality are returned unchanged.
     """
 
-    def __init__(self, rates: ModalityRates):
-        self.rates = tuple(float(getattr(rates, m)) for m in MODALITIES)
+    def __init__(self, rates: Mapping[str, float], modalities: tuple[str, ...]):
+        unknown = sorted(set(rates) - set(modalities))
+        if unknown:
+            raise ValueError(f"modality dropout rates for unknown modalities {unknown}")
+        self.modalities = tuple(modalities)
+        self.rates = tuple(float(rates.get(m, 0.0)) for m in self.modalities)
 
     @property
     def enabled(self) -> bool:
         return any(r > 0 for r in self.rates)
 
     def __call__(self, mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if mask.dim() != 2 or mask.shape[1] != len(MODALITIES):
-            raise ValueError(f"mask must be [B, {len(MODALITIES)}], got {list(mask.shape)}")
+        if mask.dim() != 2 or mask.shape[1] != len(self.modalities):
+            raise ValueError(f"mask must be [B, {len(self.modalities)}], got {list(mask.shape)}")
         present = mask > 0.5
         if not self.enabled:
             return present.to(mask.dtype)
@@ -59,7 +64,7 @@ class ModalityDropout:
         emptied = present.any(dim=1) & ~kept.any(dim=1)
         # Scores on present entries only; argmax picks one present modality uniformly at random.
         scores = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~present, -1.0)
-        rescue = F.one_hot(scores.argmax(dim=1), len(MODALITIES)).bool() & emptied.unsqueeze(1)
+        rescue = F.one_hot(scores.argmax(dim=1), len(self.modalities)).bool() & emptied.unsqueeze(1)
         return (kept | rescue).to(mask.dtype)
 
 
@@ -74,44 +79,47 @@ class AuxLossWeights(nn.Module):
       train/validation losses at two checkpoints (G-Blending). The estimate uses the validation
       split, which DP-SGD does not protect: under DP, estimate on data the site may disclose.
     * ``uncertainty`` — learned: loss = sum_k present_k * (exp(-s_k) L_k + s_k / 2) with one
-      log-variance ``s_k`` per head. ``s`` lives in ``self.log_vars``, an ``nn.Linear(1, 4,
+      log-variance ``s_k`` per head. ``s`` lives in ``self.log_vars``, an ``nn.Linear(1, 1 + M,
       bias=False)`` applied to a ones column, so Opacus computes its per-sample gradients like any
       linear layer. Attach the module to the model (``FusionModel.attach_loss_weights``) before
-      building the optimizer: the model's forward then returns ``"log_vars"`` ``[B, 4]``.
+      building the optimizer: the model's forward then returns ``"log_vars"`` ``[B, 1 + M]``.
 
-    Heads are ``HEADS = ("main", "image", "text", "tabular")``.
+    Heads are ``("main", *modalities)`` (``self.heads``).
     """
 
-    def __init__(self, cfg: AuxWeightsConfig | None = None):
+    def __init__(self, cfg: AuxWeightsConfig | None = None, modalities: tuple[str, ...] = ()):
         super().__init__()
         cfg = cfg if cfg is not None else AuxWeightsConfig()
+        if not modalities:
+            raise ValueError("AuxLossWeights needs the study's modality names")
+        self.heads = (MAIN, *modalities)
         self.mode = cfg.mode
         self.learned = cfg.mode == "uncertainty"
         if cfg.mode == "none":
-            static = [1.0, 0.0, 0.0, 0.0]
+            static = [1.0] + [0.0] * len(modalities)
         elif cfg.mode == "fixed":
-            static = [1.0] + [float(cfg.weight)] * len(MODALITIES)
+            static = [1.0] + [float(cfg.weight)] * len(modalities)
         else:
-            static = [1.0] * len(HEADS)
+            static = [1.0] * len(self.heads)
         # A plain list, not a buffer: the weights are local training state and must not be
         # averaged across sites with the model's state_dict.
         self._static = static
         if self.learned:
-            self.log_vars = nn.Linear(1, len(HEADS), bias=False)
+            self.log_vars = nn.Linear(1, len(self.heads), bias=False)
             nn.init.zeros_(self.log_vars.weight)
 
     def current(self) -> dict[str, float]:
         """The weight of each head now (learned weights: ``exp(-s)``, ``s`` clamped as in the loss)."""
         if self.learned:
             s = self.log_vars.weight.detach().view(-1).clamp(-LOG_VAR_LIMIT, LOG_VAR_LIMIT)
-            return {h: float(torch.exp(-v)) for h, v in zip(HEADS, s)}
-        return dict(zip(HEADS, self._static))
+            return {h: float(torch.exp(-v)) for h, v in zip(self.heads, s)}
+        return dict(zip(self.heads, self._static))
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """Restore static weights (e.g. G-Blend weights persisted by the trainer)."""
         if self.learned:
             raise ValueError("uncertainty weights are parameters; restore them with the model state")
-        self._static = [float(weights[h]) for h in HEADS]
+        self._static = [float(weights[h]) for h in self.heads]
 
     def update_from_losses(self, train_before: Mapping[str, float], val_before: Mapping[str, float],
                            train_after: Mapping[str, float], val_after: Mapping[str, float], *,
@@ -129,7 +137,8 @@ class AuxLossWeights(nn.Module):
         if self.mode != "gblend":
             raise ValueError(f"update_from_losses needs mode 'gblend', not '{self.mode}'")
         raw, defined = {}, {}
-        for h in HEADS:
+        heads = self.heads
+        for h in heads:
             vals = [d.get(h, math.nan) for d in (train_before, val_before, train_after, val_after)]
             defined[h] = all(math.isfinite(float(v)) for v in vals)
             if not defined[h]:
@@ -142,9 +151,9 @@ class AuxLossWeights(nn.Module):
         total = sum(raw.values())
         if total <= 0:
             return self.current()
-        w = {h: (max(raw[h] / total, floor) if defined[h] else 0.0) for h in HEADS}
+        w = {h: (max(raw[h] / total, floor) if defined[h] else 0.0) for h in heads}
         norm = sum(w.values())
-        self._static = [w[h] * len(HEADS) / norm for h in HEADS]
+        self._static = [w[h] * len(heads) / norm for h in heads]
         return self.current()
 
     def extra_repr(self) -> str:
@@ -155,8 +164,8 @@ def multimodal_loss(output: Mapping, label: torch.Tensor, mask: torch.Tensor,
                     weights: AuxLossWeights | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample loss ``[B]`` (the caller takes the mean) and its unweighted parts.
 
-    ``output`` is ``FusionModel.forward``'s dict, ``label`` int64 ``[B]``, ``mask`` ``[B, 3]`` (the
-    mask the model was given, i.e. after modality dropout). The aux loss of a modality is zero
+    ``output`` is ``FusionModel.forward``'s dict, ``label`` int64 ``[B]``, ``mask`` ``[B, M]`` (the
+    mask the model was given, i.e. after modality dropout), in the order of ``output["aux"]``. The aux loss of a modality is zero
     for samples where it is absent (masked with ``torch.where``, so such a sample sends an
     exactly-zero gradient into that modality's head and encoder). Aux terms stay in the graph
     even with weight 0, so every head gets a per-sample gradient (Opacus needs one per trainable
@@ -167,28 +176,29 @@ def multimodal_loss(output: Mapping, label: torch.Tensor, mask: torch.Tensor,
     modality is present (:class:`HeadLossMeter` does that).
     """
     logits = output["logits"]
+    modalities = tuple(output["aux"])
     if label.dim() != 1 or label.shape[0] != logits.shape[0]:
         raise ValueError(f"label must be [B] = [{logits.shape[0]}], got {list(label.shape)}")
     present = mask > 0.5
     main = F.cross_entropy(logits, label, reduction="none")
     aux = {m: torch.where(present[:, i], F.cross_entropy(output["aux"][m], label, reduction="none"),
-                          torch.zeros_like(main)) for i, m in enumerate(MODALITIES)}
+                          torch.zeros_like(main)) for i, m in enumerate(modalities)}
     if weights is not None and weights.learned:
         if "log_vars" not in output:
             raise ValueError("uncertainty weights: attach them to the model first "
                              "(FusionModel.attach_loss_weights) so its forward returns 'log_vars'")
         s = output["log_vars"].clamp(-LOG_VAR_LIMIT, LOG_VAR_LIMIT)
         loss = torch.exp(-s[:, 0]) * main + 0.5 * s[:, 0]
-        for i, m in enumerate(MODALITIES):
+        for i, m in enumerate(modalities):
             k = i + 1
             term = torch.exp(-s[:, k]) * aux[m] + 0.5 * s[:, k]
             loss = loss + torch.where(present[:, i], term, torch.zeros_like(term))
     else:
-        w = weights.current() if weights is not None else dict(zip(HEADS, (1.0, 0.0, 0.0, 0.0)))
-        loss = w["main"] * main
-        for m in MODALITIES:
-            loss = loss + w[m] * aux[m]
-    parts = {"main": main.detach(), **{m: aux[m].detach() for m in MODALITIES}}
+        w = weights.current() if weights is not None else {MAIN: 1.0}
+        loss = w[MAIN] * main
+        for m in modalities:
+            loss = loss + w.get(m, 0.0) * aux[m]
+    parts = {MAIN: main.detach(), **{m: aux[m].detach() for m in modalities}}
     return loss, parts
 
 
@@ -200,24 +210,25 @@ class HeadLossMeter:
     :meth:`AuxLossWeights.update_from_losses`.
     """
 
-    def __init__(self):
-        self.sums = dict.fromkeys(HEADS, 0.0)
-        self.counts = dict.fromkeys(HEADS, 0)
+    def __init__(self, modalities: tuple[str, ...]):
+        self.modalities = tuple(modalities)
+        self.heads = (MAIN, *self.modalities)
+        self.sums = dict.fromkeys(self.heads, 0.0)
+        self.counts = dict.fromkeys(self.heads, 0)
 
     def update(self, parts: Mapping[str, torch.Tensor], mask: torch.Tensor) -> None:
         present = (mask > 0.5).cpu()
-        self.sums["main"] += float(parts["main"].sum())
-        self.counts["main"] += int(parts["main"].numel())
-        for i, m in enumerate(MODALITIES):
+        self.sums[MAIN] += float(parts[MAIN].sum())
+        self.counts[MAIN] += int(parts[MAIN].numel())
+        for i, m in enumerate(self.modalities):
             self.sums[m] += float(parts[m].cpu()[present[:, i]].sum())
             self.counts[m] += int(present[:, i].sum())
 
     def means(self) -> dict[str, float]:
-        return {h: (self.sums[h] / self.counts[h] if self.counts[h] else math.nan) for h in HEADS}
+        return {h: (self.sums[h] / self.counts[h] if self.counts[h] else math.nan) for h in self.heads}
 
 
-def clip_group_norms(model: nn.Module, total_norm: float,
-                     shares: ClipGroupsConfig | Mapping[str, float]) -> list[float]:
+def clip_group_norms(model: nn.Module, total_norm: float, shares: Mapping[str, float]) -> list[float]:
     """Per-parameter clipping thresholds for Opacus ``clipping="per_layer"``.
 
     One threshold per trainable parameter, in ``model.parameters()`` order (build the optimizer
@@ -226,21 +237,26 @@ def clip_group_norms(model: nn.Module, total_norm: float,
     shares renormalised over the groups that have trainable parameters, split evenly over its
     k parameters as ``/ sqrt(k)``. So the squares sum to ``total_norm ** 2``: the bound on a
     sample's whole gradient, which the privacy accounting uses, is still ``total_norm``.
-    ``shares.enabled`` is not consulted: whether to clip per group is the caller's decision.
+    ``shares`` maps every group (modality names and ``fusion``) to its share, e.g.
+    ``ClipGroupsConfig.shares(cfg.modalities)``; whether to clip per group is the caller's decision.
     """
     if not total_norm > 0:
         raise ValueError(f"total_norm must be positive, got {total_norm}")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ValueError("the model has no trainable parameters")
-    share_of = {g: float(shares[g] if isinstance(shares, Mapping) else getattr(shares, g)) for g in GROUPS}
+    all_groups = (*modality_names_of(model), FUSION_GROUP)
+    missing = [g for g in all_groups if g not in shares]
+    if missing:
+        raise ValueError(f"no clipping share for group(s) {missing}")
+    share_of = {g: float(shares[g]) for g in all_groups}
     if any(not (s > 0) for s in share_of.values()):
         raise ValueError(f"group shares must be positive, got {share_of}")
     groups = [group_of(n) for n in names]
-    counts = {g: groups.count(g) for g in GROUPS}
-    active = sum(share_of[g] for g in GROUPS if counts[g])
+    counts = {g: groups.count(g) for g in all_groups}
+    active = sum(share_of[g] for g in all_groups if counts[g])
     per_param = {g: total_norm * math.sqrt(share_of[g] / active) / math.sqrt(counts[g])
-                 for g in GROUPS if counts[g]}
+                 for g in all_groups if counts[g]}
     return [per_param[g] for g in groups]
 
 
@@ -266,7 +282,7 @@ def modality_contributions(model: nn.Module) -> dict[str, float]:
     All zeros when there is no gradient. A log figure computed from private gradients: keep it
     local (it is not privatised).
     """
-    sq = dict.fromkeys(GROUPS, 0.0)
+    sq = dict.fromkeys((*modality_names_of(model), FUSION_GROUP), 0.0)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -274,4 +290,4 @@ def modality_contributions(model: nn.Module) -> dict[str, float]:
         if norms is not None:
             sq[group_of(name)] += float(norms.mean())
     total = sum(sq.values())
-    return {g: (sq[g] / total if total > 0 else 0.0) for g in GROUPS}
+    return {g: (sq[g] / total if total > 0 else 0.0) for g in sq}

@@ -2,8 +2,10 @@
 
 A checkpoint is a ``torch.save`` dict with ``format``, ``state_dict`` (clean names, never the
 ``_module.`` prefix of an Opacus wrapper), ``config`` (the whole study config as JSON data),
-``preprocessing`` (what the inputs must look like), ``metrics``, ``privacy`` (epsilon spent,
-delta, noise, sample rate, steps) and ``versions``. Written to a temporary file and renamed, so
+``modalities`` (the study's modalities in declared order: ``name``, ``kind``, ``max_count``),
+``preprocessing`` (what the inputs must look like, per modality), ``metrics``, ``privacy``
+(epsilon spent, delta, noise, sample rate, steps) and ``versions``. Format 1 checkpoints (the
+three fixed slots) still load: their ``image_encoder.*``-style names are renamed. Written to a temporary file and renamed, so
 a crash never leaves a truncated checkpoint under the final name.
 """
 
@@ -20,7 +22,10 @@ from clinfuse.config import Config, config_from_dict
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_bytes
 
-FORMAT = "clinfuse-checkpoint/1"
+FORMAT = "clinfuse-checkpoint/2"
+_FORMATS = ("clinfuse-checkpoint/1", FORMAT)
+_OLD_PREFIXES = {"image_encoder.": "encoders.image.", "text_encoder.": "encoders.text.",
+                 "tabular_encoder.": "encoders.tabular."}
 
 
 def versions() -> dict[str, str | None]:
@@ -49,15 +54,17 @@ def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def modality_metadata(cfg: Config) -> list[dict]:
+    """The study's modalities as a checkpoint records them, in declared order."""
+    return [{"name": m.name, "kind": m.kind, "max_count": m.max_count} for m in cfg.modalities]
+
+
 def preprocessing_metadata(cfg: Config) -> dict:
-    from clinfuse.data.dataset import DECODER_VERSION
-    from clinfuse.data.tabular import tabular_dim
+    from clinfuse.data.dataset import DECODER_VERSION, input_shape
 
     return {
-        "image": cfg.data.image.model_dump(mode="json"),
-        "text": cfg.data.text.model_dump(mode="json"),
-        "tabular": [c.model_dump(mode="json") for c in cfg.data.tabular],
-        "tabular_dim": tabular_dim(cfg.data.tabular),
+        "modalities": {m.name: {"kind": m.kind, "input_shape": list(input_shape(m)), **m.preprocessing()}
+                       for m in cfg.modalities},
         "labels": list(cfg.data.labels),
         "decoder_version": DECODER_VERSION,
     }
@@ -79,6 +86,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, *, me
         "model_hash": state_dict_hash(state),
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg.digest(),
+        "modalities": modality_metadata(cfg),
         "preprocessing": preprocessing_metadata(cfg),
         "metrics": metrics or {},
         "privacy": privacy or {"enabled": False, "epsilon": None},
@@ -98,25 +106,35 @@ def read_checkpoint(path: str | Path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt or foreign file
         raise InputError(f"not a readable checkpoint ({type(exc).__name__}: {exc})", file=path) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in _FORMATS:
         raise InputError(f"not a clinfuse checkpoint (expected format {FORMAT})", file=path)
+    if payload["format"] != FORMAT:
+        payload["state_dict"] = {_new_name(k): v for k, v in payload["state_dict"].items()}
     return payload
 
 
+def _new_name(name: str) -> str:
+    for old, new in _OLD_PREFIXES.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def build_model_for(cfg: Config):
-    """A fresh model shaped for this config's data (classes, tabular width, tokeniser, image size)."""
-    from clinfuse.data.tabular import tabular_dim
+    """A fresh model shaped for this study: its modalities (and only those), classes and widths."""
     from clinfuse.models.fusion import build_model
 
-    return build_model(cfg.model, n_classes=cfg.n_classes, tabular_dim=tabular_dim(cfg.data.tabular),
-                       text_buckets=cfg.data.text.hash_buckets, text_len=cfg.data.text.max_tokens,
-                       image_size=tuple(cfg.data.image.size))
+    return build_model(cfg.modalities, cfg.model, n_classes=cfg.n_classes)
 
 
 def load_checkpoint(path: str | Path):
     """Load a checkpoint; returns ``(model, cfg, meta)`` with the model in eval mode on CPU."""
     payload = read_checkpoint(path)
     cfg = config_from_dict(payload["config"], source=f"{path} (embedded config)")
+    recorded = payload.get("modalities")
+    if recorded is not None and recorded != modality_metadata(cfg):
+        raise InputError(f"the checkpoint records modalities {recorded} but its config declares "
+                         f"{modality_metadata(cfg)}", file=path)
     model = build_model_for(cfg)
     try:
         model.load_state_dict(payload["state_dict"])

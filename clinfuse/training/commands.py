@@ -84,6 +84,11 @@ def _train(args) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = build_model_for(cfg)
+    from clinfuse.models.fusion import format_parameter_counts, parameter_counts
+
+    print(f"study {cfg.study}: modalities {', '.join(f'{m.name} ({m.kind})' for m in cfg.modalities)}; "
+          f"{len(train_set)} training patients")
+    print(format_parameter_counts(parameter_counts(model)))
 
     dp = cfg.privacy.enabled and not args.no_dp
     plan = accountant = ledger = None
@@ -91,7 +96,7 @@ def _train(args) -> int:
         state_dir = args.state_dir or out / "privacy"
         state_dir.mkdir(parents=True, exist_ok=True)
         accountant = SiteAccountant(state_dir / "accountant.json", mechanism=cfg.privacy.accountant)
-        n_patients = len({r.patient_id for r in train_set.records})
+        n_patients = len(train_set)  # one item per patient
         try:
             plan = plan_privacy(cfg, n_patients, epochs, history=accountant.history)
         except ValueError as exc:

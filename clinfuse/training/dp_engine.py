@@ -71,7 +71,8 @@ def choose_grad_sample_mode(model: nn.Module, requested: str) -> str:
 class ExpandedWeightsGradSampleModule(GradSampleModuleExpandedWeights):
     """Opacus' expanded-weights wrapper, for every batch a Poisson loader can produce.
 
-    ``forward(x, *args, **kwargs)`` with ``x`` batch-first, as Opacus' class. Differences:
+    ``forward(x, *args, **kwargs)`` with ``x`` batch-first (a tensor, or a batch dict whose tensors
+    all lead with the batch axis), as Opacus' class. Differences:
 
     * an empty batch (PyTorch's expanded weights refuse batch size 0) runs the plain module and
       gives each trainable parameter the empty per-sample gradient ``[0, *shape]`` that hooks
@@ -88,13 +89,13 @@ class ExpandedWeightsGradSampleModule(GradSampleModuleExpandedWeights):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if not torch.is_grad_enabled() or not self.training:
             return self._module(x, *args, **kwargs)
-        if x.shape[0] == 0:
+        batch = _batch_size(x)
+        if batch == 0:
             out = self._module(x, *args, **kwargs)
             trainable = [p for p in self._module.parameters() if p.requires_grad]
             # Set at backward time, like every per-sample gradient: zero_grad may come in between.
             return tree_map(lambda t: _EmptyGradSamplesOnBackward.apply(t, trainable)
                             if isinstance(t, torch.Tensor) and t.requires_grad else t, out)
-        batch = x.shape[0]
         inputs_need_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
                                for t in tree_leaves((x, args, kwargs)))
         # "mean": PyTorch would multiply every per-sample gradient by the batch size, one pass over
@@ -108,6 +109,14 @@ class ExpandedWeightsGradSampleModule(GradSampleModuleExpandedWeights):
             out = tree_map(lambda t: _ScaleGradient.apply(t, batch)
                            if isinstance(t, torch.Tensor) and t.requires_grad else t, out)
         return out
+
+
+def _batch_size(x) -> int:
+    """Rows of a batch: a tensor's first axis, or that of the first tensor in a batch dict."""
+    leaves = [t for t in tree_leaves(x) if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise ValueError("the model's first argument holds no tensor")
+    return int(leaves[0].shape[0])
 
 
 class _ScaleGradient(torch.autograd.Function):

@@ -2,8 +2,8 @@
 
 Differential privacy here means record-level DP with the *patient* as the unit:
 
-- the training set is :class:`~clinfuse.data.dataset.PatientSampledDataset` (one item per patient),
-  sampled with Poisson sampling at rate ``q = 1 / ceil(n_patients / batch_size)``;
+- the training set is a :class:`~clinfuse.data.dataset.MultimodalDataset`, one item per patient
+  (their rows pooled), sampled with Poisson sampling at rate ``q = 1 / ceil(n_patients / batch_size)``;
 - the noise multiplier is planned once for the whole horizon (all epochs, or all federated rounds)
   from the target epsilon, through :mod:`clinfuse.privacy.accountant`, and kept fixed;
 - the site's accountant is loaded before training and saved after every epoch, so a resumed run
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from clinfuse.config import MODALITIES, Config
-from clinfuse.data.dataset import MultimodalDataset, PatientSampledDataset
+from clinfuse.config import Config
+from clinfuse.data.dataset import MultimodalDataset, move_batch
 from clinfuse.privacy.plan import PrivacyPlan
 
 
@@ -59,7 +59,7 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, probs, multi_class="ovr"))
 
 
-BatchTransform = Callable[[tuple], tuple]
+BatchTransform = Callable[[dict], dict]
 
 # The per-encoder gradient-norm share (an imbalance log) is measured every this many steps.
 GRAD_SHARE_EVERY = 5
@@ -68,25 +68,30 @@ GRAD_SHARE_EVERY = 5
 @torch.no_grad()
 def predict_outputs(model, dataset, *, batch_size: int = 64, device="cpu",
                     transform: BatchTransform | None = None) -> dict[str, np.ndarray]:
-    """Run the model over a dataset. Returns ``probs`` [N,C], ``aux`` {modality: [N,C]}, ``labels``, ``masks``.
+    """Run the model over a dataset (one row per item, i.e. per patient). Returns ``probs`` [N,C],
+    ``aux`` {modality: [N,C]} (the model's modalities, in order), ``labels`` [N] and ``masks`` [N, M].
 
     ``transform(batch) -> batch`` is applied to each collated batch first (e.g. to remove a
-    modality at test time).
+    modality at test time). ``dataset`` items follow the batch contract of
+    :mod:`clinfuse.data.dataset`; its ``collate`` (when it has one) stacks them.
     """
+    from clinfuse.models.fusion import modality_names_of
+
     was_training = model.training
     model.eval()
     probs, labels, masks = [], [], []
-    aux = {m: [] for m in MODALITIES}
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    aux = {m: [] for m in modality_names_of(model)}
+    collate = getattr(dataset, "collate", None)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         if transform is not None:
             batch = transform(batch)
-        image, text, tabular, mask, label = (t.to(device) for t in batch)
-        out = model(image, text, tabular, mask)
+        batch = move_batch(batch, device)
+        out = model(batch)
         probs.append(torch.softmax(out["logits"].float(), -1).cpu())
-        for m in MODALITIES:
-            aux[m].append(torch.softmax(out["aux"][m].float(), -1).cpu())
-        labels.append(label.cpu())
-        masks.append(mask.cpu())
+        for m, parts in aux.items():
+            parts.append(torch.softmax(out["aux"][m].float(), -1).cpu())
+        labels.append(batch["label"].cpu())
+        masks.append(batch["mask"].cpu())
     model.train(was_training)
     cat = (lambda xs: torch.cat(xs).numpy())
     if not labels:
@@ -112,7 +117,7 @@ def validation_metrics(model, dataset, *, device="cpu") -> dict:
         "val_examples": len(labels),
     }
     head_losses = {"main": metrics["val_loss"]}
-    for i, m in enumerate(MODALITIES):
+    for i, m in enumerate(out["aux"]):
         has = out["masks"][:, i] > 0
         metrics[f"val_aux_auroc_{m}"] = _auroc(labels[has], out["aux"][m][has])
         picked = out["aux"][m][has][np.arange(int(has.sum())), labels[has]]
@@ -133,8 +138,8 @@ class LocalTrainer:
     plan: a :class:`PrivacyPlan` for DP-SGD, or ``None`` for non-private training.
     accountant: the site's :class:`clinfuse.privacy.accountant.SiteAccountant` (required with ``plan``);
         it is saved after every epoch.
-    frozen_groups: parameter groups (``image``, ``text``, ``tabular``, ``fusion``) not to train,
-        e.g. the encoder of a modality this site does not have.
+    frozen_groups: parameter groups (modality names, ``fusion``) not to train, e.g. the encoder of
+        a modality this site does not have.
     prox_anchor / prox_mu: FedProx pull towards the global weights.
     """
 
@@ -161,8 +166,8 @@ class LocalTrainer:
             for name, p in model.named_parameters():
                 if name in names:
                     p.requires_grad_(False)
-        self.modality_dropout = ModalityDropout(cfg.balance.modality_dropout)
-        self.aux_weights = AuxLossWeights(cfg.balance.aux_weights)
+        self.modality_dropout = ModalityDropout(cfg.balance.modality_dropout, cfg.modality_names)
+        self.aux_weights = AuxLossWeights(cfg.balance.aux_weights, cfg.modality_names)
         if self.aux_weights.mode == "gblend" and plan is not None:
             from clinfuse.errors import InputError
             # G-Blend weights are fitted on train/validation losses that DP-SGD does not cover.
@@ -187,7 +192,7 @@ class LocalTrainer:
             return "flat", self.cfg.privacy.max_grad_norm
         from clinfuse.training.balance import clip_group_norms
         return "per_layer", clip_group_norms(self.model, self.cfg.privacy.max_grad_norm,
-                                             self.cfg.balance.clip_groups)
+                                             self.cfg.balance.clip_groups.shares(self.cfg.modalities))
 
     def _grad_sample_mode(self) -> str:
         """The Opacus grad-sample mode: ``auto`` picks expanded weights (``ew``, the fastest on the
@@ -220,15 +225,17 @@ class LocalTrainer:
             generator = torch.Generator().manual_seed(secrets.randbits(63))
         if self.plan is None:
             self.loader = DataLoader(self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True,
-                                     generator=generator, drop_last=False)
+                                     generator=generator, drop_last=False, collate_fn=self.train_set.collate)
             self.clipping, self.norms = None, None
         else:
             from clinfuse.training.dp_engine import DPEngine
 
-            patients = PatientSampledDataset(self.train_set, seed=self.cfg.train.seed)
-            if len(patients) != self.plan.n_patients:
-                raise ValueError(f"plan was made for {self.plan.n_patients} patients, data has {len(patients)}")
-            loader = DataLoader(patients, batch_size=self.plan.batch_size, generator=generator)
+            # One item per patient: the unit the sample rate and the clipping refer to.
+            if len(self.train_set) != self.plan.n_patients:
+                raise ValueError(f"plan was made for {self.plan.n_patients} patients, data has "
+                                 f"{len(self.train_set)}")
+            loader = DataLoader(self.train_set, batch_size=self.plan.batch_size, generator=generator,
+                                collate_fn=self.train_set.collate)
             engine = DPEngine(accountant=self.plan.accountant)
             # The site's persistent accountant records every step: one accountant across rounds and restarts.
             engine.accountant = self.accountant.accountant
@@ -238,6 +245,9 @@ class LocalTrainer:
                 noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.norms,
                 poisson_sampling=True, clipping=self.clipping, grad_sample_mode=self._grad_sample_mode(),
                 noise_generator=torch.Generator(device=self.device).manual_seed(secrets.randbits(63)))
+            # Opacus' own empty-batch collate copies the first batch it saw, and has none when the
+            # first Poisson batch is empty; the dataset's collate builds one of the right shapes.
+            self.loader.collate_fn = self.train_set.collate
             if not math.isclose(self.loader.sample_rate, self.plan.sample_rate, rel_tol=1e-9):
                 raise RuntimeError(f"sample rate {self.loader.sample_rate} differs from the plan's "
                                    f"{self.plan.sample_rate}: refusing to train with an unplanned mechanism")
@@ -288,18 +298,19 @@ class LocalTrainer:
         for epoch in range(epochs):
             self.model.train()
             total_loss, total_items, group_norms = 0.0, 0, dict.fromkeys(self.groups, 0.0)
-            head_losses = HeadLossMeter()
+            head_losses = HeadLossMeter(self.cfg.modality_names)
             if self.plan is not None:
                 # Written before the first step: a crash mid-epoch still counts the epoch's steps.
                 self.accountant.reserve(self.plan.noise_multiplier, self.plan.sample_rate, len(self.loader))
             bar = tqdm(self.loader, desc=f"{desc} epoch {len(self.history) + 1}", unit="batch",
                        leave=False, disable=not self.progress or None)
             for batch in bar:
-                image, text, tabular, mask, label = (t.to(self.device) for t in batch)
-                mask = self.modality_dropout(mask)
+                batch = move_batch(batch, self.device)
+                label = batch["label"]
+                mask = batch["mask"] = self.modality_dropout(batch["mask"])
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
-                    output = self.model(image, text, tabular, mask)
+                    output = self.model(batch)
                     per_sample, parts = multimodal_loss(output, label, mask, self.aux_weights)
                 loss = per_sample.mean() if len(label) else per_sample.sum()
                 loss.backward()

@@ -77,6 +77,9 @@ class SmallCNN(nn.Module):
         return self.proj(self.pool(self.features(x)).flatten(1))
 
 
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
 class DPResNetBlock(nn.Module):
     """Basic ResNet block for ``monai.networks.nets.ResNet(block=DPResNetBlock)``.
 
@@ -93,12 +96,13 @@ class DPResNetBlock(nn.Module):
                  downsample: nn.Module | None = None, act=None, norm=None):
         super().__init__()
         del act, norm  # see the class docstring: both are overridden on purpose
-        if spatial_dims != 2:
-            raise ValueError("DPResNetBlock is 2-D only")
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, padding=1, stride=stride, bias=False)
+        if spatial_dims not in _CONV:
+            raise ValueError(f"DPResNetBlock supports 1, 2 or 3 spatial dims, not {spatial_dims}")
+        conv = _CONV[spatial_dims]
+        self.conv1 = conv(in_planes, planes, kernel_size=3, padding=1, stride=stride, bias=False)
         self.bn1 = nn.GroupNorm(_group_count(planes), planes)
         self.act = nn.ReLU(inplace=False)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
+        self.conv2 = conv(planes, planes, kernel_size=3, padding=1, bias=False)
         self.bn2 = nn.GroupNorm(_group_count(planes), planes)
         if isinstance(downsample, nn.Sequential):
             for i, layer in enumerate(downsample):
@@ -118,38 +122,40 @@ class DPResNetBlock(nn.Module):
         return self.act(out + residual)
 
 
-def _resnet(layers: list[int], dim: int) -> nn.Module:
+def monai_resnet(layers: list[int], dim: int, spatial_dims: int = 2) -> nn.Module:
+    """MONAI ``ResNet`` with :class:`DPResNetBlock` (2-D images or, ``spatial_dims=3``, volumes)."""
     from monai.networks.nets import ResNet
 
     return ResNet(
-        block=DPResNetBlock, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+        block=DPResNetBlock, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=spatial_dims,
         n_input_channels=1, conv1_t_size=7, conv1_t_stride=2, no_max_pool=False,
         shortcut_type="B", num_classes=dim, feed_forward=True,
         act=("relu", {"inplace": False}), norm=("group", {"num_groups": 8}),
     )
 
 
-def _densenet121(dim: int) -> nn.Module:
+def monai_densenet121(dim: int, spatial_dims: int = 2) -> nn.Module:
+    """MONAI ``DenseNet121`` built DP-valid: GroupNorm(8), non-in-place ReLU."""
     from monai.networks.nets import DenseNet121
 
-    return DenseNet121(spatial_dims=2, in_channels=1, out_channels=dim,
+    return DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=dim,
                        norm=("group", {"num_groups": 8}), act=("relu", {"inplace": False}))
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, key: str = _PRETRAINED_KEY) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError("pretrained image weights not found (a local state_dict file is needed; "
-                         "nothing is downloaded)", file=path, key=_PRETRAINED_KEY)
+                         "nothing is downloaded)", file=path, key=key)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         raise InputError(f"cannot read a state_dict from this file: {exc}", file=path,
-                         key=_PRETRAINED_KEY) from None
+                         key=key) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError("expected a state_dict (a mapping of parameter names to tensors)",
-                         file=path, key=_PRETRAINED_KEY)
+                         file=path, key=key)
     out = {}
     for k, v in obj.items():
         # Opacus and DataParallel wrappers prefix names; the bare backbone has none.
@@ -160,7 +166,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_pretrained(backbone: nn.Module, path: str | Path, head_prefixes: Sequence[str] = ()) -> None:
+def load_pretrained(backbone: nn.Module, path: str | Path, head_prefixes: Sequence[str] = (), *,
+                    key: str = _PRETRAINED_KEY) -> None:
     """Load a local ``state_dict`` file into ``backbone`` in place.
 
     Keys must match the backbone's exactly (after dropping ``_module.``/``module.`` prefixes);
@@ -168,7 +175,7 @@ def load_pretrained(backbone: nn.Module, path: str | Path, head_prefixes: Sequen
     Raises :class:`InputError` naming the file and the first mismatching keys otherwise.
     """
     path = Path(path)
-    state = _read_state_dict(path)
+    state = _read_state_dict(path, key)
     own = backbone.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -178,15 +185,15 @@ def load_pretrained(backbone: nn.Module, path: str | Path, head_prefixes: Sequen
             parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        raise InputError("weights do not fit the configured image encoder: " + "; ".join(parts),
-                         file=path, key=_PRETRAINED_KEY)
+        raise InputError("weights do not fit the configured encoder: " + "; ".join(parts),
+                         file=path, key=key)
     for k, v in list(state.items()):
         if v.shape != own[k].shape:
             if k.startswith(tuple(head_prefixes)):
                 state[k] = own[k]
             else:
                 raise InputError(f"shape mismatch for '{k}': file has {tuple(v.shape)}, "
-                                 f"encoder needs {tuple(own[k].shape)}", file=path, key=_PRETRAINED_KEY)
+                                 f"encoder needs {tuple(own[k].shape)}", file=path, key=key)
     backbone.load_state_dict(state, strict=True)
 
 
@@ -206,11 +213,11 @@ def build_image_encoder(cfg: ImageEncoderConfig, dim: int,
     if name == "small_cnn":
         net = SmallCNN(cfg.channels, dim)
     elif name == "densenet121":
-        net = _densenet121(dim)
+        net = monai_densenet121(dim)
     elif name == "resnet10":
-        net = _resnet([1, 1, 1, 1], dim)
+        net = monai_resnet([1, 1, 1, 1], dim)
     elif name == "resnet18":
-        net = _resnet([2, 2, 2, 2], dim)
+        net = monai_resnet([2, 2, 2, 2], dim)
     else:  # the config's Literal makes this unreachable from YAML
         raise InputError(f"unknown image encoder '{name}'", key="model.image_encoder.name")
     if cfg.pretrained:

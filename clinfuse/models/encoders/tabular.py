@@ -36,5 +36,6 @@ class TabularEncoder(nn.Module):
 
 def build_tabular_encoder(cfg: TabularEncoderConfig, dim: int, *, tabular_dim: int,
                           dropout: float = 0.0) -> TabularEncoder:
-    """Build the tabular encoder for ``tabular_dim`` input features."""
-    return TabularEncoder(tabular_dim, dim, cfg.hidden, dropout)
+    """Build the tabular encoder for ``tabular_dim`` input features (hidden width: ``cfg.hidden``,
+    by default the model width)."""
+    return TabularEncoder(tabular_dim, dim, cfg.hidden or dim, dropout)
