@@ -2,7 +2,9 @@
 
 ``clinfuse demo`` writes the synthetic demo cohort (once), runs a DP federated study over its
 sites in Flower's simulation engine, and prints per-round metrics, each site's epsilon and the
-final validation AUROC; the global checkpoint is ``<workdir>/run/global.pt``.
+final validation AUROC; the global checkpoint is ``<workdir>/run/global.pt``. ``--variant rich``
+runs the five-modality study of ``configs/rich.yaml`` (chest film, CT series, note, tabular, ECG;
+one site without volumes).
 
 ``clinfuse federate`` runs the same simulation over manifests you name (one per site).
 """
@@ -29,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds, 5)")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=200, help="patients per site in the demo cohort")
+    p.add_argument("--variant", choices=["default", "rich"], default="default",
+                   help="rich: five modalities (chest film, CT series, note, tabular, ECG), configs/rich.yaml")
     _common(p)
     p.set_defaults(handler=_demo)
 
@@ -104,7 +108,12 @@ def _print_round(record: dict) -> None:
 
 
 def _report(summary: dict, started: float) -> None:
+    from clinfuse.models.fusion import format_parameter_counts
+
     print()
+    if summary.get("parameters"):
+        print(f"modalities: {', '.join(summary.get('modalities', []))}; "
+              f"{format_parameter_counts(summary['parameters'])}")
     auroc = summary["final_val"].get("val-auroc")
     print(f"final validation AUROC (weighted over sites): {auroc:.3f}" if auroc is not None
           else "final validation AUROC: n/a (no site reported one)")
@@ -127,21 +136,23 @@ def _simulate(args, run_config: dict, num_sites: int) -> int:
     return 0
 
 
-def _prepare_cohort(workdir: Path, sites: int, patients: int) -> Path:
-    """The demo cohort under ``workdir/cohort``, (re)written when absent or of another size."""
+def _prepare_cohort(workdir: Path, sites: int, patients: int, variant: str = "default") -> Path:
+    """The demo cohort under ``workdir/cohort``, (re)written when absent or of another size or variant."""
     from clinfuse.data.synthetic import write_demo_cohort
     from clinfuse.fileio import atomic_write_json
 
     cohort = workdir / "cohort"
     stamp_path = cohort / "cohort.json"
     stamp = {"sites": sites, "patients": patients, "seed": 0}
+    if variant != "default":
+        stamp["variant"] = variant
     manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(sites)]
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(m.exists() for m in manifests):
         return cohort
     if cohort.exists():
         shutil.rmtree(cohort)
-    print(f"writing the demo cohort: {sites} sites x {patients} patients -> {cohort}", file=sys.stderr)
-    write_demo_cohort(cohort, sites=sites, patients=patients, seed=0)
+    print(f"writing the demo cohort: {sites} sites x {patients} patients ({variant}) -> {cohort}", file=sys.stderr)
+    write_demo_cohort(cohort, sites=sites, patients=patients, seed=0, variant=variant)
     atomic_write_json(stamp_path, stamp)
     return cohort
 
@@ -152,10 +163,14 @@ def _demo(args) -> int:
     if args.sites < 2:
         raise InputError("the demo needs at least 2 sites", key="--sites")
     workdir = args.workdir.resolve()
+    if args.variant == "rich" and args.config is None:
+        from clinfuse.config import DEFAULT_CONFIG
+
+        args.config = DEFAULT_CONFIG.parent / "rich.yaml"
     run_config = {"workdir": str(workdir), "min-sites": 2, **_run_config(args)}  # validates first
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    _prepare_cohort(workdir, args.sites, args.patients)
+    _prepare_cohort(workdir, args.sites, args.patients, args.variant)
     if not args.resume:
         # The demo is a fresh study each time; a real study never clears a site's accountant.
         for name in ("run", "sites"):

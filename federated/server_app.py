@@ -228,7 +228,7 @@ def run_federation(grid: Grid, run_config: dict, *, on_round: RoundCallback | No
     ``run_dir`` and ``global_checkpoint``.
     """
     from clinfuse.federation.rundir import RunDir
-    from clinfuse.models.fusion import parameter_groups
+    from clinfuse.models.fusion import format_parameter_counts, parameter_counts, parameter_groups
     from clinfuse.training.checkpoint import build_model_for, clean_state_dict
     from clinfuse.training.trainer import seed_everything
     from federated.strategy import (
@@ -249,6 +249,8 @@ def run_federation(grid: Grid, run_config: dict, *, on_round: RoundCallback | No
         ensure_demo_cohort(settings, max(settings.expected_sites, len(list(grid.get_node_ids()))))
     model = build_model_for(cfg)
     groups = parameter_groups(model)
+    counts = parameter_counts(model)
+    log(INFO, "study %s: modalities %s; %s", cfg.study, ", ".join(cfg.modality_names), format_parameter_counts(counts))
     strategy_state: dict = {}
     if first > 1:
         last = rundir.last()
@@ -341,7 +343,8 @@ def run_federation(grid: Grid, run_config: dict, *, on_round: RoundCallback | No
     summary = {"rounds": (last_record or {}).get("round", first - 1), "num_rounds": settings.num_rounds,
                "final_val": (last_record or {}).get("val", {}), "epsilon": epsilon,
                "client_dp_epsilon": (last_record or {}).get("client_dp_epsilon"),
-               "run_dir": str(rundir.path), "global_checkpoint": str(rundir.global_path)}
+               "run_dir": str(rundir.path), "global_checkpoint": str(rundir.global_path),
+               "modalities": list(cfg.modality_names), "parameters": counts}
     rundir.finish(summary)
     return summary
 

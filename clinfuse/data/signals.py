@@ -148,9 +148,18 @@ def _csv(p: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def _wfdb_header(p: Path):
-    import wfdb
+def wfdb_module():
+    """The ``wfdb`` package, imported without the pandas deprecation warnings its import prints."""
+    import warnings
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import wfdb
+    return wfdb
+
+
+def _wfdb_header(p: Path):
+    wfdb = wfdb_module()
     name = _record_name(p)
     if not Path(name + ".hea").is_file():
         raise InputError("WFDB header not found", file=Path(name + ".hea"))
@@ -175,8 +184,7 @@ def _wfdb_channels(names, spec, p: Path) -> list[int]:
 
 
 def _read_wfdb(p: Path, spec) -> tuple[np.ndarray, float]:
-    import wfdb
-
+    wfdb = wfdb_module()
     header = _wfdb_header(p)
     picks = _wfdb_channels(header.sig_name, spec, p)
     try:

@@ -36,6 +36,16 @@ wording. About 15% of patients have no image and (outside the note-less last sit
 note, both missing completely at random; each numeric tabular field is missing for a few percent.
 About 10% of imaged patients have a second (follow-up) image: two manifest rows, same label.
 
+``variant="rich"`` adds two modalities, for five in all (two of them imaging), read by
+``configs/rich.yaml``: a small CT-like volume (``volumes/<patient>/``: a DICOM series of 16 axial
+CT slices of 32x32 in Hounsfield units, rescale intercept -1024) whose label signal — lung nodules,
+more and larger with ``v_volume`` — lies in the upper slices (4 to 7 of 16), never in the middle
+slice (8), so a model of the middle slice alone sees anatomy and noise only; and a 2-lead
+ECG-like signal (heart rate and an ST-like plateau rise with ``v_signal``), 5 s long, written as a
+WFDB record at 200 Hz at site 0 (resampled to the declared 100 Hz) and as a ``[samples, 2]`` NPY
+array at 100 Hz at site 1. Site 1 has no volumes, site 2 no signals (and, as the last site, no
+notes). Its manifest columns are ``patient_id,label,chest,ct,note_path,ecg`` + the tabular fields.
+
 ``variant="text_dominant"`` keeps everything above but makes the note nearly determine the label
 (``sigma_text`` tiny, the boundary between the equivocal and abnormal grades at the label's) and
 the tabular view weak, while the image keeps the default variant's signal: a model can reach high
@@ -66,7 +76,11 @@ from clinfuse.fileio import atomic_write_text
 
 LABELS = ("negative", "positive")
 MANIFEST_COLUMNS = ("patient_id", "label", "image", "note_path", "age", "sex", "temperature", "spo2", "wbc")
-VARIANTS = ("default", "text_dominant")
+VARIANTS = ("default", "text_dominant", "rich")
+RICH_COLUMNS = ("patient_id", "label", "chest", "ct", "note_path", "ecg", "age", "sex", "temperature", "spo2", "wbc")
+CT_SLICES, CT_SIZE, CT_SPACING = 16, 32, 2.5
+CT_NODULE_SLICES = (4, 7)  # nodules only here: the middle slice (8) carries no label signal
+ECG_SECONDS, ECG_LEADS = 5.0, ("I", "II")
 IMAGE_SIZE = 256
 
 # CR Image Storage: unlike DX, its Modality LUT module allows a rescale slope/intercept, which
@@ -80,6 +94,8 @@ class _Variant:
     sigma_text: float
     sigma_tabular: float
     text_cuts: tuple[float, float, float, float]  # v_text thresholds between the five note grades
+    sigma_volume: float = 1.0
+    sigma_signal: float = 1.25
 
 
 _VARIANTS = {
@@ -90,6 +106,9 @@ _VARIANTS = {
     # weak to learn anyway, neglecting it would cost nothing and balancing would have nothing to save.
     "text_dominant": _Variant(sigma_image=1.25, sigma_text=0.08, sigma_tabular=3.0,
                               text_cuts=(-0.9, -0.3, 0.0, 0.7)),
+    # the default's three views plus a volume and a signal view
+    "rich": _Variant(sigma_image=1.25, sigma_text=1.15, sigma_tabular=1.5, text_cuts=(-1.0, -0.35, 0.25, 0.9),
+                     sigma_volume=1.0, sigma_signal=1.25),
 }
 
 
@@ -105,6 +124,8 @@ class _Site:
     style: int
     has_notes: bool
     age_mean: float
+    has_volume: bool = False
+    has_signal: bool = False
 
 
 # (prevalence, gain, offset, noise, stored slope, stored intercept) for the first sites; later
@@ -128,6 +149,8 @@ def _site(index: int, n_sites: int, seed: int, variant: str) -> _Site:
         slope, intercept = ((1.0, 0.0), (0.5, -1024.0), (2.0, 100.0))[index % 3]
     return _Site(index=index, prevalence=prev, gain=gain, offset=offset, noise=noise, slope=slope,
                  intercept=intercept, style=index % 3, has_notes=not (n_sites > 1 and index == n_sites - 1),
+                 has_volume=variant == "rich" and (n_sites == 1 or index % 3 != 1),
+                 has_signal=variant == "rich" and (n_sites == 1 or index % 3 != 2),
                  age_mean=52.0 + 4.0 * (index % 4))
 
 
@@ -383,6 +406,118 @@ def _tabular(rng: np.random.Generator, v: float, site: _Site) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Rich variant: CT-like volumes and ECG-like signals
+# ----------------------------------------------------------------------------------------------
+
+_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+_zc, _yc, _xc = np.meshgrid(np.arange(CT_SLICES, dtype=np.float32), _grid(CT_SIZE), _grid(CT_SIZE), indexing="ij")
+
+
+def _ct_volume(rng: np.random.Generator, v_volume: float) -> np.ndarray:
+    """Hounsfield units ``[slices, rows, columns]``: body, lungs, spine, and nodules set by ``v_volume``
+    in slices ``CT_NODULE_SLICES`` only."""
+    dx, dy = (float(t) for t in rng.normal(0.0, 0.03, 2))
+    body = _sigmoid((1.0 - np.sqrt(((_xc - dx) / 0.9) ** 2 + ((_yc - dy) / 0.75) ** 2)) / 0.05)
+    # lungs narrow towards the apex (slice 0) and the base (last slice)
+    taper = 1.0 - 0.35 * np.abs(_zc / (CT_SLICES - 1) - 0.55)
+    lungs = sum(_sigmoid((1.0 - np.sqrt(((_xc - side * 0.42 - dx) / (0.3 * taper)) ** 2
+                                         + ((_yc - dy) / (0.5 * taper)) ** 2)) / 0.08) for side in (-1.0, 1.0))
+    spine = _sigmoid((0.1 - np.sqrt((_xc - dx) ** 2 + (_yc - dy - 0.55) ** 2)) / 0.03)
+    hu = -1000.0 + 1040.0 * body - 880.0 * lungs * body + 450.0 * spine * body
+    sev = _severity(v_volume)
+    first, last = CT_NODULE_SLICES
+    for _ in range(int(rng.poisson(0.4 + 4.0 * sev))):
+        side = -1.0 if rng.random() < 0.5 else 1.0
+        cz = rng.uniform(first, last)
+        cx, cy = side * 0.42 + dx + rng.uniform(-0.15, 0.15), dy + rng.uniform(-0.3, 0.3)
+        r = rng.uniform(0.06, 0.08 + 0.1 * sev)
+        blob = np.exp(-(((_xc - cx) ** 2 + (_yc - cy) ** 2) / (2 * r * r) + (_zc - cz) ** 2 / (2 * 0.8 ** 2)))
+        blob[(_zc < first) | (_zc > last)] = 0.0  # kept off the middle slice by construction
+        hu += 850.0 * blob * lungs
+    hu += rng.normal(0.0, 25.0, hu.shape)
+    return hu.astype(np.float32)
+
+
+def _ct_series_files(hu: np.ndarray, site: _Site, seed: int, pid: str) -> list[tuple[str, bytes]]:
+    """One CT DICOM file per slice: ``(file name, bytes)``, with positions along z."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    src = ["clinfuse-synth", str(seed), "rich", pid, "ct"]
+    study_uid = generate_uid(entropy_srcs=src + ["study"])
+    series_uid = generate_uid(entropy_srcs=src + ["series"])
+    stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16)
+    out = []
+    for k in range(hu.shape[0]):
+        sop = generate_uid(entropy_srcs=src + [str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = _CT_STORAGE
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = _CT_STORAGE, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.Modality = "CT"
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                        "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+            setattr(ds, keyword, "")
+        ds.PatientIdentityRemoved = "YES"
+        ds.Manufacturer = "clinfuse-synthetic"
+        ds.ManufacturerModelName = f"phantom-ct-{site.style}"
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * CT_SPACING)]
+        ds.SliceThickness = CT_SPACING
+        ds.PixelSpacing = [10.0, 10.0]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = CT_SIZE
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+        ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+        ds.PixelData = stored[k].tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append((f"slice-{k:03d}.dcm", buf.getvalue()))
+    return out
+
+
+def _ecg(rng: np.random.Generator, v_signal: float, fs: float) -> np.ndarray:
+    """A 2-lead ECG-like series ``[samples, 2]`` in mV: heart rate and an ST-like plateau rise with
+    ``v_signal``."""
+    n = round(ECG_SECONDS * fs)
+    t = np.arange(n) / fs
+    hr = float(np.clip(68.0 + 10.0 * v_signal + rng.normal(0.0, 4.0), 40.0, 150.0))
+    st = 0.25 * _severity(v_signal)
+    beats = np.arange(rng.uniform(0.0, 60.0 / hr), ECG_SECONDS, 60.0 / hr)
+    beats = beats + rng.normal(0.0, 0.01, beats.shape)
+    lead = np.zeros(n)
+    for b in beats:
+        lead += 1.1 * np.exp(-((t - b) / 0.012) ** 2) - 0.15 * np.exp(-((t - b - 0.03) / 0.015) ** 2)
+        lead += st * _sigmoid((t - b - 0.05) / 0.01) * _sigmoid((b + 0.22 - t) / 0.02)
+        lead += 0.3 * np.exp(-((t - b - 0.3) / 0.05) ** 2)
+    wander = 0.1 * np.sin(2 * np.pi * rng.uniform(0.1, 0.4) * t + rng.uniform(0, 2 * np.pi))
+    two = np.stack([lead, 0.7 * lead], axis=1) + wander[:, None]
+    return (two + rng.normal(0.0, 0.04, two.shape)).astype(np.float32)
+
+
+def _write_ecg(site_dir: Path, pid: str, ecg: np.ndarray, fs: float, as_wfdb: bool) -> str:
+    """Write one signal; returns its manifest path (relative to the site)."""
+    (site_dir / "signals").mkdir(parents=True, exist_ok=True)
+    if not as_wfdb:
+        buf = io.BytesIO()
+        np.save(buf, ecg, allow_pickle=False)
+        _write_bulk(site_dir / "signals" / f"{pid}.npy", buf.getvalue())
+        return f"signals/{pid}.npy"
+    from clinfuse.data.signals import wfdb_module
+
+    wfdb_module().wrsamp(pid, fs=fs, units=["mV", "mV"], sig_name=list(ECG_LEADS), p_signal=ecg.astype(np.float64),
+                fmt=["16", "16"], write_dir=str(site_dir / "signals"))
+    return f"signals/{pid}.hea"
+
+
+# ----------------------------------------------------------------------------------------------
 # Writer
 # ----------------------------------------------------------------------------------------------
 
@@ -423,8 +558,9 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
     seed:
         Seed of everything written; equal seeds give byte-identical files.
     variant:
-        ``"default"`` (every modality moderately informative, fusion best) or
-        ``"text_dominant"`` (notes nearly give the label away; the image as informative as in "default").
+        ``"default"`` (every modality moderately informative, fusion best),
+        ``"text_dominant"`` (notes nearly give the label away; the image as informative as in "default")
+        or ``"rich"`` (five modalities: chest film, CT series, note, tabular, ECG; ``configs/rich.yaml``).
 
     Returns
     -------
@@ -485,12 +621,28 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
                 _write_bulk(site_dir / rel, _dicom_bytes(template, _phantom(rng, v, site), site, uids, k))
                 images.append(rel)
 
+            extra = {}
+            if variant == "rich":
+                v_vol, v_sig = z + rng.normal(size=2) * (params.sigma_volume, params.sigma_signal)
+                extra = {"ct": "", "ecg": ""}
+                if site.has_volume and rng.random() >= 0.15:
+                    folder = site_dir / "volumes" / pid
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for name, blob in _ct_series_files(_ct_volume(rng, v_vol), site, seed, pid):
+                        _write_bulk(folder / name, blob)
+                    extra["ct"] = f"volumes/{pid}"
+                if site.has_signal and rng.random() >= 0.15:
+                    fs = 200.0 if site.index % 3 == 0 else 100.0
+                    extra["ecg"] = _write_ecg(site_dir, pid, _ecg(rng, v_sig, fs), fs, as_wfdb=site.index % 3 == 0)
+            image_column = "chest" if variant == "rich" else "image"
             for rel in images or [""]:
-                rows.append({"patient_id": pid, "label": label, "image": rel, "note_path": note_rel, **tab})
+                rows.append({"patient_id": pid, "label": label, image_column: rel, "note_path": note_rel,
+                             **extra, **tab})
             progress.update(1)
 
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=RICH_COLUMNS if variant == "rich" else MANIFEST_COLUMNS,
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         manifest = site_dir / "manifest.csv"
