@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clinfuse.config import MODALITIES, config_from_dict, load_config
+from clinfuse.config import config_from_dict, load_config
 from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
 from clinfuse.data.manifest import read_manifest
 from clinfuse.data.synthetic import write_demo_cohort
@@ -41,17 +41,17 @@ from clinfuse.models.fusion import parameter_groups
 from clinfuse.training.checkpoint import build_model_for, clean_state_dict
 from clinfuse.training.trainer import _auroc, predict_outputs, seed_everything
 
-TEXT = MODALITIES.index("text")
+TEXT = 1  # the demo config's modalities: image, text, tabular
 
 
 def only_text(batch):
     """Keep the note; the image and tabular inputs are zeroed and masked out."""
     import torch
 
-    image, text, tabular, mask, label = batch
-    keep = torch.zeros_like(mask)
-    keep[:, TEXT] = mask[:, TEXT]
-    return torch.zeros_like(image), text, torch.zeros_like(tabular), keep, label
+    keep = torch.zeros_like(batch["mask"])
+    keep[:, TEXT] = batch["mask"][:, TEXT]
+    return {**batch, "image": torch.zeros_like(batch["image"]), "tabular": torch.zeros_like(batch["tabular"]),
+            "mask": keep}
 
 
 def test_set(manifests, cfg) -> MultimodalDataset:

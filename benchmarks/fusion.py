@@ -26,7 +26,16 @@ about 30 minutes on one core; ``--skip-ablation`` / ``--skip-fusion`` run either
 The cohort is this size because at 200 patients per site the test split (about 100 patients)
 gives AUROCs whose sampling error is larger than the differences being checked.
 
+``--variant rich`` runs instead the five-modality study of ``configs/rich.yaml`` on the rich cohort
+(chest film, CT series, note, tabular, ECG; site 1 has no volumes, site 2 no ECG and no notes):
+the test AUROC of each modality alone and of the fused model (check: fused >= best single), and
+a volume-vs-middle-slice comparison on the patients with a CT: a model of the whole series (the
+3-D encoder) against a 2-D model of its middle slice alone (what clinfuse did with a series
+before volumes were a kind) — the cohort's signal lies off the middle slice, so the check is
+volume >= middle slice + 0.05.
+
     python benchmarks/fusion.py [--patients 1000] [--epochs 20] [--seeds 3] [--workdir DIR]
+    python benchmarks/fusion.py --variant rich [--patients 400] [--epochs 10] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -42,40 +51,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from clinfuse.config import MODALITIES, config_from_dict, load_config
-from clinfuse.data.dataset import MultimodalDataset
+from clinfuse.config import config_from_dict, load_config
+from clinfuse.data.dataset import MultimodalDataset, without_modalities
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class ModalityView(MultimodalDataset):
-    """A dataset whose items keep only some modalities (the others zeroed and masked out).
+    """A dataset whose items keep only some modalities (the others removed: absent input, mask 0).
 
-    ``keep``: modalities to keep; ``drop_text``: optional boolean array, ``True`` rows lose their
-    note (as in the "50% of notes removed" test). Shares the base dataset's decoded images.
+    ``keep``: modality names to keep (default: all); ``drop_text``: optional boolean array, ``True``
+    patients lose their note (as in the "50% of notes removed" test). Shares the base dataset's
+    decoded inputs.
     """
 
-    def __init__(self, base: MultimodalDataset, keep=MODALITIES, drop_text: np.ndarray | None = None):
+    def __init__(self, base: MultimodalDataset, keep=None, drop_text: np.ndarray | None = None):
         self.__dict__.update(base.__dict__)
-        self.keep = torch.tensor([m in keep for m in MODALITIES], dtype=torch.float32)
+        names = self.cfg.modality_names
+        self.keep = np.array([keep is None or m in keep for m in names], dtype=np.float32)
+        self.text_index = names.index("text") if "text" in names else None
         self.drop_text = drop_text
 
     def __getitem__(self, index: int):
-        image, text, tabular, mask, label = super().__getitem__(index)
-        keep = self.keep.clone()
+        keep = self.keep.copy()
         if self.drop_text is not None and self.drop_text[index]:
-            keep[1] = 0.0
-        mask = mask * keep
-        if not mask[0]:
-            image = torch.zeros_like(image)
-        if not mask[1]:
-            text = torch.zeros_like(text)
-        if not mask[2]:
-            tabular = torch.zeros_like(tabular)
-        return image, text, tabular, mask, label
+            keep[self.text_index] = 0.0
+        return without_modalities(super().__getitem__(index), keep, self.cfg)
 
 
 def make_config(args, seed: int, balance: dict | None = None):
+    if getattr(args, "variant", "default") == "rich":
+        raw = load_config(REPO / "configs" / "rich.yaml").model_dump(mode="json")
+        raw["train"].update(epochs=args.epochs, lr=args.lr, seed=seed, batch_size=args.batch_size)
+        raw["privacy"].update(enabled=True, target_epsilon=args.epsilon)
+        if args.model_dim:
+            raw["model"]["dim"] = args.model_dim
+        if args.fusion:
+            raw["model"]["fusion"]["name"] = args.fusion
+        if balance is not None:
+            raw["balance"].update(balance)
+        return config_from_dict(raw, source="benchmarks/fusion.py (rich)")
     raw = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
     raw["train"].update(epochs=args.epochs, lr=args.lr, seed=seed, batch_size=args.batch_size)
     raw["privacy"].update(enabled=True, target_epsilon=args.epsilon)
@@ -103,7 +118,7 @@ def train_dp(cfg, train_set: MultimodalDataset):
     from clinfuse.training.trainer import LocalTrainer, seed_everything
 
     seed_everything(cfg.train.seed)
-    n_patients = len({r.patient_id for r in train_set.records})
+    n_patients = len(train_set)  # one item per patient
     plan = plan_privacy(cfg, n_patients, cfg.train.epochs)
     with tempfile.TemporaryDirectory(prefix="clinfuse-acct-") as state:
         accountant = SiteAccountant(Path(state) / "accountant.json", mechanism=cfg.privacy.accountant)
@@ -134,7 +149,7 @@ def fused_auroc_without_note(model, dataset) -> float:
     from clinfuse.training.trainer import predict_outputs
 
     out = predict_outputs(model, dataset)
-    lacks = out["masks"][:, 1] == 0
+    lacks = out["masks"][:, dataset.cfg.modality_names.index("text")] == 0
     return auroc(out["labels"][lacks], out["probs"][lacks, 1])
 
 
@@ -151,10 +166,10 @@ def image_features(model, dataset):
     from torch.utils.data import DataLoader
 
     feats, labels = [], []
-    for image, _, _, mask, label in DataLoader(dataset, batch_size=64):
-        has = mask[:, 0] > 0
-        feats.append(model.image_encoder(image[has]).numpy())
-        labels.append(label[has].numpy())
+    for batch in DataLoader(dataset, batch_size=64, collate_fn=dataset.collate):
+        has = batch["mask"][:, 0] > 0
+        feats.append(model.encoders["image"](batch["image"][has]).numpy())
+        labels.append(batch["label"][has].numpy())
     return np.concatenate(feats), np.concatenate(labels)
 
 
@@ -182,6 +197,103 @@ def cohort(workdir: Path, variant: str, args):
     for split in ("train", "test"):
         datasets[split].warm(progress=False)
     return datasets
+
+
+def study_config(args, seed: int, modalities: list[dict]):
+    """The rich config reduced to ``modalities`` (no modality dropout: single-modality studies)."""
+    raw = make_config(args, seed).model_dump(mode="json")
+    raw["modalities"] = modalities
+    raw["balance"]["modality_dropout"] = {}
+    return config_from_dict(raw, source="benchmarks/fusion.py (rich, one study)")
+
+
+def middle_slice_manifests(manifests: list[Path]) -> list[Path]:
+    """Per site, the rows with a CT series, plus a column ``ct_mid``: the series' middle slice file
+    (the slice a 2-D pipeline keeps of a series). Written beside each manifest."""
+    import pandas as pd
+
+    out = []
+    for manifest in manifests:
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        frame = frame[frame["ct"] != ""].copy()
+        if frame.empty:
+            continue
+        mids = []
+        for rel in frame["ct"]:
+            files = sorted((manifest.parent / rel).glob("*.dcm"))
+            mids.append(str(Path(rel) / files[len(files) // 2].name))
+        frame["ct_mid"] = mids
+        path = manifest.with_name("manifest-ct.csv")
+        frame.to_csv(path, index=False)
+        out.append(path)
+    return out
+
+
+def rich_benchmark(args, workdir: Path, seeds: list[int]) -> int:
+    """Per-modality vs fused AUROC on the five-modality study; volume vs its middle slice."""
+    from clinfuse.data.synthetic import write_demo_cohort
+    from clinfuse.training.commands import load_split_datasets
+
+    failures = 0
+    cfg0 = make_config(args, 0)
+    names = cfg0.modality_names
+    print("study: " + ", ".join(f"{m.name} ({m.kind}, {getattr(m.encoder, 'name', 'mlp')})" for m in cfg0.modalities)
+          + f"; dim {cfg0.model.dim}, fusion {cfg0.model.fusion.name}")
+    data = cohort(workdir, "rich", args)
+    train, test = data["train"], data["test"]
+    views = {f"{m} only": (m,) for m in names} | {"fused": None}
+    results = {k: [] for k in views}
+    for seed in seeds:
+        for view, keep in views.items():
+            cfg = make_config(args, seed, {"modality_dropout": {}} if keep else None)
+            t0 = time.time()
+            model, eps = train_dp(cfg, ModalityView(train, keep))
+            results[view].append(test_auroc(model, ModalityView(test, keep)))
+            print(f"  seed {seed} {view:<11} test AUROC {results[view][-1]:.3f} (epsilon {eps:.2f}, "
+                  f"{time.time() - t0:.0f} s)", flush=True)
+    mean = {k: float(np.mean(v)) for k, v in results.items()}
+    have = {m: int(sum(p.mask[i] for p in test.samples)) for i, m in enumerate(names)}
+    print(f"\nTest AUROC, {len(test)} test patients (with " + ", ".join(f"{m} {n}" for m, n in have.items())
+          + "); a single-modality model predicts the prior for a patient without its modality")
+    print("| model | test AUROC |\n| --- | --- |")
+    for view in views:
+        print(f"| {view} | {fmt(mean[view])} |")
+    best = max((v for v in views if v != "fused"), key=mean.get)
+    ok = mean["fused"] >= mean[best]
+    failures += not ok
+    print(f"{verdict(ok)}: fused {fmt(mean['fused'])} >= best single ({best} {fmt(mean[best])})\n")
+
+    # Volume vs middle slice, on the patients that have a CT series.
+    out = workdir / f"rich-s{args.sites}-p{args.patients}"
+    manifests = [out / f"site-{s}" / "manifest.csv" for s in range(args.sites)]
+    if not all(m.exists() for m in manifests):
+        manifests = write_demo_cohort(out, sites=args.sites, patients=args.patients, seed=0, variant="rich")
+    ct_manifests = middle_slice_manifests(manifests)
+    ct_spec = cfg0.modality("ct").model_dump(mode="json")
+    mid_spec = {"name": "ct_mid", "kind": "image", "size": list(ct_spec["size"][1:]), "apply_voi_lut": False,
+                "encoder": {"name": "small_cnn", "channels": [16, 32, 64]}}
+    scores = {"volume (3-D encoder)": [], "middle slice (2-D encoder)": []}
+    for seed in seeds:
+        for name, spec in (("volume (3-D encoder)", ct_spec), ("middle slice (2-D encoder)", mid_spec)):
+            cfg = study_config(args, seed, [spec])
+            split, _ = load_split_datasets(ct_manifests, cfg)
+            split["train"].warm(progress=False)
+            t0 = time.time()
+            model, eps = train_dp(cfg, split["train"])
+            scores[name].append(test_auroc(model, split["test"]))
+            print(f"  seed {seed} {name:<27} test AUROC {scores[name][-1]:.3f} (epsilon {eps:.2f}, "
+                  f"{time.time() - t0:.0f} s)", flush=True)
+    m = {k: float(np.mean(v)) for k, v in scores.items()}
+    print(f"\nVolume vs middle slice ({len(split['test'])} test patients with a CT; the nodules lie in "
+          "slices 4-7 of 16, the middle slice is 8)")
+    print("| model | test AUROC |\n| --- | --- |")
+    for name in scores:
+        print(f"| {name} | {fmt(m[name])} |")
+    vol, mid = m["volume (3-D encoder)"], m["middle slice (2-D encoder)"]
+    ok = vol >= mid + 0.05
+    failures += not ok
+    print(f"{verdict(ok)}: volume {fmt(vol)} >= middle slice {fmt(mid)} + 0.05")
+    return failures
 
 
 def fmt(x: float) -> str:
@@ -218,6 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-fusion", action="store_true")
     p.add_argument("--views", nargs="+", default=None, metavar="NAME",
                    help="train only these of: image tabular text fused (checks then need all four)")
+    p.add_argument("--variant", choices=["default", "rich"], default="default",
+                   help="rich: the five-modality study (per-modality vs fused; volume vs middle slice)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -232,23 +346,27 @@ def main(argv=None) -> int:
     failures = 0
     print(f"synthetic cohort: {args.sites} sites x {args.patients} patients, pooled; DP-SGD at epsilon "
           f"{args.epsilon:g}; {args.epochs} epochs, lr {args.lr:g}, batch {args.batch_size}; seeds {seeds}")
-    model = make_config(args, 0).model
-    print(f"model: dim {model.dim}, image {model.image_encoder.name} {model.image_encoder.channels}, text "
-          f"{model.text_encoder.name} (trainable_embedding={model.text_encoder.trainable_embedding}, "
-          f"embedding_dim {model.text_encoder.embedding_dim}), fusion {model.fusion.name}; clip groups "
-          f"for the fused model: {args.clip_groups}")
+    if args.variant == "rich":
+        failures += rich_benchmark(args, workdir, seeds)
+        args.skip_fusion = args.skip_ablation = True
+    else:
+        cfg0 = make_config(args, 0)
+        image, text = cfg0.modality("image").encoder, cfg0.modality("text").encoder
+        print(f"model: dim {cfg0.model.dim}, image {image.name} {image.channels}, text {text.name} "
+              f"(trainable_embedding={text.trainable_embedding}, embedding_dim {text.embedding_dim}), fusion "
+              f"{cfg0.model.fusion.name}; clip groups for the fused model: {args.clip_groups}")
 
     if not args.skip_fusion:
         data = cohort(workdir, "default", args)
         train, test = data["train"], data["test"]
-        has_note = np.array([r.mask[1] for r in test.records], dtype=bool)
+        has_note = np.array([p.mask[1] for p in test.samples], dtype=bool)
         rng = np.random.default_rng(12345)
         drop = has_note & (rng.random(len(test)) < 0.5)
         views = {"image only": ("image",), "text only": ("text",), "tabular only": ("tabular",),
-                 "fused": MODALITIES}
+                 "fused": None}
         if args.views:
             views = {k: v for k, v in views.items() if k.split()[0] in args.views}
-        no_dropout = {"modality_dropout": {"image": 0.0, "text": 0.0, "tabular": 0.0}}
+        no_dropout = {"modality_dropout": {}}
         results = {name: [] for name in views}
         half_notes = {"fused": [], "image only": []}
         eps_spent = []
@@ -268,7 +386,7 @@ def main(argv=None) -> int:
         mean = {k: float(np.mean(v)) for k, v in results.items()}
         mean_half = {k: float(np.mean(v)) for k, v in half_notes.items() if v}
         print()
-        print(f"Test AUROC, {len(test)} test rows ({int(has_note.sum())} with notes; "
+        print(f"Test AUROC, {len(test)} test patients ({int(has_note.sum())} with notes; "
               f"{int(drop.sum())} notes removed in the 50% condition); epsilon spent "
               f"{min(eps_spent):.2f}-{max(eps_spent):.2f}")
         print("| model | all notes | 50% notes removed |\n| --- | --- | --- |")
@@ -293,11 +411,11 @@ def main(argv=None) -> int:
         data = cohort(workdir, "text_dominant", args)
         train, test = data["train"], data["test"]
         settings = {
-            "without (no dropout, aux none)": {"modality_dropout": {"image": 0.0, "text": 0.0, "tabular": 0.0},
+            "without (no dropout, aux none)": {"modality_dropout": {},
                                                "aux_weights": {"mode": "none"}},
-            "aux weights only": {"modality_dropout": {"image": 0.0, "text": 0.0, "tabular": 0.0},
+            "aux weights only": {"modality_dropout": {},
                                  "aux_weights": {"mode": "fixed", "weight": args.aux_weight}},
-            "with balancing": {"modality_dropout": {"image": 0.0, "text": args.text_dropout, "tabular": 0.0},
+            "with balancing": {"modality_dropout": {"text": args.text_dropout},
                                "aux_weights": {"mode": "fixed", "weight": args.aux_weight}},
         }
         rows = {name: {"aux": [], "probe": [], "fused": [], "no_note": []} for name in settings}
@@ -317,8 +435,8 @@ def main(argv=None) -> int:
         print()
         print(f"Balancing ablation, text_dominant cohort (text dropout {args.text_dropout:g}, "
               f"aux weight {args.aux_weight:g}); test AUROC")
-        n_no_note = int(sum(1 for r in test.records if not r.mask[1]))
-        print(f"({len(test)} test rows, {n_no_note} without a note)")
+        n_no_note = int(sum(1 for p in test.samples if not p.mask[1]))
+        print(f"({len(test)} test patients, {n_no_note} without a note)")
         print("| setting | image aux head | image-encoder linear probe | fused | fused, no note |\n"
               "| --- | --- | --- | --- | --- |")
         for name in settings:
