@@ -80,28 +80,20 @@ class ModalityView(MultimodalDataset):
 
 
 def make_config(args, seed: int, balance: dict | None = None):
-    if getattr(args, "variant", "default") == "rich":
-        raw = load_config(REPO / "configs" / "rich.yaml").model_dump(mode="json")
-        raw["train"].update(epochs=args.epochs, lr=args.lr, seed=seed, batch_size=args.batch_size)
-        raw["privacy"].update(enabled=True, target_epsilon=args.epsilon)
-        if args.model_dim:
-            raw["model"]["dim"] = args.model_dim
-        if args.fusion:
-            raw["model"]["fusion"]["name"] = args.fusion
-        if balance is not None:
-            raw["balance"].update(balance)
-        return config_from_dict(raw, source="benchmarks/fusion.py (rich)")
-    raw = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
+    """demo.yaml (or, ``--variant rich``, rich.yaml) with the benchmark's training settings."""
+    rich = getattr(args, "variant", "default") == "rich"
+    raw = load_config(REPO / "configs" / ("rich.yaml" if rich else "demo.yaml")).model_dump(mode="json")
     raw["train"].update(epochs=args.epochs, lr=args.lr, seed=seed, batch_size=args.batch_size)
     raw["privacy"].update(enabled=True, target_epsilon=args.epsilon)
     if args.model_dim:
         raw["model"]["dim"] = args.model_dim
-    if args.text_embedding_dim:
-        raw["model"]["text_encoder"]["embedding_dim"] = args.text_embedding_dim
-    if args.channels:
-        raw["model"]["image_encoder"]["channels"] = args.channels
     if args.fusion:
         raw["model"]["fusion"]["name"] = args.fusion
+    if not rich:  # encoder overrides of the three-slot demo config
+        if args.text_embedding_dim:
+            raw["model"]["text_encoder"]["embedding_dim"] = args.text_embedding_dim
+        if args.channels:
+            raw["model"]["image_encoder"]["channels"] = args.channels
     if balance is not None:
         raw["balance"].update(balance)
     return config_from_dict(raw, source="benchmarks/fusion.py")

@@ -86,6 +86,9 @@ IMAGE_SIZE = 256
 # CR Image Storage: unlike DX, its Modality LUT module allows a rescale slope/intercept, which
 # lets sites store pixels differently and exercises the decoder's rescaling.
 _CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+# Type 2 attributes every file keeps, empty: a de-identified file, nothing for a PHI scan to find.
+_EMPTY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 @dataclass(frozen=True)
@@ -255,9 +258,7 @@ def _dicom_template(site: _Site):
     ds.file_meta = meta
     ds.SOPClassUID = _CR_IMAGE_STORAGE
     ds.Modality = "CR"
-    # Type 2 attributes are kept, empty: a de-identified file, nothing for a PHI scan to find.
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+    for keyword in _EMPTY_TYPE2:
         setattr(ds, keyword, "")
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "synthetic phantom (clinfuse demo cohort); no patient data"
@@ -459,8 +460,7 @@ def _ct_series_files(hu: np.ndarray, site: _Site, seed: int, pid: str) -> list[t
         ds.SOPClassUID, ds.SOPInstanceUID = _CT_STORAGE, sop
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.Modality = "CT"
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                        "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        for keyword in _EMPTY_TYPE2:
             setattr(ds, keyword, "")
         ds.PatientIdentityRemoved = "YES"
         ds.Manufacturer = "clinfuse-synthetic"

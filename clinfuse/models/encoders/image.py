@@ -47,37 +47,40 @@ def _group_count(channels: int, max_groups: int = 8) -> int:
     return 1
 
 
-class SmallCNN(nn.Module):
-    """Strided-conv image encoder: ``[B, 1, H, W] -> [B, dim]``.
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
-    One stage per entry of ``channels``: 3x3 conv with stride 2, GroupNorm, ReLU. Then a global
-    average pool and a linear projection to ``dim``. GroupNorm normalises each sample on its own,
-    so per-sample gradients stay per-sample (BatchNorm would mix samples).
+
+class SmallCNN(nn.Module):
+    """Strided-conv encoder: ``[B, in_channels, *spatial] -> [B, dim]``, for images (2-D, the
+    default), volumes (``spatial_dims=3``) and signals (``spatial_dims=1``).
+
+    One stage per entry of ``channels``: a ``kernel_size`` conv with stride 2, GroupNorm, ReLU.
+    Then a global average pool and a linear projection to ``dim``. GroupNorm normalises each
+    sample on its own, so per-sample gradients stay per-sample (BatchNorm would mix samples).
     """
 
-    def __init__(self, channels: Sequence[int], dim: int, in_channels: int = 1):
+    def __init__(self, channels: Sequence[int], dim: int, in_channels: int = 1, *, spatial_dims: int = 2,
+                 kernel_size: int = 3, key: str = "model.image_encoder.channels"):
         super().__init__()
         if not channels:
-            raise InputError("needs at least one channel count", key="model.image_encoder.channels")
+            raise InputError("needs at least one channel count", key=key)
         layers: list[nn.Module] = []
         prev = in_channels
         for c in channels:
             if c < 1:
-                raise InputError(f"channel counts must be positive, got {c}",
-                                 key="model.image_encoder.channels")
-            layers += [nn.Conv2d(prev, c, kernel_size=3, stride=2, padding=1, bias=False),
+                raise InputError(f"channel counts must be positive, got {c}", key=key)
+            layers += [_CONV[spatial_dims](prev, c, kernel_size=kernel_size, stride=2, padding=kernel_size // 2,
+                                           bias=False),
                        nn.GroupNorm(_group_count(c), c),
                        nn.ReLU(inplace=False)]
             prev = c
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = _POOL[spatial_dims](1)
         self.proj = nn.Linear(prev, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.pool(self.features(x)).flatten(1))
-
-
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class DPResNetBlock(nn.Module):

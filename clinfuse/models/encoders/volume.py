@@ -12,44 +12,16 @@ Built DP-valid from the start, as the 2-D encoders (:mod:`clinfuse.models.encode
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
 from torch import nn
 
 from clinfuse.config import VolumeEncoderConfig
 from clinfuse.errors import InputError
-from clinfuse.models.encoders.image import _group_count, load_pretrained, monai_densenet121, monai_resnet
+from clinfuse.models.encoders.image import SmallCNN, load_pretrained, monai_densenet121, monai_resnet
 
 _HEAD_PREFIXES = {"small_cnn3d": ("proj.",), "densenet121": ("class_layers.out.",), "resnet10": ("fc.",),
                   "resnet18": ("fc.",)}
 # smallest side the MONAI backbones take (stem /4 then three /2 stages)
 _MIN_SIDE = {"small_cnn3d": 1, "densenet121": 32, "resnet10": 16, "resnet18": 16}
-
-
-class SmallCNN3d(nn.Module):
-    """Strided-conv volume encoder: ``[B, 1, D, H, W] -> [B, dim]``.
-
-    One stage per entry of ``channels``: 3x3x3 conv with stride 2, GroupNorm, ReLU; then global
-    average pooling and a linear projection to ``dim``.
-    """
-
-    def __init__(self, channels: Sequence[int], dim: int, in_channels: int = 1, key: str = "encoder.channels"):
-        super().__init__()
-        if not channels or any(c < 1 for c in channels):
-            raise InputError(f"needs positive channel counts, got {list(channels)}", key=key)
-        layers: list[nn.Module] = []
-        prev = in_channels
-        for c in channels:
-            layers += [nn.Conv3d(prev, c, kernel_size=3, stride=2, padding=1, bias=False),
-                       nn.GroupNorm(_group_count(c), c), nn.ReLU(inplace=False)]
-            prev = c
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.proj = nn.Linear(prev, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(self.features(x)).flatten(1))
 
 
 def build_volume_encoder(cfg: VolumeEncoderConfig, dim: int, size: tuple[int, int, int] | None = None, *,
@@ -63,7 +35,7 @@ def build_volume_encoder(cfg: VolumeEncoderConfig, dim: int, size: tuple[int, in
         raise InputError(f"{name} needs volumes of at least {_MIN_SIDE[name]} voxels per side, configured "
                          f"size is {'x'.join(str(s) for s in size)}", key=key.rsplit(".", 1)[0] + ".size")
     if name == "small_cnn3d":
-        net = SmallCNN3d(cfg.channels, dim, key=f"{key}.channels")
+        net = SmallCNN(cfg.channels, dim, spatial_dims=3, key=f"{key}.channels")
     elif name == "densenet121":
         net = monai_densenet121(dim, spatial_dims=3)
     elif name == "resnet10":
