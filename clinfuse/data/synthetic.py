@@ -427,14 +427,14 @@ def _ct_volume(rng: np.random.Generator, v_volume: float) -> np.ndarray:
     hu = -1000.0 + 1040.0 * body - 880.0 * lungs * body + 450.0 * spine * body
     sev = _severity(v_volume)
     first, last = CT_NODULE_SLICES
-    for _ in range(int(rng.poisson(0.4 + 4.0 * sev))):
+    for _ in range(int(rng.poisson(0.3 + 5.0 * sev))):
         side = -1.0 if rng.random() < 0.5 else 1.0
         cz = rng.uniform(first, last)
-        cx, cy = side * 0.42 + dx + rng.uniform(-0.15, 0.15), dy + rng.uniform(-0.3, 0.3)
-        r = rng.uniform(0.06, 0.08 + 0.1 * sev)
-        blob = np.exp(-(((_xc - cx) ** 2 + (_yc - cy) ** 2) / (2 * r * r) + (_zc - cz) ** 2 / (2 * 0.8 ** 2)))
+        cx, cy = side * 0.42 + dx + rng.uniform(-0.12, 0.12), dy + rng.uniform(-0.25, 0.25)
+        r = rng.uniform(0.1, 0.14 + 0.12 * sev)  # 2 to 4 voxels
+        blob = np.exp(-(((_xc - cx) ** 2 + (_yc - cy) ** 2) / (2 * r * r) + (_zc - cz) ** 2 / (2 * 1.0 ** 2)))
         blob[(_zc < first) | (_zc > last)] = 0.0  # kept off the middle slice by construction
-        hu += 850.0 * blob * lungs
+        hu += 1000.0 * blob * lungs
     hu += rng.normal(0.0, 25.0, hu.shape)
     return hu.astype(np.float32)
 
