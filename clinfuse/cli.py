@@ -16,6 +16,7 @@ from clinfuse.errors import BudgetExceededError, InputError
 
 # Concerns that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
+    "clinfuse.site_init",
     "clinfuse.data.commands",
     "clinfuse.training.commands",
     "clinfuse.evaluation.commands",

@@ -1,4 +1,8 @@
-"""Typed configuration loaded from ``configs/*.yaml``.
+"""Typed configuration loaded from YAML study files.
+
+The bundled studies ship inside the package (``clinfuse/configs/``, whose source is the
+repository's top-level ``configs/``): :data:`DEFAULT_CONFIG` is the demo study and
+:data:`STUDY_TEMPLATE` the commented study file that ``clinfuse init`` copies for a new site.
 
 ``load_config(path)`` reads a YAML file into a :class:`Config`. Unknown keys, wrong types and
 bad values raise :class:`clinfuse.errors.InputError` naming the file and the dotted key path,
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,7 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from clinfuse.errors import InputError
 
 MODALITIES = ("image", "text", "tabular")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+# Through the installed package, never the checkout: a wheel has no top-level configs/.
+CONFIGS_DIR = Path(str(resources.files("clinfuse") / "configs"))
+DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
+STUDY_TEMPLATE = CONFIGS_DIR / "study.yaml"
 
 
 class _Strict(BaseModel):
@@ -262,7 +270,7 @@ def config_from_dict(data: dict, *, source: str | Path = "<config>") -> Config:
         key = _key_path(err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling against configs/demo.yaml)"
+            msg = f"unknown key (check its spelling against {STUDY_TEMPLATE}, where every key is explained)"
         elif err["type"] == "missing":
             msg = "required key is missing"
         more = len(exc.errors()) - 1
@@ -272,7 +280,7 @@ def config_from_dict(data: dict, *, source: str | Path = "<config>") -> Config:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read a YAML file into a :class:`Config`. ``None`` loads ``configs/demo.yaml``."""
+    """Read a YAML file into a :class:`Config`. ``None`` loads the bundled demo study, :data:`DEFAULT_CONFIG`."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise InputError("configuration file not found", file=path)
