@@ -107,14 +107,6 @@ def _absent_inputs(cfg):
             torch.from_numpy(encode_tabular({}, cfg.data.tabular)))
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _checkpoint_names(paths: list[Path]) -> list[str]:
     names = [p.stem for p in paths]
     if len(set(names)) < len(names):
@@ -151,6 +143,7 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
     from clinfuse.config import load_config
     from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
     from clinfuse.data.manifest import pattern_name, read_manifest
+    from clinfuse.environment import resolve_device
     from clinfuse.evaluation.bootstrap import evaluate_runs
     from clinfuse.evaluation.report import write_report
     from clinfuse.evaluation.robustness import robustness_sweep
@@ -227,7 +220,7 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
                                  f"'{names[0]}' (its data configuration differs); evaluate them "
                                  "separately", file=p)
 
-        dev = _resolve_device(device or cfg.train.device)
+        dev = resolve_device(device or cfg.train.device, key="--device" if device else "train.device")
         model.to(dev)  # load_checkpoint gives a CPU model; predict_proba moves only the batches
         view = _RowView([(it["dataset"], it["index"]) for it in items])
         probs = np.asarray(predict_proba(model, view, batch_size=batch_size, device=dev), dtype=np.float64)
@@ -266,7 +259,7 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
     if robustness:
         eval_pairs = [(it["dataset"], it["index"]) for it in eval_items]
         for name, (model, cfg, _meta) in zip(names, loaded):
-            dev = _resolve_device(device or cfg.train.device)
+            dev = resolve_device(device or cfg.train.device, key="--device" if device else "train.device")
             if len(per_data) > 1:
                 key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
                 own = per_data[key]

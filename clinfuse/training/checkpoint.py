@@ -10,28 +10,17 @@ a crash never leaves a truncated checkpoint under the final name.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
 from pathlib import Path
 
 import torch
 
 from clinfuse.config import Config, config_from_dict
+from clinfuse.environment import versions
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_bytes
 
 FORMAT = "clinfuse-checkpoint/1"
-
-
-def versions() -> dict[str, str | None]:
-    """Installed versions of the packages that determine a result."""
-    out = {}
-    for name in ("clinfuse", "torch", "monai", "opacus", "flwr", "pydicom", "numpy"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

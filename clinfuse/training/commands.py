@@ -54,6 +54,7 @@ def _train(args) -> int:
     import torch
 
     from clinfuse.config import load_config
+    from clinfuse.environment import versions
     from clinfuse.errors import BudgetExceededError, InputError
     from clinfuse.fileio import atomic_write_json
     from clinfuse.privacy.accountant import SiteAccountant
@@ -64,7 +65,6 @@ def _train(args) -> int:
         clean_state_dict,
         save_checkpoint,
         state_dict_hash,
-        versions,
     )
     from clinfuse.training.trainer import LocalTrainer, seed_everything
 

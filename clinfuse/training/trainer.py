@@ -28,16 +28,8 @@ from torch.utils.data import DataLoader
 
 from clinfuse.config import MODALITIES, Config
 from clinfuse.data.dataset import MultimodalDataset, PatientSampledDataset
+from clinfuse.environment import resolve_device
 from clinfuse.privacy.plan import PrivacyPlan
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            from clinfuse.errors import InputError
-            raise InputError("CUDA was requested but no GPU is available", key="train.device")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
