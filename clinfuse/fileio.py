@@ -11,8 +11,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place.
+
+    ``durable=False`` skips both fsyncs (file and folder): still never a partial file under
+    ``path``, but a power cut may lose the write. Only for what is rebuilt when lost (caches).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,12 +25,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return path
     try:  # make the rename itself durable (privacy state must survive a power cut)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -9,7 +9,6 @@ final validation AUROC; the global checkpoint is ``<workdir>/run/global.pt``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -127,26 +126,8 @@ def _simulate(args, run_config: dict, num_sites: int) -> int:
     return 0
 
 
-def _prepare_cohort(workdir: Path, sites: int, patients: int) -> Path:
-    """The demo cohort under ``workdir/cohort``, (re)written when absent or of another size."""
-    from clinfuse.data.synthetic import write_demo_cohort
-    from clinfuse.fileio import atomic_write_json
-
-    cohort = workdir / "cohort"
-    stamp_path = cohort / "cohort.json"
-    stamp = {"sites": sites, "patients": patients, "seed": 0}
-    manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(sites)]
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(m.exists() for m in manifests):
-        return cohort
-    if cohort.exists():
-        shutil.rmtree(cohort)
-    print(f"writing the demo cohort: {sites} sites x {patients} patients -> {cohort}", file=sys.stderr)
-    write_demo_cohort(cohort, sites=sites, patients=patients, seed=0)
-    atomic_write_json(stamp_path, stamp)
-    return cohort
-
-
 def _demo(args) -> int:
+    from clinfuse.data.synthetic import ensure_demo_cohort
     from clinfuse.errors import InputError
 
     if args.sites < 2:
@@ -155,7 +136,8 @@ def _demo(args) -> int:
     run_config = {"workdir": str(workdir), "min-sites": 2, **_run_config(args)}  # validates first
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    _prepare_cohort(workdir, args.sites, args.patients)
+    ensure_demo_cohort(workdir / "cohort", sites=args.sites, patients=args.patients,
+                       log=lambda line: print(line, file=sys.stderr))
     if not args.resume:
         # The demo is a fresh study each time; a real study never clears a site's accountant.
         for name in ("run", "sites"):
