@@ -257,3 +257,7 @@ def test_ensure_demo_cohort_writes_once_and_again_when_incomplete_or_different(t
     ensure_demo_cohort(tmp_path, sites=2, patients=4, log=lines.append)  # another size
     assert len(lines) == 4 and json.loads((tmp_path / COHORT_MARKER).read_text())["patients"] == 4
     assert len(read_manifest(first[0], load_config()).patients) == 4
+    # A complete cohort that clinfuse did not mark (clinfuse synth, a user's) is used as it is.
+    (mine,) = write_demo_cohort(tmp_path / "mine", sites=1, patients=3)
+    assert ensure_demo_cohort(tmp_path / "mine", sites=1, patients=50, log=lines.append) == [mine]
+    assert len(lines) == 4 and len(read_manifest(mine, load_config()).patients) == 3

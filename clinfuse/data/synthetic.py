@@ -1,8 +1,8 @@
 """The embedded demo cohort: synthetic chest radiographs (real DICOM files), notes and tabular data.
 
 ``write_demo_cohort(out, sites=3, patients=200, seed=0)`` writes one folder per hospital site
-(``ensure_demo_cohort`` with the same arguments writes it only if ``out`` does not already hold
-that cohort complete, as its marker file ``out/cohort.json`` says)::
+(``ensure_demo_cohort`` with the same arguments writes it only where ``out`` does not already
+hold it: its marker file ``out/cohort.json`` records the arguments)::
 
     out/site-0/manifest.csv              one row per image; columns below
     out/site-0/images/site0-0007-1.dcm   CR DICOM, ExplicitVRLittleEndian, 256x256 uint16, MONOCHROME2
@@ -497,22 +497,27 @@ def ensure_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, 
                        variant: str = "default", log=None) -> list[Path]:
     """The per-site manifests of the demo cohort under ``out``, written only when needed.
 
-    ``out/cohort.json`` records the arguments of the cohort there; it is removed before writing
-    and written last, so a cohort cut short by a crash, or one of another size, seed or variant,
-    is written again (over the old files). ``log(line)`` is told when the cohort is written.
+    Used as it is: a cohort whose marker ``out/cohort.json`` records these arguments, or a
+    complete one without a marker (written by ``clinfuse synth`` or by hand: its size is unknown,
+    and it is not ours to replace). Written, over the old files: when a site's manifest is
+    missing, or the marker records other arguments or a write cut short (it says ``complete:
+    false`` until the last manifest is written). ``log(line)`` is told when the cohort is written.
     """
     out = Path(out)
     marker = out / COHORT_MARKER
-    stamp = {"sites": sites, "patients": patients, "seed": seed, "variant": variant}
+    stamp = {"sites": sites, "patients": patients, "seed": seed, "variant": variant, "complete": True}
     manifests = [out / f"site-{k}" / "manifest.csv" for k in range(sites)]
     try:
-        if json.loads(marker.read_text()) == stamp and all(m.is_file() for m in manifests):
-            return manifests
+        recorded = json.loads(marker.read_text())
+    except FileNotFoundError:
+        recorded = None
     except (OSError, ValueError):
-        pass
+        recorded = {}
+    if recorded in (None, stamp) and all(m.is_file() for m in manifests):
+        return manifests
     if log is not None:
         log(f"writing the demo cohort: {sites} sites x {patients} patients -> {out}")
-    marker.unlink(missing_ok=True)
+    atomic_write_json(marker, {**stamp, "complete": False})
     manifests = write_demo_cohort(out, sites=sites, patients=patients, seed=seed, variant=variant)
     atomic_write_json(marker, stamp)
     return manifests
