@@ -15,7 +15,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place.
 
     ``durable=False`` skips both fsyncs (file and folder): still never a partial file under
-    ``path``, but a power cut may lose the write. Only for what is rebuilt when lost (caches).
+    ``path``, but a power cut may lose the write: only for files rebuilt when lost (caches, the
+    demo cohort's images).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

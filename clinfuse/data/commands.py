@@ -15,7 +15,7 @@ def register(subparsers) -> None:
                     "availability, joint modality patterns and every problem with its row and file. "
                     "Bad rows are skipped and counted; --strict makes any problem an error (exit 2).")
     p.add_argument("manifest", type=Path)
-    p.add_argument("--config", type=Path, default=None, help="study config (default: the demo study bundled with clinfuse)")
+    p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
     p.add_argument("--strict", action="store_true", help="exit 2 if any row has a problem")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_validate)

@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                                    "sample rate) with white-box canaries, each included with probability 1/2; "
                                    "the epsilon lower bound at 95%% confidence (Steinke, Nasr & Jagielski 2023) "
                                    "is compared with the epsilon the settings claim. Exit 0 pass, 1 violation.")
-    e.add_argument("--config", type=Path, default=None, help="study configuration (default: the demo study bundled with clinfuse)")
+    e.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
     e.add_argument("--manifest", type=Path, required=True, help="the site's manifest")
     e.add_argument("--epochs", type=positive_int, default=None,
                    help="training horizon in epochs the noise is planned for (default: federation.rounds x "

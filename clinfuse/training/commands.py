@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         description="Train locally on the given manifests (pooled). Differential privacy is on unless "
                     "--no-dp is given; the accountant lives in --state-dir (default OUT/privacy) and a "
                     "second run with the same state dir continues it, within the same target epsilon.")
-    p.add_argument("--config", type=Path, default=None, help="study config (default: the demo study bundled with clinfuse)")
+    p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
     p.add_argument("--manifest", type=Path, nargs="+", required=True)
     p.add_argument("--out", type=Path, required=True, help="run directory for checkpoint and reports")
     p.add_argument("--no-dp", action="store_true", help="explicitly train WITHOUT differential privacy")
