@@ -17,6 +17,7 @@ from clinfuse.config import config_from_dict
 from clinfuse.data.dataset import MultimodalDataset
 from clinfuse.data.manifest import read_manifest
 from clinfuse.data.tabular import encode_tabular
+from clinfuse.evaluation.calibration import apply_temperature
 from clinfuse.evaluation.commands import _absent_inputs, _RowView
 from clinfuse.training.checkpoint import build_model_for, save_checkpoint
 
@@ -29,7 +30,7 @@ def write_site(folder, site_index: int, n_patients: int = 14):
     rng = np.random.default_rng(site_index)
     rows = []
     for i in range(n_patients):
-        split = ("val", "test", "test", "train")[i % 4]
+        split = ("val", "test", "test", "train", "test", "val", "test")[i % 7]  # both classes in val
         label = "positive" if i % 2 else "negative"
         for visit in range(2 if i % 3 == 0 else 1):
             image = ""
@@ -105,7 +106,8 @@ def test_evaluate_cli_writes_report_metrics_and_predictions(tmp_path, setup, cap
     model, ckpt_cfg, _ = load_checkpoint(ckpts[0])
     site0 = read_manifest(manifests[0], ckpt_cfg)
     recs = [r for r in site0.records if r.split == "test"]
-    direct = predict_proba(model, MultimodalDataset(recs, ckpt_cfg))
+    cal = run["calibration"]
+    direct = apply_temperature(predict_proba(model, MultimodalDataset(recs, ckpt_cfg)), cal["temperature"])
     mine = test_rows[test_rows.site == "site-0"].sort_values("row")
     order = np.argsort([r.row for r in recs])
     assert np.allclose(mine["prob_positive"].to_numpy(), direct[order, 1], atol=1e-5)

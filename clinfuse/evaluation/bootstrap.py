@@ -145,7 +145,7 @@ def unreliable_because(n_patients: int, class_counts: dict[str, int]) -> list[st
         reasons.append(f"{n_patients} patient{'s' if n_patients != 1 else ''} (fewer than {MIN_RELIABLE_PATIENTS})")
     absent = [name for name, count in class_counts.items() if count == 0]
     if absent:
-        reasons.append(f"no {', '.join(absent)} row{'s' if len(absent) > 1 else ''}")
+        reasons.append(f"class{'es' if len(absent) > 1 else ''} {', '.join(absent)} absent")
     return reasons
 
 
