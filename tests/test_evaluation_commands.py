@@ -50,8 +50,8 @@ def write_site(folder, site_index: int, n_patients: int = 14):
     return path
 
 
-@pytest.fixture
-def setup(tmp_path, small_cfg):
+def write_study(tmp_path, small_cfg, *, privacy: dict | None = None):
+    """Two sites and two untrained checkpoints (seeds 0 and 1): ``(cfg, config data, manifests, checkpoints)``."""
     manifests = [write_site(tmp_path / f"site-{k}", k) for k in range(2)]
     data = small_cfg.model_dump(mode="json")
     data["data"]["cache_dir"] = str(tmp_path / "cache")
@@ -59,7 +59,13 @@ def setup(tmp_path, small_cfg):
     ckpts = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        ckpts.append(save_checkpoint(tmp_path / f"model{seed}.pt", build_model_for(cfg), cfg))
+        ckpts.append(save_checkpoint(tmp_path / f"model{seed}.pt", build_model_for(cfg), cfg, privacy=privacy))
+    return cfg, data, manifests, ckpts
+
+
+@pytest.fixture
+def setup(tmp_path, small_cfg):
+    cfg, data, manifests, ckpts = write_study(tmp_path, small_cfg)
     eval_cfg = dict(data, evaluation={**data["evaluation"], "bootstrap": 200, "seed": 7},
                     train={**data["train"], "num_threads": 1})
     cfg_path = tmp_path / "eval.yaml"

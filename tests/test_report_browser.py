@@ -182,22 +182,11 @@ def test_the_harness_sees_page_errors(tmp_path, chromium):
 
 
 def test_report_renders_without_errors_and_opens_with_its_summary(tmp_path, chromium, small_cfg):
-    from test_evaluation_commands import write_site
+    from test_evaluation_commands import write_study
 
-    from clinfuse.config import config_from_dict
-    from clinfuse.training.checkpoint import build_model_for, save_checkpoint
-
-    manifests = [write_site(tmp_path / f"site-{k}", k) for k in range(2)]
-    data = small_cfg.model_dump(mode="json")
-    data["data"]["cache_dir"] = str(tmp_path / "cache")
-    cfg = config_from_dict(data, source="test")
-    ckpts = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        ckpts.append(save_checkpoint(tmp_path / f"model{seed}.pt", build_model_for(cfg), cfg,
-                                     privacy={"enabled": True, "epsilon": 7.999984728778938, "delta": 1e-5,
-                                              "per_site": {"site-0": 7.999984728778938, "site-1": 6.5},
-                                              "privacy_unit": "patient", "accountant": "prv"}))
+    _cfg, data, manifests, ckpts = write_study(tmp_path, small_cfg, privacy={
+        "enabled": True, "epsilon": 7.999984728778938, "delta": 1e-5, "privacy_unit": "patient",
+        "per_site": {"site-0": 7.999984728778938, "site-1": 6.5}, "accountant": "prv"})
     eval_cfg = tmp_path / "eval.yaml"
     eval_cfg.write_text(yaml.safe_dump(dict(data, evaluation={**data["evaluation"], "bootstrap": 200},
                                             train={**data["train"], "num_threads": 1})))
