@@ -31,6 +31,8 @@ from clinfuse.errors import InputError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("patient_id", "label")
+# Every column a manifest may have besides the study's declared tabular fields.
+STANDARD_COLUMNS = ("patient_id", "label", "image", "note", "note_path", "split", "site")
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,6 @@ import numpy as np
 
 from clinfuse.errors import InputError
 
-# Manifest columns every study knows; any other column that is not a declared tabular field is
-# not read by the model (reported, so a misspelt field does not pass silently).
-_BASE_COLUMNS = ("patient_id", "label", "image", "note", "note_path", "split", "site")
-
 
 def _first_difference(a, b, prefix: str = ""):
     """``(key, a value, b value)`` of the first place two JSON-like values differ, or ``None``."""
@@ -126,7 +122,7 @@ def predict_patients(checkpoint, manifests, *, config=None, device: str | None =
     """
     from clinfuse.config import load_config
     from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
-    from clinfuse.data.manifest import pattern_name, read_manifest
+    from clinfuse.data.manifest import STANDARD_COLUMNS, pattern_name, read_manifest
     from clinfuse.evaluation.calibration import apply_temperature
     from clinfuse.evaluation.metrics import predicted_classes
     from clinfuse.progress import stage
@@ -152,7 +148,8 @@ def predict_patients(checkpoint, manifests, *, config=None, device: str | None =
     dev = resolve_device(device or cfg.train.device)
     model.to(dev)
 
-    declared = {*_BASE_COLUMNS, *(c.name for c in cfg.data.tabular)}
+    # Any other column is not read by the model: said, so a misspelt field does not pass silently.
+    declared = {*STANDARD_COLUMNS, *(c.name for c in cfg.data.tabular)}
     patients: dict[tuple[str, str], dict] = {}
     skipped: list[dict] = []
     modality_names: list[str] = []
@@ -161,7 +158,7 @@ def predict_patients(checkpoint, manifests, *, config=None, device: str | None =
         try:
             sites.append(read_manifest(mp, cfg, require_label=False))
         except InputError as exc:
-            if exc.key in declared - set(_BASE_COLUMNS):
+            if exc.key in declared - set(STANDARD_COLUMNS):
                 raise InputError(f"the checkpoint's study declares tabular field '{exc.key}', which this "
                                  "manifest lacks: the checkpoint does not match the manifest's study",
                                  file=mp, key=exc.key) from None
@@ -170,6 +167,9 @@ def predict_patients(checkpoint, manifests, *, config=None, device: str | None =
         skipped.extend({"manifest": str(mp), "row": pr.row, "column": pr.column, "message": pr.message}
                        for pr in site.problems if pr.severity == "error")
         ignored = [c for c in site.columns if c not in declared]
+        kept = [pr for pr in site.problems if pr.severity == "warning"]
+        if kept:
+            warnings.append(f"{mp}: {len(kept)} row warning(s), rows kept (first: {kept[0].describe()})")
         if ignored:
             warnings.append(f"{mp}: column(s) {ignored} are not inputs of this checkpoint and were ignored")
         if not site.records:
