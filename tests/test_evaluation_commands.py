@@ -173,3 +173,21 @@ def test_evaluate_without_val_rows_warns_and_fixes_threshold(tmp_path, setup, ca
     assert metrics["runs"]["model0"]["thresholds"] == {"positive": 0.5}
     assert any("no 'val' rows" in n for n in metrics["notes"])
     assert metrics["robustness"] == {}
+
+
+def test_robustness_sweeps_only_the_modalities_the_study_has(tmp_path, setup):
+    _cfg, manifests, ckpts, cfg_path = setup
+    no_notes = []
+    for m in manifests:
+        frame = pd.read_csv(m, dtype=str, keep_default_na=False).drop(columns=["note"])
+        path = m.parent / "no-notes.csv"
+        frame.to_csv(path, index=False)
+        no_notes.append(path)
+    code = main(["evaluate", "--checkpoint", str(ckpts[0]), "--manifest", *map(str, no_notes), "--out",
+                 str(tmp_path / "nn"), "--config", str(cfg_path), "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "nn" / "metrics.json").read_text())
+    assert metrics["modalities"] == ["image", "tabular"]
+    assert {c["modality"] for c in metrics["robustness"]["model0"]} == {"image", "tabular"}
+    html = (tmp_path / "nn" / "report.html").read_text()
+    assert '<td class="l">image</td>' in html and '<td class="l">text</td>' not in html
