@@ -147,7 +147,8 @@ class MultimodalDataset(Dataset):
         image = (torch.from_numpy(self.image_array(index)) if record.image is not None
                  else self._blank_image)
         mask = torch.tensor(record.mask, dtype=torch.float32)
-        return image, self._text[index], self._tabular[index], mask, torch.tensor(record.label)
+        label = -1 if record.label is None else record.label  # -1: a row read only to predict
+        return image, self._text[index], self._tabular[index], mask, torch.tensor(label)
 
     def warm(self, progress: bool = True) -> None:
         """Decode every image now (fills the disk cache), with a progress bar."""

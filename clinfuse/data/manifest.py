@@ -2,7 +2,8 @@
 
 A manifest is a CSV or Parquet file with one row per image/note/EHR record:
 
-``patient_id`` (required), ``label`` (required; one of ``data.labels``), ``image`` (path relative
+``patient_id`` (required), ``label`` (required for training and evaluation, optional when reading
+rows to predict; one of ``data.labels``), ``image`` (path relative
 to the manifest: DICOM, PNG or JPEG), ``note`` (inline text) or ``note_path`` (relative path to a
 UTF-8 text file), one column per declared tabular field, optional ``split`` (train/val/test) and
 optional ``site``. Empty cells mean the modality or value is absent.
@@ -30,6 +31,8 @@ from clinfuse.errors import InputError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("patient_id", "label")
+# Every column a manifest may have besides the study's declared tabular fields.
+STANDARD_COLUMNS = ("patient_id", "label", "image", "note", "note_path", "split", "site")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Record:
     """One usable manifest row. ``image`` is an absolute path; absent modalities are ``None``."""
     row: int
     patient_id: str
-    label: int
+    label: int | None  # None only in rows read for prediction (``require_label=False``)
     image: Path | None
     note: str | None
     tabular: dict[str, float | str | None]
@@ -76,6 +79,7 @@ class SiteData:
     n_rows: int
     records: list[Record] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
 
     @property
     def skipped_rows(self) -> list[int]:
@@ -142,8 +146,10 @@ def _read_table(path: Path) -> pd.DataFrame:
     raise InputError(f"unsupported manifest type '{suffix}': use .csv or .parquet", file=path)
 
 
-def _check_columns(frame: pd.DataFrame, cfg: Config, path: Path) -> None:
+def _check_columns(frame: pd.DataFrame, cfg: Config, path: Path, require_label: bool = True) -> None:
     for column in REQUIRED_COLUMNS:
+        if column == "label" and not require_label:
+            continue
         if column not in frame.columns:
             raise InputError(f"required column '{column}' is missing (columns: {list(frame.columns)})",
                              file=path, key=column)
@@ -174,20 +180,23 @@ def _read_note_file(path: Path) -> str:
         raise ValueError(f"note file {path} is not UTF-8 text") from None
 
 
-def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) -> SiteData:
+def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True,
+                  require_label: bool = True) -> SiteData:
     """Validate a site manifest against ``cfg`` and return its usable records and problems.
 
     ``check_files`` opens every image (header-level checks, PHI scan) and note file; switch it off
-    only when the same manifest was just validated.
+    only when the same manifest was just validated. ``require_label=False`` reads rows to predict:
+    the ``label`` column may be absent or empty (records get ``label=None``); a label that is not
+    a declared class is a warning, not an error, since prediction never reads it.
     """
     from clinfuse.data.images import IMAGE_SUFFIXES, check_image, phi_fields  # pydicom is slow to import
 
     path = Path(path)
     frame = _read_table(path)
-    _check_columns(frame, cfg, path)
+    _check_columns(frame, cfg, path, require_label)
     site = _site_name(frame, path)
     base = path.resolve().parent
-    data = SiteData(manifest=path, site=site, n_rows=len(frame))
+    data = SiteData(manifest=path, site=site, n_rows=len(frame), columns=[str(c) for c in frame.columns])
     file = str(path)
     labels = {name: i for i, name in enumerate(cfg.data.labels)}
     has_split = "split" in frame.columns and any(s.strip() for s in frame["split"])
@@ -204,11 +213,11 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) ->
         patient_id = raw["patient_id"].strip()
         if not patient_id or patient_id.lower() in ("nan", "none", "null"):
             error("patient_id", "patient_id is empty")
-        label_text = raw["label"].strip()
+        label_text = raw.get("label", "").strip()
         label = labels.get(label_text)
-        if label is None:
+        if label is None and (require_label or label_text):
             error("label", f"label '{label_text}' is not one of the declared labels {cfg.data.labels}"
-                  if label_text else "label is empty")
+                  if label_text else "label is empty", "error" if require_label else "warning")
 
         image = None
         if "image" in frame.columns and raw["image"].strip():
@@ -287,7 +296,7 @@ def _drop_inconsistent_patients(records: list[Record], data: SiteData, file: str
         by_patient[record.patient_id].append(record)
     keep = []
     for patient, rows in by_patient.items():
-        labels = sorted({cfg.data.labels[r.label] for r in rows})
+        labels = sorted({cfg.data.labels[r.label] for r in rows if r.label is not None})
         splits = sorted({r.split for r in rows})
         if len(labels) > 1:
             for r in rows:
