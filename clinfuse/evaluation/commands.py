@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinfuse.cli import positive_int
+from clinfuse.cli import add_data_root_option, positive_int
 from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 
@@ -51,6 +51,7 @@ def register(subparsers) -> None:
                    help="device for inference (default: the checkpoint config's train.device)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="inference batch size (default 64)")
     p.add_argument("--no-robustness", action="store_true", help="skip the missing-modality sweep")
+    add_data_root_option(p)
     p.set_defaults(handler=_handle)
 
 
@@ -59,7 +60,7 @@ def _handle(args) -> int:
         raise InputError("--batch-size must be at least 1")
     paths = evaluate_checkpoints(args.checkpoint, args.manifest, args.out, config=args.config,
                                  split=args.split, device=args.device, batch_size=args.batch_size,
-                                 robustness=not args.no_robustness)
+                                 robustness=not args.no_robustness, data_roots=args.data_roots)
     for kind in ("report", "metrics", "predictions"):
         print(f"{kind}: {paths[kind]}")
     return 0
@@ -141,11 +142,12 @@ def _plain_meta(meta: dict) -> dict:
 
 def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split: str = "test",
                          device: str | None = None, batch_size: int = 64, robustness: bool = True,
-                         progress: bool = True) -> dict[str, Path]:
+                         progress: bool = True, data_roots=()) -> dict[str, Path]:
     """Evaluate checkpoints on manifests and write the report files in ``out_dir``.
 
     ``checkpoints``/``manifests``: paths; ``config``: path of a YAML config for the evaluation
-    settings (or ``None``). Returns ``{"report", "metrics", "predictions"}`` paths.
+    settings (or ``None``); ``data_roots``: folders manifest paths may point into (see
+    :mod:`clinfuse.data.paths`). Returns ``{"report", "metrics", "predictions"}`` paths.
     """
     from clinfuse import __version__
     from clinfuse.config import load_config
@@ -199,7 +201,7 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
         if key not in per_data:
             items = []
             for mi, mp in enumerate(manifest_paths):
-                sd = read_manifest(mp, cfg)
+                sd = read_manifest(mp, cfg, data_roots=data_roots)
                 cache_dir = default_cache_dir(mp, cfg)
                 for s in ("val", split) if split != "val" else ("val",):
                     recs = [r for r in sd.records if r.split == s]
