@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except InputError as exc:
-        print(f"clinfuse {args.command}: error: {exc.describe()}", file=sys.stderr)
+        # One line, whatever the message holds (a library's multi-line text, say).
+        print(f"clinfuse {args.command}: error: {' '.join(exc.describe().split())}", file=sys.stderr)
         return 2
     except BudgetExceededError as exc:
         print(f"clinfuse {args.command}: refused: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -172,10 +173,15 @@ class DataConfig(_Strict):
     # from each manifest's folder); see clinfuse.data.paths. A site adds its own with --data-root.
     roots: list[str] = Field(default_factory=list)
 
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels):
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique (numbers compare by value: {labels})")
+        return labels
+
     @model_validator(mode="after")
     def _unique(self):
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be unique (numbers compare by value: {self.labels})")
         names = [c.name for c in self.tabular]
         if len(set(names)) != len(names):
             raise ValueError("tabular column names must be unique")
@@ -353,7 +359,10 @@ def load_config(path: str | Path | None = None) -> Config:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML: {exc}", file=path) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"not valid YAML{where}: {' '.join(str(what).split())}", file=path) from None
     except UnicodeDecodeError:
         raise InputError("not a UTF-8 text file", file=path) from None
     return config_from_dict(data, source=path)

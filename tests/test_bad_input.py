@@ -280,10 +280,10 @@ def write_segmentation(path: Path) -> Path:
 def test_item16_dates_age_and_device_serial_are_identifying(tmp_path):
     from clinfuse.data.images import phi_fields
 
-    tags = dict(StudyDate="20240101", SeriesDate="20240101", AcquisitionDate="20240101",
-                ContentDate="20240101", StudyTime="101010", SeriesTime="101011", AcquisitionTime="101012",
-                ContentTime="101013", PatientAge="047Y", DeviceSerialNumber="SN-4711",
-                BurnedInAnnotation="NO")
+    tags = {"StudyDate": "20240101", "SeriesDate": "20240101", "AcquisitionDate": "20240101",
+            "ContentDate": "20240101", "StudyTime": "101010", "SeriesTime": "101011", "AcquisitionTime": "101012",
+            "ContentTime": "101013", "PatientAge": "047Y", "DeviceSerialNumber": "SN-4711",
+            "BurnedInAnnotation": "NO"}
     found = phi_fields(write_dicom(tmp_path / "dated.dcm", np.ones((8, 8)), **tags))
     for keyword in tags:
         if keyword != "BurnedInAnnotation":

@@ -83,7 +83,7 @@ def _validate(args) -> int:
     else:
         print(format_report(summary, data.problems))
     if not data.records:
-        raise InputError("no usable rows: fix the problems listed above", file=args.manifest)
+        raise InputError(f"no usable rows ({data.skip_reason()}): fix the problems listed above", file=args.manifest)
     if args.strict and data.problems:
         errors = sum(p.severity == "error" for p in data.problems)
         first = next((f", the first at row {p.row}" for p in data.problems if p.row is not None), "")

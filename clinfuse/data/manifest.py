@@ -96,6 +96,12 @@ class SiteData:
     def patients(self) -> list[str]:
         return sorted({r.patient_id for r in self.records})
 
+    def skip_reason(self) -> str:
+        """The commonest reason rows were skipped, in one line (``""`` when none was): for the error
+        that a manifest without a usable row raises."""
+        lines = self.skip_report(examples=1)
+        return lines[1].strip() if len(lines) > 1 else ""
+
     def skip_report(self, examples: int = 3) -> list[str]:
         """Lines saying how many rows were skipped and why: ``[]`` when none was.
 

@@ -77,11 +77,10 @@ class SiteRuntime:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.data = self._read_manifest(manifest, data_roots)
-        skipped = self.data.skip_report()
         if not self.data.records:
-            why = f": {skipped[1].strip()}" if len(skipped) > 1 else ""
-            raise InputError(f"no usable rows{why} (run 'clinfuse validate' for every problem)", file=manifest)
-        for line in skipped:
+            raise InputError(f"no usable rows ({self.data.skip_reason()}); run 'clinfuse validate' for every "
+                             "problem", file=manifest)
+        for line in self.data.skip_report():
             print(f"{site_id}: {line}", file=sys.stderr)
         cache = default_cache_dir(manifest, cfg)
         self.train_set = MultimodalDataset([r for r in self.data.records if r.split == "train"], cfg, cache)

@@ -38,11 +38,10 @@ def load_split_datasets(manifests, cfg, *, data_roots=(), report=None):
 
     sites = [read_manifest(m, cfg, data_roots=data_roots) for m in manifests]
     for site in sites:
-        lines = site.skip_report()
         if not site.records:
-            why = f": {lines[1].strip()}" if len(lines) > 1 else ""
-            raise InputError(f"no usable rows{why} (run 'clinfuse validate' for every problem)", file=site.manifest)
-        for line in lines if report else ():
+            raise InputError(f"no usable rows ({site.skip_reason()}); run 'clinfuse validate' for every problem",
+                             file=site.manifest)
+        for line in site.skip_report() if report else ():
             report(line)
     datasets = {}
     for split in SPLITS:
