@@ -250,29 +250,34 @@ def test_item15_non_image_objects_are_named_by_sop_class(tmp_path, small_cfg):
     assert_row_refused(data, 3, "image", "not an image object", "Segmentation Storage")
 
 
-def write_segmentation(path: Path) -> Path:
-    """A minimal binary DICOM SEG: 1-bit masks, two frames."""
+def write_object(path: Path, sop_class: str, pixel_data: bytes, **elements) -> Path:
+    """A DICOM file of ``sop_class`` with the given pixel data and elements (Part 10, explicit VR)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SegmentationStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = SegmentationStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "SEG"
-    ds.SegmentationType = "BINARY"
-    ds.Rows = ds.Columns = 16
-    ds.NumberOfFrames = 2
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 1
-    ds.HighBit = 0
     ds.PixelRepresentation = 0
-    ds.PixelData = np.packbits(np.ones(2 * 16 * 16, dtype=np.uint8), bitorder="little").tobytes()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixel_data
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_segmentation(path: Path) -> Path:
+    """A minimal binary DICOM SEG: 1-bit masks, two frames."""
+    from pydicom.uid import SegmentationStorage
+
+    masks = np.packbits(np.ones(2 * 16 * 16, dtype=np.uint8), bitorder="little").tobytes()
+    return write_object(path, SegmentationStorage, masks, Modality="SEG", SegmentationType="BINARY", Rows=16,
+                        Columns=16, NumberOfFrames=2, BitsAllocated=1, BitsStored=1, HighBit=0)
 
 
 # ---- item 16: identifying data, per PS3.15 Annex E -------------------------------------------------
@@ -309,31 +314,16 @@ def test_item16_declared_retention_options_are_honoured(tmp_path):
 
 
 def write_ultrasound(path: Path, **tags) -> Path:
+    """An ultrasound frame with a hospital's name in its pixels and, unless ``tags`` say so, no
+    BurnedInAnnotation element."""
     from PIL import Image, ImageDraw
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+    from pydicom.uid import UltrasoundImageStorage
 
     canvas = Image.new("L", (96, 64))
     ImageDraw.Draw(canvas).text((2, 2), "BAPTIST MED CTR", fill=255)
     pixels = np.asarray(canvas, dtype=np.uint8)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = UltrasoundImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_object(path, UltrasoundImageStorage, pixels.tobytes(), Modality="US", Rows=pixels.shape[0],
+                        Columns=pixels.shape[1], BitsAllocated=8, BitsStored=8, HighBit=7, **tags)
 
 
 def test_item16_ultrasound_without_burned_in_tag_is_flagged(tmp_path, demo_cfg):
