@@ -225,6 +225,31 @@ def test_item14_site_runtime_skips_the_same_rows_every_round(tmp_path, small_cfg
     assert 1 not in counts[0][1] and 6 not in counts[0][1] and counts[0][0] == 10
 
 
+def test_item14_file_check_memo_skips_unchanged_files_that_decoded(tmp_path, demo_cfg, monkeypatch):
+    from clinfuse.data import images
+
+    site = new_site(tmp_path)
+    rows = good_rows(site, 6)
+    write_dicom(site / "phi.dcm", np.ones((16, 16)), PatientName="Doe^Jane")
+    copy_testfile("JPEG2000-embedded-sequence-delimiter.dcm", site / "j2k.dcm")
+    rows[0]["image"], rows[1]["image"] = "phi.dcm", "j2k.dcm"
+    manifest = write_manifest(site, rows)
+    memo: dict = {}
+    first = read_manifest(manifest, demo_cfg, file_checks=memo)
+    decoded = []
+    real = images.read_pixels
+    monkeypatch.setattr(images, "read_pixels", lambda path, **kw: decoded.append(Path(path).name) or real(path, **kw))
+    again = read_manifest(manifest, demo_cfg, file_checks=memo)
+    assert decoded == ["j2k.dcm"]  # only the file that failed is tried again
+    assert [r.row for r in again.records] == [r.row for r in first.records]
+    assert_row_refused(again, 1, "image", "PatientName")  # the stored verdict still refuses it
+    assert_row_refused(again, 2, "image", "decode")
+    (site / "phi.dcm").write_bytes((site / "phi.dcm").read_bytes())  # touched: checked afresh
+    decoded.clear()
+    read_manifest(manifest, demo_cfg, file_checks=memo)
+    assert sorted(decoded) == ["j2k.dcm", "phi.dcm"]
+
+
 # ---- item 15: what is and is not an image --------------------------------------------------------
 
 def test_item15_extensionless_dicom_is_read(tmp_path, small_cfg):

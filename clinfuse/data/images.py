@@ -2,20 +2,22 @@
 
 Three entry points serve three callers:
 
-* :func:`check_image` — a cheap, header-level check that ``clinfuse validate`` runs on every
-  manifest row: the file exists, is what its name claims, carries pixel data that is complete
-  and in a transfer syntax this installation can decode.
+* :func:`check_image` — a cheap, header-level check: the file exists, is what its name claims
+  (or its content says), is an image object, carries pixel data that is complete and in a
+  transfer syntax this installation can decode.
 * :func:`read_pixels` — one 2-D float32 grayscale frame in the file's own intensity units
   (after the DICOM Modality LUT / rescale, the VOI LUT or window, and MONOCHROME1 inversion).
+  It is the loader of the training transform, and what manifest validation runs on every row,
+  so a file that validates is a file training can decode.
 * :func:`decode_image` — the full MONAI dictionary pipeline (:func:`build_image_transform`):
   load, resize to ``ImageConfig.size`` and normalise each image on its own, giving float32
   ``[1, H, W]``. Its output is what the dataset caches.
 
-:func:`phi_fields` lists identifying DICOM header elements that are filled in, for
-``data.require_deidentified``.
+:func:`phi_fields` lists identifying data (DICOM PS3.15 Annex E) in a file's header, and
+burned-in text its kind makes likely, for ``data.require_deidentified``.
 
 Every problem with a file raises :class:`clinfuse.errors.InputError` naming the file; pydicom
-and Pillow exceptions never escape. Normalisation statistics come from the image alone, so no
+and Pillow exceptions, warnings and logged tracebacks never escape (:mod:`clinfuse.data.decoding`). Normalisation statistics come from the image alone, so no
 statistic fitted on a site's data enters the model through this module.
 
 MONAI is imported only when a transform is built: it costs seconds, and validation does not
@@ -151,6 +153,10 @@ _BURNED_IN_MODALITIES = frozenset({"US", "IVUS", "ES", "XC", "GM", "OT", "DOC", 
 _BURNED_IN_SOP_WORDS = ("Secondary Capture", "Ultrasound", "Video", "VL Photographic")
 
 Frame = Literal["middle", "first", "last"] | int
+
+#: Bump when what :func:`read_pixels` accepts or :func:`phi_fields` reports changes: stored
+#: findings of earlier checks (a site's ``file-checks.json``) then no longer count.
+CHECKS_VERSION = "1"
 
 
 # --------------------------------------------------------------------------------------------

@@ -288,17 +288,20 @@ def _image_findings(image: Path, cfg: Config, memo: MutableMapping[str, dict] | 
     (:func:`~clinfuse.data.images.read_pixels` with the study's frame and VOI settings, the loader
     of the training transform), then scanned for identifying data.
 
-    ``memo`` (a mapping the caller keeps, e.g. in the site's state dir) holds findings of files
-    seen before, keyed by path, size, modification time and image settings: an unchanged file is
-    not opened again, and keeps its verdict.
+    ``memo`` (a mapping the caller keeps, e.g. in the site's state dir) holds the findings of files
+    that decoded, keyed by path, size, modification time, image settings and the version of the
+    checks: such a file is not opened again and keeps its identifying-data verdict. A file that
+    failed is checked again every time (a decoder installed since may read it; it stays refused
+    otherwise).
     """
-    from clinfuse.data.images import phi_fields, read_pixels  # pydicom is slow to import
+    from clinfuse.data.images import CHECKS_VERSION, phi_fields, read_pixels  # pydicom is slow to import
 
     key = None
     if memo is not None:
         try:
             stat = image.stat()
-            key = json.dumps([str(image), stat.st_size, stat.st_mtime_ns, cfg.data.image.model_dump(mode="json")])
+            key = json.dumps([str(image), stat.st_size, stat.st_mtime_ns, cfg.data.image.model_dump(mode="json"),
+                              CHECKS_VERSION])
         except OSError:
             key = None
         if key in memo:
@@ -309,7 +312,7 @@ def _image_findings(image: Path, cfg: Config, memo: MutableMapping[str, dict] | 
         findings = {"error": None, "phi": phi_fields(image)}
     except InputError as exc:
         findings = {"error": exc.message, "phi": []}
-    if key is not None:
+    if key is not None and findings["error"] is None:
         memo[key] = findings
     return findings
 
