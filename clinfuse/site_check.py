@@ -150,8 +150,10 @@ def _check_data(manifest, cfg, data_roots=()):
     head = (f"{s['usable_rows']} of {s['rows']} rows usable, {s['patients']} patients "
             f"({s['errors']} errors: rows skipped, {s['warnings']} warnings)")
     train = [r for r in data.records if r.split == "train"]
-    if not data.records:
-        return None, Check("data", FAIL, f"{manifest}: no usable rows ({data.skip_reason()}); " + head, tuple(shown))
+    try:
+        data.require_records()
+    except InputError as exc:
+        return None, Check("data", FAIL, f"{exc.describe()}; {head}", tuple(shown))
     if not train:
         return None, Check("data", FAIL, f"{manifest}: no training rows; " + head, tuple(details + shown))
     train_labels = {r.label for r in train}

@@ -82,8 +82,7 @@ def _validate(args) -> int:
         print(json.dumps({"summary": summary, "problems": [p.__dict__ for p in data.problems]}, indent=2))
     else:
         print(format_report(summary, data.problems))
-    if not data.records:
-        raise InputError(f"no usable rows ({data.skip_reason()}): fix the problems listed above", file=args.manifest)
+    data.require_records("fix the problems listed above")
     if args.strict and data.problems:
         errors = sum(p.severity == "error" for p in data.problems)
         first = next((f", the first at row {p.row}" for p in data.problems if p.row is not None), "")

@@ -96,11 +96,13 @@ class SiteData:
     def patients(self) -> list[str]:
         return sorted({r.patient_id for r in self.records})
 
-    def skip_reason(self) -> str:
-        """The commonest reason rows were skipped, in one line (``""`` when none was): for the error
-        that a manifest without a usable row raises."""
-        lines = self.skip_report(examples=1)
-        return lines[1].strip() if len(lines) > 1 else ""
+    def require_records(self, then: str = "run 'clinfuse validate' for every problem") -> None:
+        """Raise :class:`InputError` naming the manifest and the commonest reason its rows were
+        skipped when no row is usable; ``then`` tells the user what to do next."""
+        if not self.records:
+            lines = self.skip_report(examples=1)
+            why = f" ({lines[1].strip()})" if len(lines) > 1 else ""
+            raise InputError(f"no usable rows{why}; {then}", file=self.manifest)
 
     def skip_report(self, examples: int = 3) -> list[str]:
         """Lines saying how many rows were skipped and why: ``[]`` when none was.

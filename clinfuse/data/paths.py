@@ -54,7 +54,7 @@ def resolve_site_path(cell: str, roots: tuple[Path, ...]) -> Path:
     if "\x00" in text:
         raise ValueError("the path contains a NUL character")
     try:
-        path = (roots[0] / Path(text).expanduser()).resolve()
+        path = (roots[0] / text).resolve()  # a cell is data, not a shell word: no '~' expansion
     except (OSError, RuntimeError) as exc:  # symlink loops (RuntimeError before Python 3.13), ENAMETOOLONG
         raise ValueError(f"cannot resolve the path '{text}': {exc}") from None
     if not any(path.is_relative_to(root) for root in roots):

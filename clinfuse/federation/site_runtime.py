@@ -77,9 +77,7 @@ class SiteRuntime:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.data = self._read_manifest(manifest, data_roots)
-        if not self.data.records:
-            raise InputError(f"no usable rows ({self.data.skip_reason()}); run 'clinfuse validate' for every "
-                             "problem", file=manifest)
+        self.data.require_records()
         for line in self.data.skip_report():
             print(f"{site_id}: {line}", file=sys.stderr)
         cache = default_cache_dir(manifest, cfg)

@@ -34,13 +34,10 @@ def load_split_datasets(manifests, cfg, *, data_roots=(), report=None):
     """
     from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
     from clinfuse.data.manifest import SPLITS, read_manifest
-    from clinfuse.errors import InputError
 
     sites = [read_manifest(m, cfg, data_roots=data_roots) for m in manifests]
     for site in sites:
-        if not site.records:
-            raise InputError(f"no usable rows ({site.skip_reason()}); run 'clinfuse validate' for every problem",
-                             file=site.manifest)
+        site.require_records()
         for line in site.skip_report() if report else ():
             report(line)
     datasets = {}
