@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from clinfuse.cli import add_data_root_option
@@ -112,4 +113,6 @@ def _prepare(args) -> int:
     manifests = prepare_covid_chestxray(args.root, args.out, min_site_rows=args.min_site_rows)
     for manifest in manifests:
         print(manifest)
+    print(f"note: the images stay in {args.root / 'images'}; read these manifests with --data-root "
+          f"{args.root / 'images'} (validate, train, site check, evaluate)", file=sys.stderr)
     return 0
