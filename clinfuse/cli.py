@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from clinfuse import __version__
 from clinfuse.errors import BudgetExceededError, InputError
@@ -51,6 +52,14 @@ nonneg_float = _bounded(float, "a number", 0, strict=False)
 positive_int = _bounded(int, "an integer", 1, strict=False)
 
 
+def add_data_root_option(parser: argparse.ArgumentParser) -> None:
+    """``--data-root DIR`` (repeatable): folders of this site, besides the manifest's own and the
+    config's ``data.roots``, that manifest paths may point into (see :mod:`clinfuse.data.paths`)."""
+    parser.add_argument("--data-root", dest="data_roots", type=Path, action="append", default=[], metavar="DIR",
+                        help="a folder of this site that manifest paths may point into, besides the "
+                             "manifest's own and data.roots (repeat for several)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinfuse",
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except InputError as exc:
-        print(f"clinfuse {args.command}: error: {exc.describe()}", file=sys.stderr)
+        # One line, whatever the message holds (a library's multi-line text, say).
+        print(f"clinfuse {args.command}: error: {' '.join(exc.describe().split())}", file=sys.stderr)
         return 2
     except BudgetExceededError as exc:
         print(f"clinfuse {args.command}: refused: {exc}", file=sys.stderr)

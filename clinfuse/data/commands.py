@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from clinfuse.cli import add_data_root_option
 from clinfuse.config import MODALITIES, Config
 
 
@@ -13,10 +15,13 @@ def register(subparsers) -> None:
         "validate", help="check a site manifest and report modalities, patterns and problems",
         description="Validate a site manifest (CSV/Parquet): rows, patients, labels, per-modality "
                     "availability, joint modality patterns and every problem with its row and file. "
+                    "Every image is decoded as training will decode it, and scanned for identifying "
+                    "data; every path must stay inside the site (the manifest's folder or a data root). "
                     "Bad rows are skipped and counted; --strict makes any problem an error (exit 2).")
     p.add_argument("manifest", type=Path)
     p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
-    p.add_argument("--strict", action="store_true", help="exit 2 if any row has a problem")
+    p.add_argument("--strict", action="store_true", help="exit 2 if any row has a problem (error or warning)")
+    add_data_root_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_validate)
 
@@ -72,16 +77,18 @@ def _validate(args) -> int:
     from clinfuse.errors import InputError
 
     cfg = _load_config(args.config)
-    data = read_manifest(args.manifest, cfg)
+    data = read_manifest(args.manifest, cfg, data_roots=args.data_roots)
     summary = data.summary(cfg.data.labels)
     if args.json:
         print(json.dumps({"summary": summary, "problems": [p.__dict__ for p in data.problems]}, indent=2))
     else:
         print(format_report(summary, data.problems))
-    if not data.records:
-        raise InputError("no usable rows: fix the problems listed above", file=args.manifest)
+    data.require_records("fix the problems listed above")
     if args.strict and data.problems:
-        return 2
+        errors = sum(p.severity == "error" for p in data.problems)
+        first = next((f", the first at row {p.row}" for p in data.problems if p.row is not None), "")
+        raise InputError(f"--strict: {len(data.problems)} problems ({errors} errors, "
+                         f"{len(data.problems) - errors} warnings) listed above{first}", file=args.manifest)
     return 0
 
 
@@ -91,6 +98,8 @@ def _synth(args) -> int:
 
     if args.sites < 1 or args.patients < 10:
         raise InputError("need --sites >= 1 and --patients >= 10", key="--patients")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError("--out must be a folder; this is a file", file=args.out, key="--out")
     manifests = write_demo_cohort(args.out, sites=args.sites, patients=args.patients, seed=args.seed,
                                   variant=args.variant)
     for manifest in manifests:
@@ -104,4 +113,6 @@ def _prepare(args) -> int:
     manifests = prepare_covid_chestxray(args.root, args.out, min_site_rows=args.min_site_rows)
     for manifest in manifests:
         print(manifest)
+    print(f"note: the images stay in {args.root / 'images'}; read these manifests with --data-root "
+          f"{args.root / 'images'} (validate, train, site check, evaluate)", file=sys.stderr)
     return 0

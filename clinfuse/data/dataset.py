@@ -34,6 +34,7 @@ from clinfuse.config import Config
 from clinfuse.data.manifest import Record
 from clinfuse.data.tabular import encode_tabular, tabular_dim
 from clinfuse.data.text import tokenize
+from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_bytes
 
 # Bump when decoding changes in a way that alters pixels, so old cache entries are not reused.
@@ -136,7 +137,11 @@ class MultimodalDataset(Dataset):
         path = self.records[index].image
         array = self.cache.get(path) if self.cache else None
         if array is None:
-            array = np.ascontiguousarray(decode_image(path, self.cfg.data.image), dtype=np.float32)
+            try:
+                array = np.ascontiguousarray(decode_image(path, self.cfg.data.image), dtype=np.float32)
+            except InputError as exc:  # validation decoded it: the file changed since
+                raise InputError(f"{exc.message} (it decoded when the manifest was read: did it change?)",
+                                 file=path, row=self.records[index].row, key="image") from exc
             if self.cache:
                 self.cache.put(path, array)
         self._memory[index] = array

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinfuse.cli import positive_int
+from clinfuse.cli import add_data_root_option, positive_int
 from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 
@@ -61,6 +61,7 @@ def register(subparsers) -> None:
                    help="auto (default): a checkpoint's own calibration if it has one, else fit a temperature "
                         "on the 'val' rows and write OUT/calibrated/<name>.pt for `clinfuse predict`; fit: "
                         "always refit on 'val'; none: raw probabilities")
+    add_data_root_option(p)
     p.set_defaults(handler=_handle)
 
     p = subparsers.add_parser(
@@ -86,6 +87,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="device for inference (default: the checkpoint config's train.device)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="inference batch size (default 64)")
+    add_data_root_option(p)
     p.set_defaults(handler=run_predict)
 
 
@@ -94,7 +96,8 @@ def _handle(args) -> int:
         raise InputError("--batch-size must be at least 1")
     paths = evaluate_checkpoints(args.checkpoint, args.manifest, args.out, config=args.config,
                                  split=args.split, device=args.device, batch_size=args.batch_size,
-                                 robustness=not args.no_robustness, calibration=args.calibration)
+                                 robustness=not args.no_robustness, calibration=args.calibration,
+                                 data_roots=args.data_roots)
     print(headline(json.loads(Path(paths["metrics"]).read_text(encoding="utf-8"))))
     for kind in ("report", "metrics", "predictions"):
         print(f"{kind}: {paths[kind]}")
@@ -192,12 +195,13 @@ def _plain_meta(meta: dict) -> dict:
 
 def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split: str = "test",
                          device: str | None = None, batch_size: int = 64, robustness: bool = True,
-                         calibration: str = "auto", progress: bool = True) -> dict[str, Path]:
+                         calibration: str = "auto", progress: bool = True, data_roots=()) -> dict[str, Path]:
     """Evaluate checkpoints on manifests and write the report files in ``out_dir``.
 
     ``checkpoints``/``manifests``: paths; ``config``: path of a YAML config for the evaluation
-    settings (or ``None``). ``calibration``: ``"auto"`` (a checkpoint's own calibration block if
-    it has one, else a temperature fitted on the 'val' rows), ``"fit"`` (always fit on 'val') or
+    settings (or ``None``); ``data_roots``: folders manifest paths may point into (see
+    :mod:`clinfuse.data.paths`). ``calibration``: ``"auto"`` (a checkpoint's own calibration block
+    if it has one, else a temperature fitted on the 'val' rows), ``"fit"`` (always fit on 'val') or
     ``"none"`` (raw probabilities). Returns ``{"report", "metrics", "predictions"}`` paths, plus
     ``"calibrated": {name: path}`` for each calibrated checkpoint written to ``out_dir/calibrated``.
     """
@@ -262,7 +266,7 @@ def evaluate_checkpoints(checkpoints, manifests, out_dir, *, config=None, split:
             stage(f"clinfuse evaluate: reading {len(manifest_paths)} manifest(s)", enabled=progress)
             items = []
             for mi, mp in enumerate(manifest_paths):
-                sd = read_manifest(mp, cfg)
+                sd = read_manifest(mp, cfg, data_roots=data_roots)
                 cache_dir = default_cache_dir(mp, cfg)
                 for s in ("val", split) if split != "val" else ("val",):
                     recs = [r for r in sd.records if r.split == s]

@@ -110,12 +110,13 @@ def decision_of(meta: dict, label_names: list[str], path: Path) -> dict:
 
 
 def predict_patients(checkpoint, manifests, *, config=None, device: str | None = None,
-                     batch_size: int = 64, progress: bool = True) -> dict:
+                     batch_size: int = 64, progress: bool = True, data_roots=()) -> dict:
     """Score every usable row of ``manifests`` and return one prediction per patient.
 
     ``checkpoint``: path; ``manifests``: paths (CSV/Parquet, the ``label`` column optional);
     ``config``: path of the manifests' study config, checked against the checkpoint (default:
-    only the checkpoint's own). Returns a JSON-ready dict: ``checkpoint``, ``model_hash``,
+    only the checkpoint's own); ``data_roots``: folders manifest paths may point into (see
+    :mod:`clinfuse.data.paths`). Returns a JSON-ready dict: ``checkpoint``, ``model_hash``,
     ``config_hash``, ``study``, ``labels``, ``modalities``, ``decision`` (see :func:`decision_of`),
     ``patients`` (one dict per patient: ``site``, ``patient_id``, ``rows``, ``prob_<class>``,
     ``predicted``, ``modalities_present``, ``modalities_used``), ``skipped_rows`` and ``warnings``.
@@ -156,7 +157,7 @@ def predict_patients(checkpoint, manifests, *, config=None, device: str | None =
     sites = []
     for mp in manifest_paths:  # every manifest is checked before any row is scored
         try:
-            sites.append(read_manifest(mp, cfg, require_label=False))
+            sites.append(read_manifest(mp, cfg, require_label=False, data_roots=data_roots))
         except InputError as exc:
             if exc.key in declared - set(STANDARD_COLUMNS):
                 raise InputError(f"the checkpoint's study declares tabular field '{exc.key}', which this "
@@ -240,7 +241,8 @@ def run_predict(args) -> int:
     if args.out is None and not args.json:
         raise InputError("give --out predictions.csv (or --json to print the predictions)", key="--out")
     result = predict_patients(args.checkpoint, args.manifest, config=args.config, device=args.device,
-                              batch_size=args.batch_size, progress=not args.json)
+                              batch_size=args.batch_size, progress=not args.json,
+                              data_roots=args.data_roots)
     if args.out is not None:
         write_predictions_csv(args.out, predictions_table(result))
         result["out"] = str(args.out)

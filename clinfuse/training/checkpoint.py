@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,7 +89,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError("checkpoint not found", file=path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt or foreign file
         raise InputError(f"not a readable checkpoint ({type(exc).__name__}: {exc})", file=path) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

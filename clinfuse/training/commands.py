@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from clinfuse.cli import positive_int
+from clinfuse.cli import add_data_root_option, positive_int
 
 
 def register(subparsers) -> None:
@@ -22,19 +22,24 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
     p.add_argument("--state-dir", type=Path, default=None, help="where the privacy accountant and ledger live")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_data_root_option(p)
     p.set_defaults(handler=_train)
 
 
-def load_split_datasets(manifests, cfg):
-    """Read and validate manifests; return ``{split: MultimodalDataset}`` pooled over them and the SiteData list."""
+def load_split_datasets(manifests, cfg, *, data_roots=(), report=None):
+    """Read and validate manifests; return ``{split: MultimodalDataset}`` pooled over them and the SiteData list.
+
+    ``report(line)`` (e.g. ``print``) is given the skipped-row report of every site that skipped rows.
+    A site without a usable row is an :class:`InputError` that says why.
+    """
     from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
     from clinfuse.data.manifest import SPLITS, read_manifest
-    from clinfuse.errors import InputError
 
-    sites = [read_manifest(m, cfg) for m in manifests]
+    sites = [read_manifest(m, cfg, data_roots=data_roots) for m in manifests]
     for site in sites:
-        if not site.records:
-            raise InputError("no usable rows (run 'clinfuse validate' to see why)", file=site.manifest)
+        site.require_records()
+        for line in site.skip_report() if report else ():
+            report(line)
     datasets = {}
     for split in SPLITS:
         parts = []
@@ -76,7 +81,7 @@ def _train(args) -> int:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     progress = not args.quiet
-    datasets, _ = load_split_datasets(args.manifest, cfg)
+    datasets, _ = load_split_datasets(args.manifest, cfg, data_roots=args.data_roots, report=print)
     train_set = datasets["train"]
     if len(train_set) == 0:
         raise InputError("the manifests have no training rows", file=args.manifest[0])
