@@ -181,15 +181,17 @@ def _read_note_file(path: Path) -> str:
 
 
 def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True,
-                  require_label: bool = True) -> SiteData:
+                  require_label: bool = True, progress: bool = True) -> SiteData:
     """Validate a site manifest against ``cfg`` and return its usable records and problems.
 
     ``check_files`` opens every image (header-level checks, PHI scan) and note file; switch it off
     only when the same manifest was just validated. ``require_label=False`` reads rows to predict:
     the ``label`` column may be absent or empty (records get ``label=None``); a label that is not
-    a declared class is a warning, not an error, since prediction never reads it.
+    a declared class is a warning, not an error, since prediction never reads it. A long read
+    prints ``progress`` lines (:class:`clinfuse.progress.Progress`).
     """
     from clinfuse.data.images import IMAGE_SUFFIXES, check_image, phi_fields  # pydicom is slow to import
+    from clinfuse.progress import Progress
 
     path = Path(path)
     frame = _read_table(path)
@@ -203,7 +205,8 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True,
 
     candidates: list[Record] = []
     seen: dict[tuple, int] = {}
-    for index, raw in enumerate(frame.to_dict("records")):
+    rows = Progress(len(frame), f"validating {path}", "row", enabled=progress).track(frame.to_dict("records"))
+    for index, raw in enumerate(rows):
         row = index + 1
         errors: list[Problem] = []
 
