@@ -15,6 +15,7 @@ only weights, counts and metrics.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch
 from clinfuse.config import MODALITIES, Config
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_json
+
+_log = logging.getLogger("clinfuse.site")
 
 
 @dataclass
@@ -75,7 +78,10 @@ class SiteRuntime:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # The ClientApp is a fresh process every round: skip re-opening every image when this
         # manifest was already checked in full by an earlier round (the cache makes decoding cheap).
-        self.data = read_manifest(manifest, cfg, check_files=not self._validated_before(manifest))
+        check_files = not self._validated_before(manifest)
+        if check_files:
+            _log.info("%s: validating %s (every file is opened once)", site_id, manifest)
+        self.data = read_manifest(manifest, cfg, check_files=check_files)
         if not self.data.records:
             raise InputError("no usable rows (run 'clinfuse validate' to see why)", file=manifest)
         cache = default_cache_dir(manifest, cfg)
@@ -158,6 +164,8 @@ class SiteRuntime:
         from clinfuse.training.trainer import LocalTrainer, seed_everything
 
         counts = self.modality_examples()
+        _log.info("%s: round %d: training %d patients (%d local epoch%s)", self.site_id, server_round,
+                  self.n_patients, local_epochs, "" if local_epochs == 1 else "s")
         dp = self.cfg.privacy.enabled
         plan = self.plan(rounds, local_epochs) if dp else None
         epsilon_before = self.accountant.epsilon(plan.delta) if dp else None
