@@ -30,7 +30,7 @@ class _DropFlowerNotices(logging.Filter):
     """Drops the two ``flwr`` log records a simulation would print on every run, nothing else."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "Manually terminating %s":  # every actor at shutdown (Ray prints it twice)
+        if record.msg == "Manually terminating %s":  # logged by every actor at shutdown
             return False
         return not (str(record.msg).startswith("DEPRECATED FEATURE")
                     and "`run_simulation` function is deprecated" in str(record.args))
