@@ -9,12 +9,15 @@ final validation AUROC; the global checkpoint is ``<workdir>/run/global.pt``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from clinfuse.cli import positive_float, positive_int
+
+_log = logging.getLogger("clinfuse.federation")
 
 
 def register(subparsers) -> None:
@@ -24,9 +27,10 @@ def register(subparsers) -> None:
                     "its sites in Flower's simulation engine and print per-round metrics, epsilon per "
                     "site and the final validation AUROC. The demo starts its study afresh each time "
                     "(it clears <workdir>/run and <workdir>/sites; the cohort is kept) unless --resume.")
-    p.add_argument("--workdir", type=Path, default=Path(".clinfuse-demo"))
+    p.add_argument("--workdir", type=Path, default=Path(".clinfuse-demo"),
+                   help="folder for the cohort, the sites' state and the run (default .clinfuse-demo)")
     p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds, 5)")
-    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
     p.add_argument("--patients", type=int, default=200, help="patients per site in the demo cohort")
     _common(p)
     p.set_defaults(handler=_demo)
@@ -35,17 +39,18 @@ def register(subparsers) -> None:
         "federate", help="simulate a federated study over site manifests (one Flower site per manifest)",
         description="Run a federated study in Flower's simulation engine, one site per manifest. Each "
                     "site's accountant and ledger live in <state-root>/site-k and persist across runs.")
-    p.add_argument("--manifest", type=Path, nargs="+", required=True)
+    p.add_argument("--manifest", type=Path, nargs="+", required=True, help="one manifest per site")
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, global.pt and history.json")
     p.add_argument("--state-root", type=Path, required=True, help="one private state dir per site below it")
-    p.add_argument("--rounds", type=positive_int, default=None)
+    p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds)")
     _common(p)
     p.set_defaults(handler=_federate)
 
 
 def _common(p) -> None:
     p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None,
+                   help="aggregation (default: federation.strategy)")
     p.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="every site's cap (default: the study's target epsilon)")
     p.add_argument("--client-dp", action="store_true", help="add client-level DP (Flower's fixed clipping)")
@@ -55,7 +60,6 @@ def _common(p) -> None:
     p.add_argument("--parallel", type=int, default=None, help="sites training at once (default: min(sites, cpus))")
     p.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more server run-config keys (see federated/server_app.py)")
-    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
 
 def _parse_value(text: str):
@@ -117,9 +121,14 @@ def _report(summary: dict, started: float) -> None:
 
 
 def _simulate(args, run_config: dict, num_sites: int) -> int:
+    from clinfuse.config import load_config
+    from clinfuse.privacy.plan import NOISE_SOURCE
     from federated.simulation import simulate
 
     started = time.time()
+    _log.info("starting %d simulated sites (Ray actors); each says when it starts a round", num_sites)
+    if load_config(args.config).privacy.enabled:
+        _log.info(NOISE_SOURCE)
     summary = simulate(run_config, num_sites=num_sites, cpus=args.cpus, parallel=args.parallel,
                        on_round=_print_round, verbose=args.verbose)
     _report(summary, started)

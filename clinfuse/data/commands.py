@@ -18,25 +18,36 @@ def register(subparsers) -> None:
                     "Every image is decoded as training will decode it, and scanned for identifying "
                     "data; every path must stay inside the site (the manifest's folder or a data root). "
                     "Bad rows are skipped and counted; --strict makes any problem an error (exit 2).")
-    p.add_argument("manifest", type=Path)
+    p.add_argument("manifest", type=Path, help="the site's manifest (CSV or Parquet)")
     p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
     p.add_argument("--strict", action="store_true", help="exit 2 if any row has a problem (error or warning)")
     add_data_root_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_validate)
 
-    p = subparsers.add_parser("synth", help="write the embedded synthetic demo cohort (real DICOM files)")
+    p = subparsers.add_parser(
+        "synth", help="write the embedded synthetic demo cohort (real DICOM files)",
+        description="Write a synthetic multimodal cohort: per site a folder with DICOM images, notes and "
+                    "a manifest.csv (image, note and tabular fields, label), with sites that differ in "
+                    "prevalence, scanner and missing modalities. Equal arguments write identical files. "
+                    "Prints the manifests' paths.")
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--patients", type=int, default=200, help="patients per site")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", choices=["default", "text_dominant"], default="default")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    p.add_argument("--patients", type=int, default=200, help="patients per site (default 200, at least 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything written (default 0)")
+    p.add_argument("--variant", choices=["default", "text_dominant"], default="default",
+                   help="default: every modality moderately informative; text_dominant: the notes nearly "
+                        "give the label away")
     p.set_defaults(handler=_synth)
 
-    p = subparsers.add_parser("prepare", help="convert a public dataset into per-site manifests")
-    p.add_argument("dataset", choices=["covid-chestxray"])
+    p = subparsers.add_parser(
+        "prepare", help="convert a public dataset into per-site manifests",
+        description="Convert a public dataset, read where it lies, into one manifest per site (a site per "
+                    "country for covid-chestxray). Nothing is copied or downloaded; the manifests point at "
+                    "the dataset's files. Prints the manifests' paths.")
+    p.add_argument("dataset", choices=["covid-chestxray"], help="which public dataset")
     p.add_argument("--root", type=Path, required=True, help="folder holding metadata.csv and images/")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--min-site-rows", type=int, default=15,
                    help="countries with fewer rows are pooled into one site")
     p.set_defaults(handler=_prepare)

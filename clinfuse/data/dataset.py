@@ -156,11 +156,11 @@ class MultimodalDataset(Dataset):
         return image, self._text[index], self._tabular[index], mask, torch.tensor(label)
 
     def warm(self, progress: bool = True) -> None:
-        """Decode every image now (fills the disk cache), with a progress bar."""
-        from tqdm.auto import tqdm
+        """Decode every image now (fills the disk cache), with a progress bar (lines without a terminal)."""
+        from clinfuse.progress import Progress
 
         indices = [i for i, r in enumerate(self.records) if r.image is not None]
-        for i in tqdm(indices, desc="decoding images", unit="img", disable=not progress or None):
+        for i in Progress(len(indices), "decoding images", "image", enabled=progress).track(indices):
             self.image_array(i)
 
 

@@ -328,7 +328,7 @@ def _image_findings(image: Path, cfg: Config, memo: MutableMapping[str, dict] | 
 def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True,
                   data_roots: Iterable[str | os.PathLike[str]] = (),
                   file_checks: MutableMapping[str, dict] | None = None,
-                  require_label: bool = True) -> SiteData:
+                  require_label: bool = True, progress: bool = True) -> SiteData:
     """Validate a site manifest against ``cfg`` and return its usable records and problems.
 
     ``check_files`` decodes every image as training will (and scans it for identifying data);
@@ -337,8 +337,11 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True,
     memo of image findings (see :func:`_image_findings`) that the caller keeps between runs.
     ``require_label=False`` reads rows to predict: the ``label`` column may be absent or empty
     (records get ``label=None``); a label that is not a declared class is a warning, not an error,
-    since prediction never reads it.
+    since prediction never reads it. A long read prints ``progress`` lines
+    (:class:`clinfuse.progress.Progress`).
     """
+    from clinfuse.progress import Progress
+
     path = Path(path)
     frame = _read_table(path)
     undecodable = _escape_undecodable(frame)
@@ -352,7 +355,8 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True,
 
     candidates: list[Record] = []
     seen: dict[tuple, int] = {}
-    for index, raw in enumerate(frame.to_dict("records")):
+    rows = Progress(len(frame), f"validating {path}", "row", enabled=progress).track(frame.to_dict("records"))
+    for index, raw in enumerate(rows):
         row = index + 1
         errors: list[Problem] = []
 

@@ -418,7 +418,8 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
         ``out/site-<k>/manifest.csv`` for ``k = 0 .. sites-1``.
     """
     from pydicom.uid import generate_uid
-    from tqdm import tqdm
+
+    from clinfuse.progress import Progress
 
     sites = _check_int(sites, "sites", 1)
     patients = _check_int(patients, "patients", 1)
@@ -430,7 +431,7 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
     vcode = _variant_code(variant)
     out = Path(out)
     manifests = []
-    progress = tqdm(total=sites * patients, desc="synthetic cohort", unit="patient", disable=None)
+    progress = Progress(sites * patients, "synthetic cohort", "patient")
     for s in range(sites):
         site = _site(s, sites, seed, variant)
         site_dir = out / f"site-{s}"

@@ -20,7 +20,7 @@ import numpy as np
 
 from clinfuse.evaluation.bootstrap import MIN_RELIABLE_PATIENTS
 from clinfuse.evaluation.metrics import METRICS
-from clinfuse.fileio import atomic_write_text
+from clinfuse.fileio import atomic_write_text, to_jsonable
 
 METRIC_LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "accuracy": "Accuracy",
                  "balanced_accuracy": "Balanced accuracy", "sensitivity": "Sensitivity",
@@ -30,23 +30,6 @@ METRIC_LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "accuracy": "Accuracy",
 
 # --------------------------------------------------------------------------------------------
 # Files (all through clinfuse.fileio: temporary file + os.replace)
-
-
-def to_jsonable(obj):
-    """Plain JSON types: numpy scalars/arrays converted, NaN and infinities become ``None``."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def write_metrics_json(path: str | Path, result: dict) -> Path:

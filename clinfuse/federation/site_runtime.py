@@ -17,7 +17,7 @@ only weights, counts and metrics.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,8 @@ import torch
 from clinfuse.config import MODALITIES, Config
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_json
+
+_log = logging.getLogger("clinfuse.site")
 
 
 @dataclass
@@ -76,10 +78,11 @@ class SiteRuntime:
         self.cfg, self.site_id, self.max_epsilon, self.progress = cfg, site_id, float(max_epsilon), progress
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        _log.info("%s: validating %s", site_id, manifest)
         self.data = self._read_manifest(manifest, data_roots)
         self.data.require_records()
         for line in self.data.skip_report():
-            print(f"{site_id}: {line}", file=sys.stderr)
+            _log.warning("%s: %s", site_id, line)
         cache = default_cache_dir(manifest, cfg)
         self.train_set = MultimodalDataset([r for r in self.data.records if r.split == "train"], cfg, cache)
         self.val_set = MultimodalDataset([r for r in self.data.records if r.split == "val"], cfg, cache)
@@ -103,7 +106,8 @@ class SiteRuntime:
         except (OSError, ValueError):
             before = {}  # none yet, or unreadable: check every file again
         used: dict = {}
-        data = read_manifest(manifest, self.cfg, data_roots=data_roots, file_checks=ChainMap(used, before))
+        data = read_manifest(manifest, self.cfg, data_roots=data_roots, file_checks=ChainMap(used, before),
+                             progress=self.progress)
         if used != before:
             atomic_write_json(path, used)
         return data
@@ -166,6 +170,8 @@ class SiteRuntime:
         from clinfuse.training.trainer import LocalTrainer, seed_everything
 
         counts = self.modality_examples()
+        _log.info("%s: round %d: training %d patients (%d local epoch%s)", self.site_id, server_round,
+                  self.n_patients, local_epochs, "" if local_epochs == 1 else "s")
         dp = self.cfg.privacy.enabled
         plan = self.plan(rounds, local_epochs) if dp else None
         epsilon_before = self.accountant.epsilon(plan.delta) if dp else None
