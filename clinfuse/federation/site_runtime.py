@@ -78,7 +78,6 @@ class SiteRuntime:
         self.cfg, self.site_id, self.max_epsilon, self.progress = cfg, site_id, float(max_epsilon), progress
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _log.info("%s: validating %s", site_id, manifest)
         self.data = self._read_manifest(manifest, data_roots)
         self.data.require_records()
         for line in self.data.skip_report():
@@ -105,6 +104,8 @@ class SiteRuntime:
             before = before if isinstance(before, dict) else {}
         except (OSError, ValueError):
             before = {}  # none yet, or unreadable: check every file again
+        if not before:
+            _log.info("%s: validating %s (every file is decoded once)", self.site_id, manifest)
         used: dict = {}
         data = read_manifest(manifest, self.cfg, data_roots=data_roots, file_checks=ChainMap(used, before),
                              progress=self.progress)
