@@ -456,3 +456,49 @@ def test_roster_keys_are_trusted_and_a_wrong_key_is_an_error(config, manifest, t
     other = SiteKey.create(tmp_path / "other.pem")
     assert main(["audit", "verify", ledger, "--public-key", f"site-x={other.public_key}"]) == 1
     assert "wrong-key" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Crash recovery, the site's plan as the audit shows it, the key command
+# --------------------------------------------------------------------------------------------
+
+def test_a_round_that_crashed_after_its_reservation_is_counted(config, manifest, tmp_path, capsys):
+    state = tmp_path / "state"
+    site = open_site(config, manifest, state)
+    train(site, 1)
+    plan = site.plan(4, 1)
+    # What a crash leaves: the round's steps reserved in the ledger, never reported.
+    site.ledger.append("reservation", study=site.cfg.study, round=2, site="site-x", delta=plan.delta,
+                       mechanism=plan.mechanism(plan.steps_per_epoch, None, plan.max_grad_norm), epsilon=0.0)
+    third = train(open_site(config, manifest, state), 3)
+    assert third.metrics["epsilon"] == pytest.approx(one_accountant(plan, 3), rel=1e-9)
+    entries, problems = read_ledger(state / "ledger.jsonl")
+    assert not problems
+    recovered = [e for e in entries if e.get("recovered")]
+    assert len(recovered) == 1 and recovered[0]["round"] == 2
+    assert main(["audit", "verify", str(state / "ledger.jsonl"), "--public-key", site.public_key]) == 0
+    assert "recovered-steps" in capsys.readouterr().out
+
+
+def test_audit_plan_shows_the_signed_plan_and_checks_its_table(config, manifest, tmp_path, capsys):
+    state = tmp_path / "state"
+    site = open_site(config, manifest, state)
+    train(site, 1)
+    assert main(["audit", "plan", "--state-dir", str(state), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["table_agrees"] and len(shown["table"]) == 4
+    assert shown["spent_epsilon"] == pytest.approx(site.plan(4, 1).epsilon_after_round(1), abs=1e-12)
+    assert main(["audit", "plan", "--state-dir", str(state)]) == 0
+    assert "agrees with a fresh RDP accountant" in capsys.readouterr().out
+    assert main(["audit", "plan", "--state-dir", str(state), "--steps", "3"]) == 2  # one or the other
+
+
+def test_site_key_command_prints_what_the_roster_declares(tmp_path, capsys):
+    from clinfuse.privacy.site_key import SiteKey
+
+    assert main(["site", "key", "--state-dir", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out
+    key = SiteKey.load(tmp_path / "state" / "site-key.pem")
+    assert key.fingerprint in out and key.public_key in out
+    assert main(["site", "key", "--state-dir", str(tmp_path / "state")]) == 0  # the same key, not a new one
+    assert key.public_key in capsys.readouterr().out
