@@ -20,22 +20,9 @@ from clinfuse.config import load_config
 from clinfuse.errors import InputError
 from clinfuse.privacy.accountant import compute_epsilon
 from clinfuse.privacy.ledger import entry_hash, read_ledger
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny_config(folder: Path, name: str = "study.yaml", **privacy) -> Path:
-    """The demo config shrunk for tests: 32x32 images, batches of 8, the (fast) RDP accountant."""
-    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data["data"]["image"]["size"] = [32, 32]
-    data["data"]["text"]["max_tokens"] = 37
-    data["train"]["batch_size"] = 8
-    data["model"]["dim"] = 32
-    data["privacy"].update({"accountant": "rdp", **privacy})
-    path = folder / name
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture
