@@ -299,8 +299,11 @@ def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
     declared = ledger_signer(entries)
     key, key_source = (trusted or TrustedKeys()).for_site(site)
     recorded_keys = coordinator.public_keys(site) if coordinator else []
-    if key is None and recorded_keys:
-        key, key_source = recorded_keys[-1], f"the coordinator's history ({coordinator.path})"
+    if len(recorded_keys) > 1:
+        add("error", "coordinator-key-mismatch", f"the coordinator recorded {len(recorded_keys)} different public "
+            f"keys for {site}: replies under this site id came from more than one key")
+    if key is None and len(recorded_keys) == 1:
+        key, key_source = recorded_keys[0], f"the coordinator's history ({coordinator.path})"
     elif key is not None and any(not key_matches(key, k) for k in recorded_keys):
         add("error", "coordinator-key-mismatch", f"the coordinator recorded another public key for {site} "
             f"than the trusted one ({key_source}): the replies it recorded were not this site's")
@@ -311,8 +314,8 @@ def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
         elif not key.startswith(FINGERPRINT_PREFIX):
             public_key = key  # every signed entry is then reported as signed by another key
         else:
-            add("error", "wrong-key", f"the ledger is signed by {_fingerprint_or(declared)}, not by the "
-                f"trusted key {key[:23]}... ({key_source})")
+            signed = f"signed by {_fingerprint_or(declared)}" if declared else "not signed"
+            add("error", "wrong-key", f"the ledger is {signed}, not by the trusted key {key[:23]}... ({key_source})")
     chain_problems = sorted(parse_problems + verify_entries(entries, public_key=public_key), key=lambda p: p.line)
     for p in chain_problems:
         add("error", p.code, p.message, p.line, p.seq)
