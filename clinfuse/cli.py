@@ -26,7 +26,7 @@ COMMAND_MODULES = (
     "clinfuse.data.commands",
     "clinfuse.training.commands",
     "clinfuse.evaluation.commands",
-    "clinfuse.privacy.commands",
+    "clinfuse.auditing.commands",
     "clinfuse.site_check",
     "federated.commands",
 )

@@ -279,12 +279,22 @@ class TrainConfig(_Strict):
 
 class PrivacyConfig(_Strict):
     enabled: bool = True
-    target_epsilon: float = Field(8.0, gt=0.0)
+    target_epsilon: float = Field(8.0, gt=0.0, allow_inf_nan=False)
     delta: float | None = Field(None, gt=0.0, lt=1.0)  # default: below 1/number of patients
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: Literal["auto", "hooks", "ew", "functorch"] = "auto"
     noise_multiplier: float | None = Field(None, ge=0.0)  # set to override planning (audits)
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _no_dp_without_noise(cls, value, info):
+        # Noise 0 is training without DP under a DP label (epsilon infinite): only the explicit
+        # switch turns DP off.
+        if value == 0 and info.data.get("enabled", True):
+            raise ValueError("0 gives no differential privacy (epsilon is infinite); non-DP training is only "
+                             "ever the explicit --no-dp or privacy.enabled: false")
+        return value
 
 
 class FederationConfig(_Strict):
@@ -348,7 +358,7 @@ def config_from_dict(data: dict, *, source: str | Path = "<config>") -> Config:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = _key_path(err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
         if err["type"] == "extra_forbidden":
             msg = f"unknown key (check its spelling against {STUDY_TEMPLATE}, where every key is explained)"
         elif err["type"] == "missing":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from clinfuse.config import config_from_dict, load_config
@@ -80,6 +81,19 @@ def write_manifest(folder: Path, rows: list[dict], name: str = "manifest.csv", h
         writer.writeheader()
         for row in rows:
             writer.writerow(row)
+    return path
+
+
+def tiny_config(folder: Path, name: str = "study.yaml", **privacy) -> Path:
+    """The demo config shrunk for tests: 32x32 images, batches of 8, the (fast) RDP accountant."""
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["data"]["image"]["size"] = [32, 32]
+    data["data"]["text"]["max_tokens"] = 37
+    data["train"]["batch_size"] = 8
+    data["model"]["dim"] = 32
+    data["privacy"].update({"accountant": "rdp", **privacy})
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
     return path
 
 

@@ -90,15 +90,16 @@ def load_split_datasets(manifests, cfg, *, data_roots=(), report=None):
 
 
 def _train(args) -> int:
+    import contextlib
+
     import torch
 
     from clinfuse.config import load_config
     from clinfuse.environment import versions
-    from clinfuse.errors import BudgetExceededError, InputError
+    from clinfuse.errors import InputError
     from clinfuse.fileio import atomic_write_json, to_jsonable
-    from clinfuse.privacy.accountant import SiteAccountant
-    from clinfuse.privacy.ledger import Ledger
-    from clinfuse.privacy.plan import NOISE_SOURCE, plan_privacy
+    from clinfuse.privacy.plan import NOISE_SOURCE, check_plan_inputs, plan_privacy
+    from clinfuse.privacy.site_state import ACCOUNTANT_FILE, LEDGER_FILE, SitePrivacyState
     from clinfuse.training.checkpoint import (
         build_model_for,
         clean_state_dict,
@@ -125,64 +126,78 @@ def _train(args) -> int:
     train_set = datasets["train"]
     if len(train_set) == 0:
         raise InputError("the manifests have no training rows", file=args.manifest[0])
+    dp = cfg.privacy.enabled and not args.no_dp
+    n_patients = len({r.patient_id for r in train_set.records})
+    if dp:
+        check_plan_inputs(cfg, n_patients)  # bad numbers are refused before anything is written
     train_set.warm(progress)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     model = build_model_for(cfg)
 
-    dp = cfg.privacy.enabled and not args.no_dp
-    plan = accountant = ledger = None
-    if dp:
-        state_dir = args.state_dir or out / "privacy"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        accountant = SiteAccountant(state_dir / "accountant.json", mechanism=cfg.privacy.accountant)
-        n_patients = len({r.patient_id for r in train_set.records})
-        try:
-            plan = plan_privacy(cfg, n_patients, epochs, history=accountant.history)
-        except ValueError as exc:
-            raise BudgetExceededError(f"{exc} (accountant: {state_dir / 'accountant.json'})") from None
-        ledger = Ledger(state_dir / "ledger.jsonl")
-        ledger.append("config", study=cfg.study, config_hash=cfg.digest(),
-                      max_epsilon=cfg.privacy.target_epsilon, delta=plan.delta, plan=plan.to_dict())
-        say(f"DP-SGD: {n_patients} patients, q={plan.sample_rate:.4f}, noise multiplier "
-            f"{plan.noise_multiplier:.3f}, {plan.horizon_steps} steps, target epsilon "
-            f"{plan.target_epsilon:g} at delta {plan.delta:.2e}")
-        logging.getLogger(__name__).info(NOISE_SOURCE)
-    else:
-        say("training WITHOUT differential privacy (--no-dp or privacy.enabled: false)")
+    with contextlib.ExitStack() as stack:
+        plan = accountant = ledger = reservation = None
+        if dp:
+            state_dir = args.state_dir or out / "privacy"
+            fresh = not (state_dir / LEDGER_FILE).exists() and not (state_dir / ACCOUNTANT_FILE).exists()
+            if fresh:  # plan before the state dir (and its key) is created: a refusal leaves nothing
+                plan = plan_privacy(cfg, n_patients, epochs)
+            privacy = SitePrivacyState(state_dir, mechanism=cfg.privacy.accountant)
+            stack.enter_context(privacy.locked())  # for the whole run: one process per state dir
+            accountant = privacy.open_accountant(repair=True)
+            if plan is None or accountant.history:
+                plan = plan_privacy(cfg, n_patients, epochs, history=accountant.history)
+            for history, delta, epsilon in plan.known_epsilons():
+                accountant.know(history, delta, epsilon)
+            ledger = privacy.ledger
+            privacy.plans.record(plan, ledger, study=cfg.study, config_hash=cfg.digest(),
+                                 max_epsilon=cfg.privacy.target_epsilon)
+            say(f"DP-SGD: {n_patients} patients, q={plan.sample_rate:.4f}, noise multiplier "
+                f"{plan.noise_multiplier:.3f}, {plan.horizon_steps} steps, target epsilon "
+                f"{plan.target_epsilon:g} at delta {plan.delta:.2e}")
+            logging.getLogger(__name__).info(NOISE_SOURCE)
+        else:
+            say("training WITHOUT differential privacy (--no-dp or privacy.enabled: false)")
+        out.mkdir(parents=True, exist_ok=True)
 
-    val_set = datasets["val"] or None
-    trainer = LocalTrainer(cfg, model, train_set, val_set=val_set, plan=plan,
-                           accountant=accountant, progress=progress)
-    table = EpochTable(dp=dp, val=val_set is not None)
-    say(table.header())
-    started = last = time.time()
+        val_set = datasets["val"] or None
+        trainer = LocalTrainer(cfg, model, train_set, val_set=val_set, plan=plan,
+                               accountant=accountant, progress=progress)
+        if dp:
+            # Before the first step: a crash during training still counts every reserved step.
+            reservation = ledger.append(
+                "reservation", study=cfg.study, mechanism=plan.mechanism(plan.horizon_steps, None, plan.max_grad_norm),
+                epsilon=accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, plan.horizon_steps,
+                                                     plan.delta), delta=plan.delta)
+        table = EpochTable(dp=dp, val=val_set is not None)
+        say(table.header())
+        started = last = time.time()
 
-    def on_epoch(record: dict) -> None:
-        nonlocal last
-        now = time.time()
-        record["seconds"], last = now - last, now
-        say(table.row(record))
+        def on_epoch(record: dict) -> None:
+            nonlocal last
+            now = time.time()
+            record["seconds"], last = now - last, now
+            say(table.row(record))
 
-    history = trainer.fit(epochs, on_epoch=on_epoch)
-    privacy = trainer.privacy_summary()
-    state = clean_state_dict(trainer.model)
-    if dp:
-        ledger.append("dp-training", study=cfg.study, mechanism=plan.mechanism(trainer.steps, trainer.clipping,
-                                                                               trainer.norms),
-                      epsilon=privacy["epsilon"], delta=plan.delta, config_hash=cfg.digest(),
-                      model_hash=state_dict_hash(state))
+        history = trainer.fit(epochs, on_epoch=on_epoch)
+        privacy_summary = trainer.privacy_summary()
+        state = clean_state_dict(trainer.model)
+        if dp:
+            ledger.append("dp-training", study=cfg.study,
+                          mechanism=plan.mechanism(trainer.steps, trainer.clipping, trainer.norms),
+                          epsilon=privacy_summary["epsilon"], delta=plan.delta, settles=reservation["seq"],
+                          config_hash=cfg.digest(), model_hash=state_dict_hash(state))
     metrics = {"history": history, "train_seconds": time.time() - started}
-    path = save_checkpoint(out / "model.pt", trainer.model, cfg, metrics=metrics, privacy=privacy)
+    path = save_checkpoint(out / "model.pt", trainer.model, cfg, metrics=metrics, privacy=privacy_summary)
     atomic_write_json(out / "run.json", {
         "command": "train", "manifests": [str(m) for m in args.manifest], "config": cfg.model_dump(mode="json"),
-        "seed": cfg.train.seed, "privacy": privacy, "versions": versions()})
+        "seed": cfg.train.seed, "privacy": privacy_summary, "versions": versions()})
     if args.json:
-        print(json.dumps(to_jsonable({"checkpoint": path, "history": history, "privacy": privacy,
+        print(json.dumps(to_jsonable({"checkpoint": path, "history": history, "privacy": privacy_summary,
                                       "plan": plan.to_dict() if plan else None,
                                       "train_seconds": metrics["train_seconds"]}), indent=2))
         return 0
     print(f"checkpoint: {path}")
     if dp:
-        print(f"epsilon spent: {privacy['epsilon']:.3f} (delta {plan.delta:.2e}, target {plan.target_epsilon:g})")
+        print(f"epsilon spent: {privacy_summary['epsilon']:.3f} (delta {plan.delta:.2e}, "
+              f"target {plan.target_epsilon:g})")
     return 0

@@ -1,12 +1,15 @@
 """``clinfuse audit``: what a privacy officer runs before approving and after running a study.
 
-- ``audit verify LEDGER [LEDGER ...] [--json] [--out DIR]``: hash chains, recomputed epsilon
-  (RDP, PRV, PLD bracket), findings, federation summary, remaining budget. Exit 0 clean,
-  1 findings, 2 bad input.
+- ``audit verify LEDGER [LEDGER ...] [--public-key [SITE=]KEY] [--roster FILE] [--history FILE]
+  [--json] [--out DIR]``: hash chains, signatures against the sites' trusted keys, the
+  coordinator's recorded ledger heads, recomputed epsilon (RDP, PRV, PLD bracket), findings,
+  federation summary, remaining budget. Exit 0 clean, 1 findings, 2 bad input.
 - ``audit plan --sample-rate Q --steps T --delta D (--noise-multiplier S | --target-epsilon E)``:
   epsilon per accountant, or the noise multiplier each accountant needs for a target.
-- ``audit empirical --config C --manifest M``: one-run canary audit of the site's DP-SGD
-  settings (exit 0 pass, 1 violation).
+  ``audit plan --state-dir D``: the site's signed plan, its epsilon table recomputed by a fresh
+  accountant (exit 1 if they disagree) and where the site's spend stands in it.
+- ``audit empirical --config C --manifest M [--state-dir D]``: one-run canary audit of
+  clinfuse's own DP-SGD code at the site's settings (exit 0 pass, 1 violation).
 """
 
 from __future__ import annotations
@@ -37,16 +40,29 @@ def register(subparsers) -> None:
     v.add_argument("--timeout", type=positive_float, default=60.0, metavar="S",
                    help="time limit per accountant computation; beyond it RDP is used and the fallback "
                         "reported (default 60)")
+    v.add_argument("--public-key", action="append", default=[], metavar="[SITE=]KEY",
+                   help="a site's trusted public key (base64, from 'clinfuse site key') or fingerprint "
+                        "(SHA256:...); SITE= may be left out with a single ledger; repeat for several sites")
+    v.add_argument("--roster", type=Path, metavar="FILE",
+                   help="the study's roster (YAML/JSON): the trusted public key or fingerprint of each site")
+    v.add_argument("--history", type=Path, metavar="FILE",
+                   help="the coordinator's run history (RUN_DIR/history.json): every ledger head it recorded "
+                        "must be in the site's chain, and the public key it recorded is trusted when no "
+                        "other key is given")
     v.set_defaults(handler=_verify)
 
-    p = sub.add_parser("plan", help="epsilon per accountant for given DP-SGD settings (or the inverse)",
+    p = sub.add_parser("plan", help="epsilon per accountant for given DP-SGD settings (or the inverse), or a "
+                                    "site's signed plan",
                        description="Epsilon of Poisson-subsampled DP-SGD under each accountant, or with "
-                                   "--target-epsilon the noise multiplier each accountant needs.")
-    p.add_argument("--sample-rate", type=positive_float, required=True, metavar="Q",
+                                   "--target-epsilon the noise multiplier each accountant needs. With --state-dir: "
+                                   "the site's signed privacy plan, its epsilon table checked against a fresh "
+                                   "accountant (exit 1 if they disagree), and the site's spend.")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="show and check this site's signed plan instead")
+    p.add_argument("--sample-rate", type=positive_float, metavar="Q",
                    help="Poisson sampling probability per step (expected batch size / patients)")
-    p.add_argument("--steps", type=positive_int, required=True, metavar="T", help="number of DP-SGD steps")
-    p.add_argument("--delta", type=positive_float, required=True, metavar="D", help="delta (below 1/patients)")
-    which = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--steps", type=positive_int, metavar="T", help="number of DP-SGD steps")
+    p.add_argument("--delta", type=positive_float, metavar="D", help="delta (below 1/patients)")
+    which = p.add_mutually_exclusive_group()
     which.add_argument("--noise-multiplier", type=nonneg_float, metavar="S", help="noise multiplier")
     which.add_argument("--target-epsilon", type=positive_float, metavar="E",
                        help="target epsilon: print the noise multiplier per accountant instead")
@@ -55,13 +71,18 @@ def register(subparsers) -> None:
                    help="time limit per accountant computation (default 60)")
     p.set_defaults(handler=_plan)
 
-    e = sub.add_parser("empirical", help="one-run canary audit of the site's DP-SGD settings",
-                       description="Shadow DP-SGD run (Opacus, the site's noise multiplier, clipping norm and "
-                                   "sample rate) with white-box canaries, each included with probability 1/2; "
-                                   "the epsilon lower bound at 95% confidence (Steinke, Nasr & Jagielski 2023) "
-                                   "is compared with the epsilon the settings claim. Exit 0 pass, 1 violation.")
+    e = sub.add_parser("empirical", help="one-run canary audit of clinfuse's DP-SGD code at the site's settings",
+                       description="Shadow DP-SGD run through clinfuse's own DP engine (the trainer's DPEngine, "
+                                   "its per-sample gradients, flat clipping and noise, Poisson sampling) at the "
+                                   "site's noise multiplier, clipping norm and sample rate, with white-box "
+                                   "canaries each included with probability 1/2; the epsilon lower bound at 95% "
+                                   "confidence (Steinke, Nasr & Jagielski 2023) is compared with the epsilon the "
+                                   "settings claim. Exit 0 pass, 1 violation.")
     e.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
     e.add_argument("--manifest", type=Path, required=True, help="the site's manifest")
+    e.add_argument("--state-dir", type=Path, default=None,
+                   help="audit the plan this site signed (its ledger, verified with its key) instead of "
+                        "planning from the config")
     e.add_argument("--epochs", type=positive_int, default=None,
                    help="training horizon in epochs the noise is planned for (default: federation.rounds x "
                         "federation.local_epochs)")
@@ -83,10 +104,33 @@ def register(subparsers) -> None:
 
 # --------------------------------------------------------------------------------------------
 
+def _trusted_keys(args):
+    from clinfuse.privacy.audit import TrustedKeys
+    from clinfuse.privacy.site_key import read_roster
+
+    by_site, sources, default = {}, {}, None
+    if args.roster:
+        by_site = read_roster(args.roster)
+        sources = dict.fromkeys(by_site, f"the roster {args.roster}")
+    for value in args.public_key:
+        site, _, key = value.partition("=")
+        if not key.strip("="):  # no SITE=: the '=' was the base64 key's own padding
+            site, key = "", value
+        if not key:
+            raise InputError(f"--public-key {value!r}: no key given", key="--public-key")
+        if site:
+            by_site[site], sources[site] = key, "--public-key"
+        else:
+            default = key
+    if not by_site and default is None:
+        return None
+    return TrustedKeys(by_site, default, sources)
+
+
 def _verify(args) -> int:
     from clinfuse.privacy.audit import format_text, to_json, verify_ledgers, write_report
 
-    report = verify_ledgers(args.ledgers, timeout_s=args.timeout)
+    report = verify_ledgers(args.ledgers, timeout_s=args.timeout, trusted=_trusted_keys(args), history=args.history)
     if args.out:
         jpath, hpath = write_report(report, args.out)
     if args.json:
@@ -102,6 +146,19 @@ def _plan(args) -> int:
     from clinfuse.errors import BudgetExceededError
     from clinfuse.privacy.accountant import compute_epsilon, plan_noise_multiplier
 
+    if args.state_dir is not None:
+        given = [o for o, v in (("--sample-rate", args.sample_rate), ("--steps", args.steps), ("--delta", args.delta),
+                                ("--noise-multiplier", args.noise_multiplier),
+                                ("--target-epsilon", args.target_epsilon)) if v is not None]
+        if given:
+            raise InputError(f"--state-dir shows the site's own plan: drop {', '.join(given)}", key=given[0])
+        return _site_plan(args)
+    missing = [o for o, v in (("--sample-rate", args.sample_rate), ("--steps", args.steps), ("--delta", args.delta))
+               if v is None]
+    if args.noise_multiplier is None and args.target_epsilon is None:
+        missing.append("--noise-multiplier or --target-epsilon")
+    if missing:
+        raise InputError(f"give {', '.join(missing)} (or --state-dir for a site's signed plan)", key=missing[0])
     if args.sample_rate > 1:
         raise InputError(f"the sample rate must be at most 1, got {args.sample_rate:g}", key="--sample-rate")
     if args.delta >= 1:
@@ -156,14 +213,68 @@ def _plan(args) -> int:
     return 0
 
 
+def _site_plan(args) -> int:
+    """The signed plan in a state dir, its table recomputed, and the site's spend against it."""
+    from clinfuse.privacy.accountant import SiteAccountant, compute_epsilon, merge_history
+    from clinfuse.privacy.plan import describe_plan
+    from clinfuse.privacy.site_state import SitePrivacyState
+
+    state = SitePrivacyState(args.state_dir, create=False)
+    entries = state.entries()  # chain and signatures against the site's key
+    found = state.plans.current(entries)
+    if found is None:
+        raise InputError("this site has no signed privacy plan yet (it plans at its first round)",
+                         file=state.plans.path)
+    plan, entry = found
+    state.mechanism = plan.accountant
+    prior = [tuple(h) for h in plan.prior_history]
+    rows, worst = [], 0.0
+    for epochs, tabulated in enumerate(plan.epsilon_table, start=1):
+        history = merge_history(prior + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_epoch * epochs)])
+        fresh, used = compute_epsilon(history, plan.delta, mechanism=plan.accountant, timeout_s=args.timeout)
+        diff = None if tabulated is None or used != plan.accountant else abs(fresh - tabulated)
+        worst = max(worst, diff or 0.0)
+        rows.append({"epoch": epochs, "tabulated": tabulated, "recomputed": fresh, "accountant": used,
+                     "difference": diff})
+    spent_history = state.spent_history(entries)
+    spent = SiteAccountant(None, mechanism=plan.accountant, timeout_s=args.timeout)
+    spent.replace_history(spent_history)
+    spent_epsilon = spent.epsilon(plan.delta)
+    agrees = worst <= 1e-6
+    if args.json:
+        from clinfuse.privacy.ledger import _jsonable
+
+        print(json.dumps(_jsonable({"state_dir": str(args.state_dir), "ledger_seq": entry.get("seq"),
+                                    "replan": bool(entry.get("replan")), "plan": plan.to_dict(), "table": rows,
+                                    "table_agrees": agrees, "spent_epsilon": spent_epsilon,
+                                    "spent_steps": spent.steps}), indent=2))
+        return 0 if agrees else 1
+    print(f"privacy plan of {args.state_dir} (study '{plan.study}'), signed at ledger seq {entry.get('seq')}"
+          + (f" (a re-plan: {entry.get('reason')})" if entry.get("replan") else ""))
+    for line in describe_plan(plan):
+        print(f"  {line}")
+    print(f"  {'epoch':>5} {'tabulated':>10} {'recomputed':>10} {'|diff|':>9}")
+    for r in rows:
+        tab = "-" if r["tabulated"] is None else f"{r['tabulated']:.6f}"
+        diff = "-" if r["difference"] is None else f"{r['difference']:.1e}"
+        print(f"  {r['epoch']:>5} {tab:>10} {r['recomputed']:>10.6f} {diff:>9}")
+    print(f"  table {'agrees with' if agrees else 'DISAGREES with'} a fresh {plan.accountant.upper()} accountant "
+          f"(largest difference {worst:.1e}, tolerance 1e-6)")
+    print(f"  spent so far (signed ledger): epsilon {spent_epsilon:.4f} over {spent.steps} steps at delta {plan.delta:g}")
+    return 0 if agrees else 1
+
+
 def _empirical(args) -> int:
     import numpy as np
     import torch
 
+    from clinfuse.auditing.empirical import run_empirical_audit
     from clinfuse.config import load_config
-    from clinfuse.privacy.canary import plan_audit, run_canary_audit
+    from clinfuse.privacy.canary import plan_audit
     from clinfuse.privacy.plan import plan_privacy
+    from clinfuse.training.checkpoint import build_model_for
     from clinfuse.training.commands import load_split_datasets
+    from clinfuse.training.dp_engine import choose_grad_sample_mode
     from clinfuse.training.trainer import seed_everything
 
     cfg = load_config(args.config)
@@ -177,16 +288,18 @@ def _empirical(args) -> int:
         raise InputError("the manifest has fewer than 2 training patients", file=args.manifest)
     epochs = args.epochs or cfg.federation.rounds * cfg.federation.local_epochs
 
-    # What the settings claim: the planned noise (or a positive override). What is applied: the
-    # override when there is one (0 included: that is a run without noise), else the plan.
-    override = cfg.privacy.noise_multiplier
-    claim_cfg = cfg
-    if override is not None and override <= 0:
-        claim_cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"noise_multiplier": None})})
-    plan = plan_privacy(claim_cfg, n_patients, epochs)
-    applied = args.applied_noise_multiplier
-    if applied is None:
-        applied = override if override is not None else plan.noise_multiplier
+    # What the settings claim: the site's signed plan, or the plan the config gives. What is
+    # applied: that plan's noise, unless --applied-noise-multiplier simulates a broken run.
+    if args.state_dir is not None:
+        from clinfuse.privacy.site_state import SitePrivacyState
+
+        plan = SitePrivacyState(args.state_dir, mechanism=cfg.privacy.accountant,
+                                create=False).plan_in_force(cfg, n_patients)
+        if plan is None:
+            raise InputError(f"the site has no signed plan for study '{cfg.study}' yet", file=args.state_dir)
+    else:
+        plan = plan_privacy(cfg, n_patients, epochs, tabulate=False)
+    applied = args.applied_noise_multiplier if args.applied_noise_multiplier is not None else plan.noise_multiplier
     mechanism = plan.accountant
 
     notes = []
@@ -197,49 +310,43 @@ def _empirical(args) -> int:
         if note:
             notes.append(note)
 
+    model = build_model_for(cfg)
+    mode = choose_grad_sample_mode(model, cfg.privacy.grad_sample_mode)
     background = None
-    model = None
     if args.background > 0:
         from torch.utils.data import DataLoader, Subset
 
         from clinfuse.data.dataset import PatientSampledDataset
-        from clinfuse.training.balance import multimodal_loss
-        from clinfuse.training.checkpoint import build_model_for
 
-        model = build_model_for(cfg)
         # One row per patient, as in DP training (the patient is the privacy unit).
         patients = PatientSampledDataset(train, seed=args.seed)
         count = min(args.background, len(patients))
         subset = Subset(patients, np.random.default_rng(args.seed).permutation(len(patients))[:count].tolist())
         background = DataLoader(subset, batch_size=min(32, count))
-
-        def loss_fn(output, batch):
-            return multimodal_loss(output, batch[4], batch[3])[0].sum()
-    else:
-        loss_fn = None
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    dim = sum(p.numel() for p in model.parameters()) if model is not None else max(args.canaries, 10_000)
+    dim = sum(p.numel() for p in model.parameters())
     # Per-group clipping bounds each patient's whole gradient by privacy.max_grad_norm and Opacus
     # scales the noise to that bound: the flat shadow run at that norm is the same mechanism.
-    result = run_canary_audit(model if model is not None else dim, noise_multiplier=plan.noise_multiplier,
-                              max_grad_norm=plan.max_grad_norm, sample_rate=sample_rate, steps=steps,
-                              n_canaries=args.canaries, seed=args.seed, delta=plan.delta,
-                              applied_noise_multiplier=applied, data=background, loss_fn=loss_fn,
-                              max_background=args.background, accountant=mechanism,
-                              progress=False if args.quiet else None)
+    result = run_empirical_audit(model if background is not None else dim, noise_multiplier=plan.noise_multiplier,
+                                 max_grad_norm=plan.max_grad_norm, sample_rate=sample_rate, steps=steps,
+                                 n_canaries=args.canaries, seed=args.seed, delta=plan.delta,
+                                 applied_noise_multiplier=applied, data=background,
+                                 max_background=args.background, accountant=mechanism, grad_sample_mode=mode,
+                                 progress=False if args.quiet else None)
     result.notes[:0] = notes
     if args.json:
         from clinfuse.privacy.ledger import _jsonable
 
         print(json.dumps(_jsonable({"site_manifest": str(args.manifest), "patients": n_patients,
-                                    "target_epsilon": cfg.privacy.target_epsilon,
+                                    "target_epsilon": plan.target_epsilon, "signed_plan": args.state_dir is not None,
                                     "site_sample_rate": plan.sample_rate, "horizon_steps": plan.horizon_steps,
                                     **result.to_dict()}), indent=2))
     else:
         print(f"empirical privacy audit: {args.manifest} ({n_patients} training patients): noise multiplier "
               f"{plan.noise_multiplier:.4g}, sample rate {plan.sample_rate:.4g}, {plan.horizon_steps} steps for "
-              f"target epsilon {cfg.privacy.target_epsilon:g} at delta {plan.delta:g}")
+              f"target epsilon {plan.target_epsilon:g} at delta {plan.delta:g}"
+              + (" (the site's signed plan)" if args.state_dir is not None else ""))
         print(result.describe())
     sys.stdout.flush()
     return 0 if result.passed else 1
