@@ -5,16 +5,24 @@ Run by the site's engineer before starting its SuperNode, with the same values t
 
 - ``config``     the study configuration loads
 - ``data``       the manifest validates and leaves training rows (problems summarised)
-- ``state dir``  the site's private state directory is writable (an atomic write is tried) and
-                 its ledger, if any, verifies
-- ``cap``        ``max-epsilon`` is positive; the epsilon this site's accountant has already spent
-                 is below it; once the site has a privacy plan (``plan.json``, written at its
-                 first round), the planned next round still fits under it
+- ``state dir``  the site's private state directory is writable (an atomic write is tried), its
+                 ledger, if any, verifies (hash chain and every signature against the site's
+                 key), and no other process holds it
+- ``cap``        ``max-epsilon`` is positive; the epsilon this site has already spent (its
+                 accountant, cross-checked against the signed ledger: a missing or older
+                 accountant fails) is below it; once the site has a privacy plan (signed in the
+                 ledger at its first round, copied to ``plan.json``), the plan still matches the
+                 config and the planned next round still fits under the cap
 - ``cache``      every image decodes, into the site's cache (so the first round does not pay
                  for decoding inside Flower's per-message ClientApp process)
 
 Exit status 0 when nothing failed (the site is ready), 2 otherwise. The check changes nothing
 but the image cache and a probe file it removes again: it never touches the accountant.
+
+The ``site`` command also has the explicit state operations a site engineer may need:
+``site key`` (create or show the site's signing key, for the study roster), ``site replan``
+(re-plan the study after a change to its privacy settings, with a ledger entry saying why) and
+``site recover`` (rebuild a missing or stale accountant state from the signed ledger).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clinfuse.cli import positive_float
+from clinfuse.cli import add_data_root_option, positive_float, positive_int
+from clinfuse.errors import InputError
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 MAX_PROBLEMS_SHOWN = 5
@@ -61,14 +70,115 @@ def register(subparsers) -> None:
     c.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="this site's privacy cap (default: the config's privacy.target_epsilon)")
     c.add_argument("--no-cache", action="store_true", help="skip decoding images into the cache")
+    add_data_root_option(c)
     c.set_defaults(handler=_check_command)
+
+    k = sub.add_parser(
+        "key", help="create (first time) or show the site's signing key",
+        description="Print the site's public key and fingerprint (creating the key in the state dir the first "
+                    "time): the study's roster declares them, and 'clinfuse audit verify --public-key' checks "
+                    "the site's ledger against them. The private key never leaves the state dir.")
+    k.add_argument("--state-dir", type=Path, required=True, help="the site's private state directory")
+    k.set_defaults(handler=_key_command)
+
+    r = sub.add_parser(
+        "replan", help="re-plan the study's privacy after its settings changed (writes a ledger entry)",
+        description="A site refuses to train when the study's privacy settings (target epsilon, delta, noise, "
+                    "clipping norm, batch size, accountant) or its number of training patients no longer match "
+                    "the plan it signed. This plans again for the remaining rounds, counting everything already "
+                    "spent, and records the new plan in the ledger with the reason.")
+    r.add_argument("--config", type=Path, required=True, help="the study configuration (YAML), as changed")
+    r.add_argument("--manifest", type=Path, required=True, help="the site's manifest")
+    r.add_argument("--state-dir", type=Path, required=True, help="the site's private state directory")
+    r.add_argument("--reason", required=True, help="why the plan changes (written to the ledger)")
+    r.add_argument("--rounds", type=positive_int, default=None,
+                   help="rounds still to plan for (default: federation.rounds less the rounds already trained)")
+    r.add_argument("--local-epochs", type=positive_int, default=None,
+                   help="local epochs per round (default: federation.local_epochs)")
+    r.add_argument("--max-epsilon", type=positive_float, default=None,
+                   help="this site's cap (default: the config's privacy.target_epsilon)")
+    r.add_argument("--site-id", default=None, help="the site's id (default: the one its ledger records)")
+    r.set_defaults(handler=_replan_command)
+
+    v = sub.add_parser(
+        "recover", help="rebuild a missing or stale accountant state from the signed ledger",
+        description="A site refuses to start when accountant.json is missing or holds less than its signed "
+                    "ledger records (starting from zero would under-report epsilon). After checking the "
+                    "ledger's chain and signatures against the site key, this writes accountant.json from it; "
+                    "steps a readable old state holds beyond the ledger are kept.")
+    v.add_argument("--state-dir", type=Path, required=True, help="the site's private state directory")
+    v.add_argument("--config", type=Path, default=None,
+                   help="the study configuration (its privacy.accountant; default: the accountant the ledger names)")
+    v.set_defaults(handler=_recover_command)
 
 
 def _check_command(args) -> int:
+    import sys
+
     checks = check_site(args.manifest, args.config, state_dir=args.state_dir, max_epsilon=args.max_epsilon,
-                        warm_cache=not args.no_cache, progress=True)
+                        warm_cache=not args.no_cache, progress=True, data_roots=args.data_roots)
     print(format_checklist(checks))
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:  # the reason on stderr too, for scripts that read only it
+        print(f"clinfuse site check: not ready: {failed[0].name}: {failed[0].message}", file=sys.stderr)
     return 0 if ready(checks) else 2
+
+
+def _key_command(args) -> int:
+    from clinfuse.privacy.site_state import SitePrivacyState
+
+    state = SitePrivacyState(args.state_dir)
+    print(f"site key: {state.key.path}")
+    print(f"fingerprint: {state.key.fingerprint}")
+    print(f"public key: {state.key.public_key}")
+    print("declare the public key (or its fingerprint) for this site in the study's roster")
+    return 0
+
+
+def _replan_command(args) -> int:
+    from clinfuse.config import load_config
+    from clinfuse.federation.site_runtime import SiteRuntime
+    from clinfuse.privacy.plan import describe_plan
+    from clinfuse.privacy.site_state import SitePrivacyState
+
+    cfg = load_config(args.config)
+    if not cfg.privacy.enabled:
+        raise InputError("privacy.enabled is false in the config: there is no privacy plan to make",
+                         file=args.config, key="privacy.enabled")
+    site_id = args.site_id or _recorded_site(SitePrivacyState(args.state_dir, create=False)) or args.state_dir.name
+    cap = args.max_epsilon if args.max_epsilon is not None else cfg.privacy.target_epsilon
+    site = SiteRuntime(cfg, args.manifest, site_id=site_id, state_dir=args.state_dir, max_epsilon=cap)
+    rounds = args.rounds or max(cfg.federation.rounds - site.rounds_trained(), 1)
+    plan, entry = site.replan(rounds, args.local_epochs or cfg.federation.local_epochs, reason=args.reason)
+    print(f"re-planned {site_id} for {rounds} more round(s): ledger entry seq {entry['seq']}")
+    for line in describe_plan(plan):
+        print(f"  {line}")
+    return 0
+
+
+def _recorded_site(state) -> str | None:
+    for entry in reversed(state.entries()):
+        if isinstance(entry.get("site"), str) and entry["site"]:
+            return entry["site"]
+    return None
+
+
+def _recover_command(args) -> int:
+    from clinfuse.config import load_config
+    from clinfuse.privacy.site_state import SitePrivacyState
+
+    mechanism = load_config(args.config).privacy.accountant if args.config else None
+    state = SitePrivacyState(args.state_dir, mechanism=mechanism or "prv", create=False)
+    if state.key is None:
+        raise InputError("no site key and no ledger here: nothing to recover", file=args.state_dir)
+    with state.locked():
+        accountant, lines = state.recover(mechanism)
+    for line in lines:
+        print(line)
+    delta = state._last_delta(state.entries())
+    if delta is not None:
+        print(f"epsilon spent: {accountant.epsilon(delta):.4f} at delta {delta:g} ({accountant.mechanism})")
+    return 0
 
 
 def ready(checks: list[Check]) -> bool:
@@ -86,7 +196,8 @@ def format_checklist(checks: list[Check]) -> str:
 
 
 def check_site(manifest: str | Path, config: str | Path | None, *, state_dir: str | Path | None = None,
-               max_epsilon: float | None = None, warm_cache: bool = True, progress: bool = False) -> list[Check]:
+               max_epsilon: float | None = None, warm_cache: bool = True, progress: bool = False,
+               data_roots=()) -> list[Check]:
     """Run every readiness check and return them in order (config, data, state dir, cap, cache).
 
     A check that cannot run because an earlier one failed is reported as ``SKIP``. Never raises
@@ -103,7 +214,8 @@ def check_site(manifest: str | Path, config: str | Path | None, *, state_dir: st
         cfg = None
         checks.append(Check("config", FAIL, exc.describe()))
 
-    data, data_check = (None, Check("data", SKIP, "needs a valid config")) if cfg is None else _check_data(manifest, cfg)
+    data, data_check = ((None, Check("data", SKIP, "needs a valid config")) if cfg is None
+                        else _check_data(manifest, cfg, data_roots))
     checks.append(data_check)
     checks.append(_check_state_dir(state_dir))
     state_usable = state_dir is not None and checks[-1].status != FAIL
@@ -122,12 +234,12 @@ def check_site(manifest: str | Path, config: str | Path | None, *, state_dir: st
 # The checks
 # --------------------------------------------------------------------------------------------
 
-def _check_data(manifest, cfg):
+def _check_data(manifest, cfg, data_roots=()):
     from clinfuse.data.manifest import read_manifest
     from clinfuse.errors import InputError
 
     try:
-        data = read_manifest(manifest, cfg)
+        data = read_manifest(manifest, cfg, data_roots=data_roots)
     except InputError as exc:
         return None, Check("data", FAIL, exc.describe())
     except OSError as exc:
@@ -142,8 +254,10 @@ def _check_data(manifest, cfg):
     head = (f"{s['usable_rows']} of {s['rows']} rows usable, {s['patients']} patients "
             f"({s['errors']} errors: rows skipped, {s['warnings']} warnings)")
     train = [r for r in data.records if r.split == "train"]
-    if not data.records:
-        return None, Check("data", FAIL, f"{manifest}: no usable rows; " + head, tuple(shown))
+    try:
+        data.require_records()
+    except InputError as exc:
+        return None, Check("data", FAIL, f"{exc.describe()}; {head}", tuple(shown))
     if not train:
         return None, Check("data", FAIL, f"{manifest}: no training rows; " + head, tuple(details + shown))
     train_labels = {r.label for r in train}
@@ -156,8 +270,8 @@ def _check_data(manifest, cfg):
 
 
 def _check_state_dir(state_dir) -> Check:
-    from clinfuse.errors import InputError
     from clinfuse.fileio import atomic_write_text
+    from clinfuse.privacy.site_state import SitePrivacyState
 
     if state_dir is None:
         return Check("state dir", SKIP, "no --state-dir: pass the state-dir of the SuperNode's --node-config")
@@ -175,28 +289,25 @@ def _check_state_dir(state_dir) -> Check:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
-    ledger = state_dir / "ledger.jsonl"
-    if not ledger.exists():
-        return Check("state dir", OK, f"{state_dir} is writable (new site: no ledger yet)")
-    from clinfuse.privacy.ledger import read_ledger
-
     try:
-        entries, problems = read_ledger(ledger)
+        state = SitePrivacyState(state_dir, create=False)
+        entries = state.entries()
     except InputError as exc:
         return Check("state dir", FAIL, exc.describe())
-    if problems:
-        return Check("state dir", FAIL, f"{ledger}: the ledger does not verify ({len(problems)} problems); the "
-                     "site cannot append to it: run 'clinfuse audit verify'",
-                     tuple(p.describe() for p in problems[:MAX_PROBLEMS_SHOWN]))
-    return Check("state dir", OK, f"{state_dir} is writable; ledger verifies ({len(entries)} entries)")
+    details = [state.describe_key()]
+    status = OK
+    if state.lock.is_held_elsewhere():
+        status = WARN
+        details.insert(0, f"in use now by {state.lock.describe_holder()} (a site training?): what is shown "
+                          "may be one round behind")
+    if not entries:
+        return Check("state dir", status, f"{state_dir} is writable (new site: no ledger yet)", tuple(details))
+    return Check("state dir", status, f"{state_dir} is writable; ledger verifies ({len(entries)} entries, every "
+                 "one signed by the site key)", tuple(details))
 
 
 def _check_cap(cfg, data, state_dir: Path | None, max_epsilon: float | None, *, state_dir_given: bool) -> Check:
-    """The cap is valid; spent < cap; the planned next round fits under the cap."""
-    import json
-
-    from clinfuse.errors import InputError
-
+    """The cap is valid; spent < cap; the plan still holds and its next round fits under the cap."""
     if cfg is None:
         return Check("cap", SKIP, "needs a valid config")
     source = "--max-epsilon"
@@ -218,47 +329,45 @@ def _check_cap(cfg, data, state_dir: Path | None, max_epsilon: float | None, *, 
     if data is None:
         return Check("cap", SKIP, f"{max_epsilon:g} from {source}; the spend check needs valid data")
 
-    from clinfuse.privacy.accountant import SiteAccountant
-    from clinfuse.privacy.plan import PrivacyPlan, default_delta
+    from clinfuse.privacy.plan import check_plan_inputs, describe_plan
+    from clinfuse.privacy.site_state import SitePrivacyState
 
     n_patients = len({r.patient_id for r in data.records if r.split == "train"})
     if n_patients < 2:
         return Check("cap", FAIL, f"DP training needs at least 2 training patients, this site has {n_patients}")
-    plan = None
-    plan_path = state_dir / "plan.json"
     try:
-        accountant = SiteAccountant(state_dir / "accountant.json", mechanism=cfg.privacy.accountant)
-        if plan_path.exists():
-            stored = json.loads(plan_path.read_text())
-            # The same test SiteRuntime.plan applies: a plan of another study or cohort is redone.
-            if stored.get("study") == cfg.study and stored.get("n_patients") == n_patients:
-                plan = PrivacyPlan(**{k: v for k, v in stored.items() if k in PrivacyPlan.__dataclass_fields__})
-        delta = plan.delta if plan else (cfg.privacy.delta or default_delta(n_patients))
-        if delta >= 1.0 / n_patients:
-            return Check("cap", FAIL, f"privacy.delta {delta:g} must be below 1/n = {1 / n_patients:g} "
-                         f"({n_patients} training patients)")
+        delta = check_plan_inputs(cfg, n_patients)
+        state = SitePrivacyState(state_dir, mechanism=cfg.privacy.accountant, create=False)
+        entries = state.entries()
+        accountant = state.open_accountant(entries=entries)
+        # The same plan store SiteRuntime uses: an edited plan.json or changed settings fail here.
+        plan = state.plan_in_force(cfg, n_patients, entries=entries)
+        if plan is not None:
+            delta = plan.delta
+            for history, d, eps in plan.known_epsilons():
+                accountant.know(history, d, eps)
         spent = accountant.epsilon(delta)
         head = (f"{max_epsilon:g} from {source}; spent {spent:.3f} ({accountant.steps} steps, delta {delta:g}), "
                 f"{max(max_epsilon - spent, 0):.3f} left")
         if spent >= max_epsilon:
             return Check("cap", FAIL, head + "; budget spent: this site would decline every round", tuple(details))
+        warned = bool(details)
         if plan is None:
             # Planning runs the accountant dozens of times (a minute on a busy machine); the site
-            # does it once, at its first round, and keeps the plan in plan.json.
+            # does it once, at its first round, and signs the plan in its ledger.
             details.append("no privacy plan yet: the site plans its noise for the whole study at its first round")
-            return Check("cap", WARN if len(details) > 1 else OK, head, tuple(details))
+            return Check("cap", WARN if warned else OK, head, tuple(details))
         steps = plan.steps_per_epoch * cfg.federation.local_epochs
         after = accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta)
     except InputError as exc:
         return Check("cap", FAIL, exc.describe(), tuple(details))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        return Check("cap", FAIL, f"{plan_path}: unreadable privacy plan ({exc})", tuple(details))
+    details += [f"plan (signed): {line}" for line in describe_plan(plan)]
     details.append(f"next round (plan.json): noise multiplier {plan.noise_multiplier:.3f}, sample rate "
                    f"{plan.sample_rate:.3g}, {steps} steps -> epsilon {after:.3f}")
     if after > max_epsilon:
         return Check("cap", FAIL, head + "; the next round would pass the cap: the site would decline it",
                      tuple(details))
-    return Check("cap", WARN if len(details) > 1 else OK, head, tuple(details))
+    return Check("cap", WARN if warned else OK, head, tuple(details))
 
 
 def _check_cache(manifest, cfg, data, progress: bool) -> Check:

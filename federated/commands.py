@@ -11,13 +11,15 @@ one site without volumes).
 
 from __future__ import annotations
 
-import json
+import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from clinfuse.cli import positive_float, positive_int
+
+_log = logging.getLogger("clinfuse.federation")
 
 
 def register(subparsers) -> None:
@@ -27,9 +29,10 @@ def register(subparsers) -> None:
                     "its sites in Flower's simulation engine and print per-round metrics, epsilon per "
                     "site and the final validation AUROC. The demo starts its study afresh each time "
                     "(it clears <workdir>/run and <workdir>/sites; the cohort is kept) unless --resume.")
-    p.add_argument("--workdir", type=Path, default=Path(".clinfuse-demo"))
+    p.add_argument("--workdir", type=Path, default=Path(".clinfuse-demo"),
+                   help="folder for the cohort, the sites' state and the run (default .clinfuse-demo)")
     p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds, 5)")
-    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
     p.add_argument("--patients", type=int, default=200, help="patients per site in the demo cohort")
     p.add_argument("--variant", choices=["default", "rich"], default="default",
                    help="rich: five modalities (chest film, CT series, note, tabular, ECG), configs/rich.yaml")
@@ -40,17 +43,18 @@ def register(subparsers) -> None:
         "federate", help="simulate a federated study over site manifests (one Flower site per manifest)",
         description="Run a federated study in Flower's simulation engine, one site per manifest. Each "
                     "site's accountant and ledger live in <state-root>/site-k and persist across runs.")
-    p.add_argument("--manifest", type=Path, nargs="+", required=True)
+    p.add_argument("--manifest", type=Path, nargs="+", required=True, help="one manifest per site")
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, global.pt and history.json")
     p.add_argument("--state-root", type=Path, required=True, help="one private state dir per site below it")
-    p.add_argument("--rounds", type=positive_int, default=None)
+    p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds)")
     _common(p)
     p.set_defaults(handler=_federate)
 
 
 def _common(p) -> None:
-    p.add_argument("--config", type=Path, default=None, help="study config (default: configs/demo.yaml)")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
+    p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None,
+                   help="aggregation (default: federation.strategy)")
     p.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="every site's cap (default: the study's target epsilon)")
     p.add_argument("--client-dp", action="store_true", help="add client-level DP (Flower's fixed clipping)")
@@ -60,7 +64,6 @@ def _common(p) -> None:
     p.add_argument("--parallel", type=int, default=None, help="sites training at once (default: min(sites, cpus))")
     p.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more server run-config keys (see federated/server_app.py)")
-    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
 
 def _parse_value(text: str):
@@ -127,50 +130,36 @@ def _report(summary: dict, started: float) -> None:
 
 
 def _simulate(args, run_config: dict, num_sites: int) -> int:
+    from clinfuse.config import load_config
+    from clinfuse.privacy.plan import NOISE_SOURCE
     from federated.simulation import simulate
 
     started = time.time()
+    _log.info("starting %d simulated sites (Ray actors); each says when it starts a round", num_sites)
+    if load_config(args.config).privacy.enabled:
+        _log.info(NOISE_SOURCE)
     summary = simulate(run_config, num_sites=num_sites, cpus=args.cpus, parallel=args.parallel,
                        on_round=_print_round, verbose=args.verbose)
     _report(summary, started)
     return 0
 
 
-def _prepare_cohort(workdir: Path, sites: int, patients: int, variant: str = "default") -> Path:
-    """The demo cohort under ``workdir/cohort``, (re)written when absent or of another size or variant."""
-    from clinfuse.data.synthetic import write_demo_cohort
-    from clinfuse.fileio import atomic_write_json
-
-    cohort = workdir / "cohort"
-    stamp_path = cohort / "cohort.json"
-    stamp = {"sites": sites, "patients": patients, "seed": 0}
-    if variant != "default":
-        stamp["variant"] = variant
-    manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(sites)]
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(m.exists() for m in manifests):
-        return cohort
-    if cohort.exists():
-        shutil.rmtree(cohort)
-    print(f"writing the demo cohort: {sites} sites x {patients} patients ({variant}) -> {cohort}", file=sys.stderr)
-    write_demo_cohort(cohort, sites=sites, patients=patients, seed=0, variant=variant)
-    atomic_write_json(stamp_path, stamp)
-    return cohort
-
-
 def _demo(args) -> int:
+    from clinfuse.data.synthetic import ensure_demo_cohort
     from clinfuse.errors import InputError
 
     if args.sites < 2:
         raise InputError("the demo needs at least 2 sites", key="--sites")
     workdir = args.workdir.resolve()
     if args.variant == "rich" and args.config is None:
-        from clinfuse.config import DEFAULT_CONFIG
+        from clinfuse.config import CONFIGS_DIR
 
-        args.config = DEFAULT_CONFIG.parent / "rich.yaml"
+        args.config = CONFIGS_DIR / "rich.yaml"
     run_config = {"workdir": str(workdir), "min-sites": 2, **_run_config(args)}  # validates first
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    _prepare_cohort(workdir, args.sites, args.patients, args.variant)
+    ensure_demo_cohort(workdir / "cohort", sites=args.sites, patients=args.patients, variant=args.variant,
+                       log=lambda line: print(line, file=sys.stderr))
     if not args.resume:
         # The demo is a fresh study each time; a real study never clears a site's accountant.
         for name in ("run", "sites"):

@@ -54,6 +54,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from clinfuse.data.synthetic import ensure_demo_cohort
 from clinfuse.errors import InputError
 from federated.client_app import METRICS, NUM_EXAMPLES, SITE, SITE_ID, _truthy, simulation_paths
 
@@ -165,18 +166,6 @@ def is_simulation(grid: Grid) -> bool:
     return type(grid).__name__ == "InMemoryGrid"
 
 
-def ensure_demo_cohort(settings: ServerSettings, n_sites: int) -> list[Path]:
-    """Write the demo cohort (``n_sites`` sites) unless its manifests are already there."""
-    from clinfuse.data.synthetic import write_demo_cohort
-
-    cohort = Path(settings.cohort)
-    manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(n_sites)]
-    if all(m.exists() for m in manifests):
-        return manifests
-    log(INFO, "writing the demo cohort (%d sites x %d patients) to %s", n_sites, settings.cohort_patients, cohort)
-    return write_demo_cohort(cohort, sites=n_sites, patients=settings.cohort_patients)
-
-
 def _site_summaries(site_replies) -> dict[str, dict]:
     out = {}
     for reply in site_replies:
@@ -246,7 +235,8 @@ def run_federation(grid: Grid, run_config: dict, *, on_round: RoundCallback | No
     rundir = RunDir(settings.run_dir)
     first = rundir.begin(cfg, settings.describe(), resume=settings.resume, num_rounds=settings.num_rounds)
     if settings.demo_cohort and is_simulation(grid):
-        ensure_demo_cohort(settings, max(settings.expected_sites, len(list(grid.get_node_ids()))))
+        ensure_demo_cohort(settings.cohort, sites=max(settings.expected_sites, len(list(grid.get_node_ids()))),
+                           patients=settings.cohort_patients, log=lambda line: log(INFO, "%s", line))
     model = build_model_for(cfg)
     groups = parameter_groups(model)
     counts = parameter_counts(model)
@@ -378,7 +368,8 @@ def run_secagg(grid: Grid, settings: ServerSettings, cfg, *, on_round: RoundCall
     rundir = RunDir(settings.run_dir)
     first = rundir.begin(cfg, settings.describe(), resume=settings.resume, num_rounds=settings.num_rounds)
     if settings.demo_cohort and is_simulation(grid):
-        ensure_demo_cohort(settings, max(settings.expected_sites, len(list(grid.get_node_ids()))))
+        ensure_demo_cohort(settings.cohort, sites=max(settings.expected_sites, len(list(grid.get_node_ids()))),
+                           patients=settings.cohort_patients, log=lambda line: log(INFO, "%s", line))
     keys = list(build_model_for(cfg).state_dict().keys())
     if first > 1:
         state = rundir.last().state

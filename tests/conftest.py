@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from clinfuse.config import config_from_dict, load_config
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
-    """Write a minimal valid, de-identified MONOCHROME2 DICOM file."""
+    """Write a minimal valid, de-identified MONOCHROME2 DICOM file (``tags`` set or override elements)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -33,6 +34,7 @@ def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
+    ds.BurnedInAnnotation = "NO"  # a secondary capture must say so, or it may carry burned-in text
     for key, value in tags.items():
         setattr(ds, key, value)
     ds.PixelData = pixels.astype(np.uint16).tobytes()
@@ -82,6 +84,19 @@ def write_manifest(folder: Path, rows: list[dict], name: str = "manifest.csv", h
     return path
 
 
+def tiny_config(folder: Path, name: str = "study.yaml", **privacy) -> Path:
+    """The demo config shrunk for tests: 32x32 images, batches of 8, the (fast) RDP accountant."""
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["data"]["image"]["size"] = [32, 32]
+    data["data"]["text"]["max_tokens"] = 37
+    data["train"]["batch_size"] = 8
+    data["model"]["dim"] = 32
+    data["privacy"].update({"accountant": "rdp", **privacy})
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
 def demo_cfg():
     return load_config(REPO / "configs" / "demo.yaml")
@@ -113,3 +128,30 @@ def federation_cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("federation-cohort")
     write_demo_cohort(root, sites=3, patients=40, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def rich_cohort(tmp_path_factory) -> Path:
+    """3 sites x 24 patients of the rich synthetic cohort; site 1 has no volumes, site 2 no signals."""
+    from clinfuse.data.synthetic import write_demo_cohort
+
+    root = tmp_path_factory.mktemp("rich-cohort")
+    write_demo_cohort(root, sites=3, patients=24, seed=0, variant="rich")
+    return root
+
+
+def rich_config(folder: Path, **changes) -> Path:
+    """configs/rich.yaml shrunk for tests (the RDP accountant is the fast one)."""
+    data = yaml.safe_load((REPO / "configs" / "rich.yaml").read_text())
+    sizes = {"chest": {"size": [32, 32]}, "ct": {"size": [8, 16, 16]}, "note": {"max_tokens": 37},
+             "ecg": {"encoder": {"name": "cnn1d", "channels": [8, 8], "kernel_size": 5}}}
+    for m in data["modalities"]:
+        m.update(sizes.get(m["name"], {}))
+    data["model"]["dim"] = 24
+    data["train"]["batch_size"] = 8
+    data["privacy"]["accountant"] = "rdp"
+    for key, value in changes.items():
+        data[key] = value
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -12,36 +12,9 @@ import torch
 import yaml
 
 from clinfuse.config import load_config
+from tests.conftest import REPO, rich_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def rich_cohort(tmp_path_factory) -> Path:
-    """3 sites x 24 patients of the rich synthetic cohort; site 1 has no volumes, site 2 no signals."""
-    from clinfuse.data.synthetic import write_demo_cohort
-
-    root = tmp_path_factory.mktemp("rich-cohort")
-    write_demo_cohort(root, sites=3, patients=24, seed=0, variant="rich")
-    return root
-
-
-def rich_config(folder: Path, **changes) -> Path:
-    """configs/rich.yaml shrunk for tests (the RDP accountant is the fast one)."""
-    data = yaml.safe_load((REPO / "configs" / "rich.yaml").read_text())
-    sizes = {"chest": {"size": [32, 32]}, "ct": {"size": [8, 16, 16]}, "note": {"max_tokens": 37},
-             "ecg": {"encoder": {"name": "cnn1d", "channels": [8, 8], "kernel_size": 5}}}
-    for m in data["modalities"]:
-        m.update(sizes.get(m["name"], {}))
-    data["model"]["dim"] = 24
-    data["train"]["batch_size"] = 8
-    data["privacy"]["accountant"] = "rdp"
-    for key, value in changes.items():
-        data[key] = value
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def initial_state(cfg):

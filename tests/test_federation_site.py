@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from clinfuse.config import load_config
 from clinfuse.privacy.accountant import compute_epsilon
 from clinfuse.privacy.ledger import read_entries
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny_config(folder, **privacy):
-    """The demo config shrunk for tests: 32x32 images, batches of 8, the (fast) RDP accountant."""
-    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data["data"]["image"]["size"] = [32, 32]
-    data["data"]["text"]["max_tokens"] = 37
-    data["train"]["batch_size"] = 8
-    data["model"]["dim"] = 32
-    data["privacy"].update({"accountant": "rdp", **privacy})
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from clinfuse.cli import main
 from clinfuse.privacy.accountant import SiteAccountant, compute_epsilon
 from clinfuse.privacy.audit import verify_ledgers
 from clinfuse.privacy.ledger import Ledger, mechanism_params
+from clinfuse.privacy.site_key import SiteKey
 
 DELTA = 1e-5
 SIGMA, Q, STEPS = 1.0, 0.01, 100
@@ -20,7 +21,7 @@ def _site(tmp_path, name, rounds=3, *, cap=2.0, sigma=SIGMA, scale=1.0, poisson=
     """A ledger written the way a site writes it: accountant steps, then a dp-training entry."""
     state = tmp_path / name
     acc = SiteAccountant(state / "accountant.json", "prv")
-    ledger = Ledger(state / "ledger.jsonl")
+    ledger = Ledger(state / "ledger.jsonl", key=SiteKey.load_or_create(state))
     ledger.append("config", study="s1", config_hash="c" * 64, max_epsilon=cap, delta=delta, site=name)
     for r in range(1, rounds + 1):
         acc.record(sigma, Q, STEPS)
@@ -52,9 +53,12 @@ def test_clean_ledgers_verify_and_federation_is_max_over_sites(tmp_path, capsys)
     fed = report["federation"]
     assert fed["epsilon_recomputed_pld"] == pytest.approx(report["sites"][0]["site_total"]["pld"])
     assert fed["epsilon_recomputed_pld"] > report["sites"][1]["site_total"]["pld"]
-    assert main(["audit", "verify", str(a), str(b)]) == 0
+    assert {f["code"] for f in report["findings"]} == {"authorship-unverified"}  # no key given: said plainly
+    keys = [f"--public-key={site}={SiteKey.load(tmp_path / site / 'site-key.pem').public_key}"
+            for site in ("site-a", "site-b")]
+    assert main(["audit", "verify", str(a), str(b), *keys]) == 0
     out = capsys.readouterr().out
-    assert "site-a" in out and "site-b" in out and "no findings" in out
+    assert "site-a" in out and "site-b" in out and "no findings" in out and "authorship verified" in out
 
 
 def test_remaining_budget_and_rounds_that_fit(tmp_path):

@@ -175,3 +175,44 @@ def test_array_digest_changes_with_any_value():
     assert array_digest(a) == array_digest(b)
     b["w"][1, 2] = 1e-7
     assert array_digest(a) != array_digest(b)
+
+
+def test_signed_entries_verify_only_with_the_sites_key(tmp_path):
+    from clinfuse.privacy.site_key import SiteKey
+
+    key = SiteKey.create(tmp_path / "site-key.pem")
+    other = SiteKey.create(tmp_path / "other.pem")
+    ledger = Ledger(tmp_path / "ledger.jsonl", key=key)
+    ledger.append("config", study="s1", site="site-a", max_epsilon=8.0)
+    ledger.append("dp-training", study="s1", round=1, mechanism=_mech(), epsilon=1.0)
+    assert read_ledger(ledger.path, public_key=key.public_key)[1] == []
+    assert {p.code for p in read_ledger(ledger.path, public_key=other.public_key)[1]} == {"wrong-key"}
+    assert ledger.head_entry() == {"seq": 1, "hash": ledger.head()}
+
+    # Rebuilt without the key: the chain is consistent again, the signature is not.
+    entries, _ = read_ledger(ledger.path)
+    e = {k: v for k, v in entries[1].items() if k != "_line"}
+    e["mechanism"]["noise_multiplier"] = 3.0
+    e["hash"] = entry_hash(e)
+    lines = ledger.path.read_text().splitlines()
+    lines[1] = json.dumps(e, sort_keys=True, separators=(",", ":"))
+    ledger.path.write_text("\n".join(lines) + "\n")
+    codes = {p.code for p in read_ledger(ledger.path, public_key=key.public_key)[1]}
+    assert codes == {"bad-signature"}
+    with pytest.raises(InputError, match="bad-signature|does not match"):
+        read_entries(ledger.path, public_key=key.public_key)
+
+
+def test_unsigned_entries_fail_when_a_trusted_key_is_given(tmp_path):
+    from clinfuse.privacy.site_key import SiteKey
+
+    ledger = _ledger(tmp_path, 1)
+    assert read_ledger(ledger.path)[1] == []  # nothing to check them against
+    key = SiteKey.create(tmp_path / "site-key.pem")
+    assert {p.code for p in read_ledger(ledger.path, public_key=key.public_key)[1]} == {"unsigned"}
+
+
+def test_empty_ledger_head():
+    from pathlib import Path
+
+    assert Ledger(Path("/nonexistent/ledger.jsonl")).head_entry() == {"seq": -1, "hash": GENESIS_HASH}

@@ -31,7 +31,9 @@ def site(cohort, tmp_path) -> Path:
 @pytest.fixture
 def config(small_cfg, tmp_path) -> Path:
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(small_cfg.model_dump(mode="json")))
+    data = small_cfg.model_dump(mode="json")
+    data["privacy"]["accountant"] = "rdp"  # fast planning
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
@@ -58,13 +60,22 @@ def test_ready_site_passes_every_check_and_warms_the_cache(site, config, tmp_pat
     assert again["cache"].status == OK and f"{len(cached)} already cached" in again["cache"].message
 
 
-def test_spent_budget_fails_the_cap(site, config, tmp_path, capsys):
-    from clinfuse.privacy.accountant import SiteAccountant
+def spend(state: Path, sigma: float, q: float, steps: int) -> None:
+    """DP steps recorded as a site records them: a signed ledger entry and the accountant beside it."""
+    from clinfuse.privacy.ledger import mechanism_params
+    from clinfuse.privacy.site_state import SitePrivacyState
 
-    state = tmp_path / "state"
-    accountant = SiteAccountant(state / "accountant.json", mechanism="prv")
-    accountant.record(0.6, 0.5, 200)  # a heavy history: epsilon far above 3
+    privacy = SitePrivacyState(state, mechanism="rdp")
+    accountant = privacy.open_accountant()
+    accountant.record(sigma, q, steps)
     accountant.save()
+    privacy.ledger.append("dp-training", study="clinfuse-demo", site="site-0", epsilon=accountant.epsilon(1e-5),
+                          mechanism=mechanism_params(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5))
+
+
+def test_spent_budget_fails_the_cap(site, config, tmp_path, capsys):
+    state = tmp_path / "state"
+    spend(state, 0.6, 0.5, 200)  # a heavy history: epsilon far above 3
     code = main(["site", "check", "--manifest", str(site), "--config", str(config),
                  "--state-dir", str(state), "--max-epsilon", "3", "--no-cache"])
     out = capsys.readouterr().out
@@ -73,17 +84,17 @@ def test_spent_budget_fails_the_cap(site, config, tmp_path, capsys):
 
 
 def write_plan(state: Path, manifest: Path, config: Path, **overrides) -> None:
-    """A plan.json as SiteRuntime.plan writes it, for this site's training patients."""
+    """A plan signed in the site's ledger (and copied to plan.json), as SiteRuntime.plan makes it."""
     from clinfuse.config import load_config
     from clinfuse.data.manifest import read_manifest
-    from clinfuse.fileio import atomic_write_json
+    from clinfuse.privacy.plan import plan_privacy
+    from clinfuse.privacy.site_state import SitePrivacyState
 
-    cfg = load_config(config)
+    cfg = load_config(config).model_copy(update=overrides)
     n = len({r.patient_id for r in read_manifest(manifest, cfg).records if r.split == "train"})
-    plan = {"noise_multiplier": 0.8, "sample_rate": 0.5, "delta": 1e-5, "max_grad_norm": 1.0, "n_patients": n,
-            "batch_size": 8, "steps_per_epoch": 2, "horizon_steps": 10, "target_epsilon": 8.0,
-            "accountant": "prv", "study": cfg.study, "rounds": 5, "local_epochs": 1, **overrides}
-    atomic_write_json(state / "plan.json", plan)
+    plan = plan_privacy(cfg, n, 5, rounds=5)
+    state_ = SitePrivacyState(state, mechanism=cfg.privacy.accountant)
+    state_.plans.record(plan, state_.ledger, study=cfg.study, site="site-0", max_epsilon=8.0)
 
 
 def test_next_round_past_the_cap_fails(site, config, tmp_path):
@@ -119,9 +130,10 @@ def test_state_dir_that_cannot_be_created_fails(site, config, tmp_path):
 
 def test_tampered_ledger_fails_the_state_dir(site, config, tmp_path):
     from clinfuse.privacy.ledger import Ledger
+    from clinfuse.privacy.site_key import SiteKey
 
     state = tmp_path / "state"
-    ledger = Ledger(state / "ledger.jsonl")
+    ledger = Ledger(state / "ledger.jsonl", key=SiteKey.load_or_create(state))
     ledger.append("config", study="clinfuse-demo", site="site-0", max_epsilon=50)
     ledger.append("refusal", study="clinfuse-demo", site="site-0", round=1, reason="test")
     lines = (state / "ledger.jsonl").read_text().splitlines(keepends=True)

@@ -49,15 +49,21 @@ def test_series_folder_decodes_in_slice_order_in_hounsfield_units(tmp_path):
 
 def test_pydicom_ct_and_multiframe_files_decode_as_volumes():
     ct = get_testdata_file("CT_small.dcm", download=False)
+    frames = get_testdata_file("SC_rgb_rle_2frame.dcm", download=False)
     dose = get_testdata_file("rtdose.dcm", download=False)
-    if ct is None or dose is None:
-        pytest.skip("pydicom's CT_small.dcm / rtdose.dcm are not installed")
+    if ct is None or frames is None or dose is None:
+        pytest.skip("pydicom's CT_small.dcm / SC_rgb_rle_2frame.dcm / rtdose.dcm are not installed")
     assert read_volume(ct).shape == (1, 128, 128)  # a single CT slice is a volume of depth 1
     check_volume(ct)
-    multi = read_volume(dose)
-    assert multi.shape == (15, 10, 10)  # 15 frames of the RT dose grid
+    multi = read_volume(frames)
+    assert multi.shape == (2, 100, 100)  # both frames, as luma
     assert np.isfinite(multi).all() and multi.std() > 0
-    assert decode_volume(dose, VOLUME).shape == (1, 4, 8, 8)
+    assert decode_volume(frames, VOLUME).shape == (1, 4, 8, 8)
+    # An RT dose grid has 3-D pixel data but is not an image to learn from, as for 2-D images.
+    for fn in (check_volume, read_volume):
+        with pytest.raises(InputError, match="not an image object") as err:
+            fn(dose)
+        assert "rtdose.dcm" in str(err.value)
 
 
 def test_nifti_written_here_decodes(tmp_path):

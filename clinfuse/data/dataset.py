@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +43,11 @@ from torch.utils.data import Dataset, default_collate
 
 from clinfuse.config import Config
 from clinfuse.data.manifest import PATH_KINDS, Record, patient_inputs
+from clinfuse.data.paths import input_files
 from clinfuse.data.tabular import encode_tabular, tabular_dim
 from clinfuse.data.text import tokenize
+from clinfuse.errors import InputError
+from clinfuse.fileio import atomic_write_bytes
 
 # Bump when decoding changes in a way that alters pixels, so old cache entries are not reused.
 DECODER_VERSION = "1"
@@ -57,17 +58,6 @@ def default_cache_dir(manifest: str | Path, cfg: Config) -> Path:
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir).expanduser()
     return Path(manifest).resolve().parent / ".clinfuse-cache"
-
-
-def _content_files(path: Path) -> list[Path]:
-    """The files whose bytes define a decoded input: the file, a series folder's files, a WFDB
-    record's header and signal files."""
-    if path.is_dir():
-        return sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-    if path.suffix.lower() == ".hea" or (not path.exists() and path.with_name(path.name + ".hea").exists()):
-        stem = path.with_suffix("") if path.suffix.lower() == ".hea" else path
-        return sorted(f for f in stem.parent.glob(stem.name + ".*") if f.is_file())
-    return [path]
 
 
 class ImageCache:
@@ -86,7 +76,7 @@ class ImageCache:
         self.hits = self.misses = self.rebuilt = 0
 
     def key(self, path: Path) -> str:
-        files = _content_files(path)
+        files = input_files(path)
         stats = [f.stat() for f in files]
         memo = (str(path), tuple((str(f), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
         if memo not in self._keys:
@@ -122,19 +112,12 @@ class ImageCache:
         return array
 
     def put(self, path: Path, array: np.ndarray) -> None:
-        entry = self._entry(self.key(path))
-        entry.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         payload = buffer.getvalue()
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(hashlib.sha256(payload).digest() + payload)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Not durable: an entry lost in a power cut is decoded again, one cut short fails its digest.
+        atomic_write_bytes(self._entry(self.key(path)), hashlib.sha256(payload).digest() + payload,
+                           durable=False)
 
 
 @dataclass(frozen=True)
@@ -143,7 +126,7 @@ class PatientSample:
     that modality (paths, notes or tabular value dicts), at most its ``max_count``."""
     site: str
     patient_id: str
-    label: int
+    label: int | None  # None only for rows read to predict
     split: str
     rows: tuple[int, ...]  # indices into ``MultimodalDataset.records``
     inputs: dict
@@ -250,7 +233,12 @@ class MultimodalDataset(Dataset):
         cache = self.caches.get(name)
         array = cache.get(path) if cache else None
         if array is None:
-            array = np.ascontiguousarray(_decode(spec, path), dtype=np.float32)
+            try:
+                array = np.ascontiguousarray(_decode(spec, path), dtype=np.float32)
+            except InputError as exc:  # validation decoded it: the file changed since
+                row = next((r.row for r in self.records if path in r.inputs.get(name, ())), None)
+                raise InputError(f"{exc.message} (it decoded when the manifest was read: did it change?)",
+                                 file=path, row=row, key=spec.column or spec.name) from exc
             if cache:
                 cache.put(path, array)
         self._memory[key] = array
@@ -279,7 +267,7 @@ class MultimodalDataset(Dataset):
                 instances[spec.name] = filled
         item["mask"] = torch.tensor(sample.mask, dtype=torch.float32)
         item["instances"] = instances
-        item["label"] = torch.tensor(sample.label)
+        item["label"] = torch.tensor(-1 if sample.label is None else sample.label)  # -1: read only to predict
         return item
 
     def collate(self, items: list[dict]) -> dict:
@@ -295,12 +283,13 @@ class MultimodalDataset(Dataset):
         return empty
 
     def warm(self, progress: bool = True) -> None:
-        """Decode every image, volume and signal now (fills the disk cache), with a progress bar."""
-        from tqdm.auto import tqdm
+        """Decode every image, volume and signal now (fills the disk cache), with a progress bar
+        (lines without a terminal)."""
+        from clinfuse.progress import Progress
 
         todo = [(spec.name, p) for spec in self.cfg.modalities if spec.kind in PATH_KINDS
                 for sample in self.samples for p in sample.inputs[spec.name]]
-        for name, path in tqdm(todo, desc="decoding inputs", unit="file", disable=not progress or None):
+        for name, path in Progress(len(todo), "decoding inputs", "file", enabled=progress).track(todo):
             self.decoded(name, path)
 
 

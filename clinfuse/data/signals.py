@@ -6,12 +6,16 @@
 * CSV: one row per sample, one column per channel (a header row is allowed), at the declared rate.
 * NPY: a ``[samples, channels]`` array (``[samples]`` for one channel), at the declared rate.
 
-:func:`check_signal` is the cheap check ``clinfuse validate`` runs (headers and shapes);
+:func:`check_signal` is a cheap check (headers and shapes; ``clinfuse validate`` goes further and
+reads every signal with :func:`read_signal`, as training will);
 :func:`read_signal` gives float32 ``[channels, samples]`` at the declared rate;
 :func:`decode_signal` the model input ``[channels, length]``: the first ``length`` samples
 (zero-padded when shorter), each channel z-scored on its own (``normalize: zscore``). Missing
 samples (NaN in a WFDB record) count as the channel's mean. Problems raise
-:class:`clinfuse.errors.InputError` naming the file.
+:class:`clinfuse.errors.InputError` naming the file: the readers run inside
+:func:`clinfuse.data.decoding.decoding`, so whatever wfdb or numpy raise on a bad file becomes that
+error, and their warnings stay off the console. A WFDB header names its signal files without a
+folder (wfdb's header syntax refuses one), so a record reads only files beside its header.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clinfuse.data.decoding import decoding
 from clinfuse.errors import InputError
 
 SIGNAL_SUFFIXES = (".hea", ".csv", ".npy")
@@ -41,45 +46,59 @@ def _record_name(p: Path) -> str:
     return str(p.with_suffix("")) if p.suffix.lower() == ".hea" else str(p)
 
 
+def signal_header(path: str | os.PathLike[str]) -> Path:
+    """The file a manifest's signal path names: the path itself, or the WFDB header of a record
+    named without its ``.hea`` suffix."""
+    p = Path(path)
+    if p.suffix.lower() in SIGNAL_SUFFIXES or p.exists():
+        return p
+    header = p.with_name(p.name + ".hea")
+    return header if header.is_file() else p
+
+
 def check_signal(path: str | os.PathLike[str], spec) -> None:
     """Check a signal file against ``spec`` (:class:`clinfuse.config.SignalModality`) cheaply."""
     p = Path(path)
     kind = _format(p)
     if kind != "hea" and not p.is_file():
         raise InputError("signal file not found", file=p)
-    if kind == "hea":
-        header = _wfdb_header(p)
-        _wfdb_channels(header.sig_name, spec, p)
-        if not header.sig_len:
-            raise InputError("WFDB record has no samples", file=p)
-    elif kind == "npy":
-        _check_shape(_npy(p, mmap=True).shape, spec, p)
-    else:
-        _check_shape(_csv(p).shape, spec, p)
+    with decoding(p, "read the signal"):
+        if kind == "hea":
+            header = _wfdb_header(p)
+            _wfdb_channels(header.sig_name, spec, p)
+            if not header.sig_len:
+                raise InputError("WFDB record has no samples", file=p)
+        elif kind == "npy":
+            _check_shape(_npy(p, mmap=True).shape, spec, p)
+        else:
+            _check_shape(_csv(p).shape, spec, p)
 
 
 def read_signal(path: str | os.PathLike[str], spec) -> np.ndarray:
     """The signal at ``path`` as float32 ``[channels, samples]`` at ``spec.sampling_rate``."""
     p = Path(path)
     kind = _format(p)
-    if kind == "hea":
-        arr, fs = _read_wfdb(p, spec)
-        if abs(fs - spec.sampling_rate) > 1e-6 * spec.sampling_rate:
-            arr = _resample(arr, fs, spec.sampling_rate)
-    elif kind == "npy":
-        arr = _npy(p)
-        _check_shape(arr.shape, spec, p)
-        arr = arr.reshape(len(arr), -1).T
-    else:
-        arr = _csv(p)
-        _check_shape(arr.shape, spec, p)
-        arr = arr.reshape(len(arr), -1).T
-    arr = np.asarray(arr, dtype=np.float64)
-    if np.isinf(arr).any():
-        raise InputError("signal contains infinite values", file=p)
-    if np.isnan(arr).all():
-        raise InputError("signal has no valid sample", file=p)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    if kind != "hea" and not p.is_file():
+        raise InputError("signal file not found", file=p)
+    with decoding(p, "read the signal"):
+        if kind == "hea":
+            arr, fs = _read_wfdb(p, spec)
+            if abs(fs - spec.sampling_rate) > 1e-6 * spec.sampling_rate:
+                arr = _resample(arr, fs, spec.sampling_rate)
+        elif kind == "npy":
+            arr = _npy(p)
+            _check_shape(arr.shape, spec, p)
+            arr = arr.reshape(len(arr), -1).T
+        else:
+            arr = _csv(p)
+            _check_shape(arr.shape, spec, p)
+            arr = arr.reshape(len(arr), -1).T
+        arr = np.asarray(arr, dtype=np.float64)
+        if np.isinf(arr).any():
+            raise InputError("signal contains infinite values", file=p)
+        if np.isnan(arr).all():
+            raise InputError("signal has no valid sample", file=p)
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def decode_signal(path: str | os.PathLike[str], spec) -> np.ndarray:

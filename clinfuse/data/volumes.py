@@ -2,10 +2,11 @@
 
 Entry points, as for 2-D images (:mod:`clinfuse.data.images`):
 
-* :func:`check_volume` — header-level check that ``clinfuse validate`` runs on every manifest row:
-  a series folder holds one series of equally sized slices with no slice missing; a DICOM file
+* :func:`check_volume` — a cheap header-level check (``clinfuse validate`` goes further and decodes
+  every volume with :func:`read_volume`, as training will): a series folder holds one series of equally sized slices with no slice missing; a DICOM file
   passes :func:`clinfuse.data.images.check_image`; a NIfTI header is readable and 3-D. With
-  ``phi=True`` it returns the identifying DICOM tags that are filled in (every slice is scanned).
+  ``phi=True`` it returns the identifying DICOM tags that are filled in (:func:`volume_phi`:
+  every slice is scanned).
 * :func:`read_volume` — float32 ``[depth, rows, columns]`` in the file's units (DICOM: after the
   Modality LUT / rescale, so CT is in Hounsfield units; no VOI window).
 * :func:`decode_volume` — the model input: clipped to ``intensity_range`` if declared, resized to
@@ -18,7 +19,8 @@ on ``ImageOrientationPatient``), else by ``InstanceNumber``. NIfTI goes through 
 reorientation, so a study mixing DICOM and NIfTI sites should convert to one of them.
 
 Every problem raises :class:`clinfuse.errors.InputError` naming the file (for a series, the slice
-at fault).
+at fault): the readers run inside :func:`clinfuse.data.decoding.decoding`, so whatever pydicom,
+nibabel or MONAI raise on a bad file becomes that error, and their warnings stay off the console.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clinfuse.data.decoding import decoding
 from clinfuse.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -48,23 +51,37 @@ def check_volume(path: str | os.PathLike[str], *, phi: bool = False) -> list[str
 
     Raises :class:`InputError` naming the file at fault.
     """
-    from clinfuse.data.images import check_image, phi_fields
+    from clinfuse.data.images import check_image
 
     p = Path(path)
     if not p.exists():
         raise InputError("volume not found", file=p)
-    if p.is_dir():
-        slices = _series_slices(p)
-        found: dict[str, None] = {}
-        if phi:
-            for s in slices:
-                found.update(dict.fromkeys(phi_fields(s.path)))
-        return list(found)
+    with decoding(p, "read the volume"):
+        if p.is_dir():
+            _series_slices(p)
+        elif is_nifti(p):
+            _nifti_header(p)
+        else:
+            check_image(p)
+    return volume_phi(p) if phi else []
+
+
+def volume_phi(path: str | os.PathLike[str]) -> list[str]:
+    """Identifying DICOM data in a volume (:func:`clinfuse.data.images.phi_fields`): of every slice
+    of a series folder, in slice order without repeats; ``[]`` for NIfTI."""
+    from clinfuse.data.images import phi_fields
+
+    p = Path(path)
     if is_nifti(p):
-        _nifti_header(p)
         return []
-    check_image(p)
-    return phi_fields(p) if phi else []
+    if not p.is_dir():
+        return phi_fields(p)
+    found: dict[str, None] = {}
+    with decoding(p, "read the series"):
+        slices = _series_slices(p)
+    for s in slices:
+        found.update(dict.fromkeys(phi_fields(s.path)))
+    return list(found)
 
 
 def read_volume(path: str | os.PathLike[str]) -> np.ndarray:
@@ -74,18 +91,19 @@ def read_volume(path: str | os.PathLike[str]) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise InputError("volume not found", file=p)
-    if p.is_dir():
-        slices = _series_slices(p)
-        planes = [read_pixels(s.path, apply_voi_lut=False) for s in slices]
-        shape = planes[0].shape
-        for s, plane in zip(slices, planes):
-            if plane.shape != shape:  # header Rows/Columns disagreed with the decoded pixels
-                raise InputError(f"slice is {plane.shape[0]}x{plane.shape[1]}, the series' first slice "
-                                 f"{slices[0].path.name} is {shape[0]}x{shape[1]}", file=s.path)
-        return np.ascontiguousarray(np.stack(planes), dtype=np.float32)
-    if is_nifti(p):
-        return _read_nifti(p)
-    return read_frames(p, apply_voi_lut=False)
+    with decoding(p, "decode the volume"):
+        if p.is_dir():
+            slices = _series_slices(p)
+            planes = [read_pixels(s.path, apply_voi_lut=False) for s in slices]
+            shape = planes[0].shape
+            for s, plane in zip(slices, planes):
+                if plane.shape != shape:  # header Rows/Columns disagreed with the decoded pixels
+                    raise InputError(f"slice is {plane.shape[0]}x{plane.shape[1]}, the series' first slice "
+                                     f"{slices[0].path.name} is {shape[0]}x{shape[1]}", file=s.path)
+            return np.ascontiguousarray(np.stack(planes), dtype=np.float32)
+        if is_nifti(p):
+            return _read_nifti(p)
+        return read_frames(p, apply_voi_lut=False)
 
 
 def decode_volume(path: str | os.PathLike[str], spec) -> np.ndarray:
@@ -97,20 +115,21 @@ def decode_volume(path: str | os.PathLike[str], spec) -> np.ndarray:
     from monai.transforms import NormalizeIntensity, Resize, ScaleIntensity
 
     arr = read_volume(path)
-    if spec.intensity_range is not None:
-        arr = np.clip(arr, *spec.intensity_range)
-    img = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
-    target = tuple(int(s) for s in spec.size)
-    shrunk = tuple(min(s, t) for s, t in zip(img.shape[1:], target))
-    if shrunk != tuple(img.shape[1:]):
-        img = Resize(shrunk, mode="area")(img)
-    if shrunk != target:
-        img = Resize(target, mode="trilinear", align_corners=False)(img)
-    if spec.normalize == "zscore":
-        img = NormalizeIntensity(channel_wise=True)(img)
-    else:
-        img = ScaleIntensity(minv=0.0, maxv=1.0)(img)
-    out = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
+    with decoding(path, "resize the volume"):
+        if spec.intensity_range is not None:
+            arr = np.clip(arr, *spec.intensity_range)
+        img = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+        target = tuple(int(s) for s in spec.size)
+        shrunk = tuple(min(s, t) for s, t in zip(img.shape[1:], target))
+        if shrunk != tuple(img.shape[1:]):
+            img = Resize(shrunk, mode="area")(img)
+        if shrunk != target:
+            img = Resize(target, mode="trilinear", align_corners=False)(img)
+        if spec.normalize == "zscore":
+            img = NormalizeIntensity(channel_wise=True)(img)
+        else:
+            img = ScaleIntensity(minv=0.0, maxv=1.0)(img)
+        out = np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img, dtype=np.float32)
     return np.ascontiguousarray(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0))
 
 

@@ -1,20 +1,31 @@
 """One hospital's side of a federated study, independent of Flower.
 
-A :class:`SiteRuntime` holds the site's validated data, its persistent privacy accountant, its
-noise plan and its ledger, all under the site's state directory:
+A :class:`SiteRuntime` holds the site's validated data and its privacy state
+(:class:`clinfuse.privacy.site_state.SitePrivacyState`), all under the site's state directory:
 
-``state_dir/accountant.json``  the one accountant of this site, across rounds, processes and runs
-``state_dir/plan.json``        the DP-SGD mechanism planned once for the whole study horizon
-``state_dir/ledger.jsonl``     every release and refusal
+``state_dir/site-key.pem``     the site's signing key (:attr:`SiteRuntime.key`): signs the ledger
+``state_dir/ledger.jsonl``     every plan, reservation, DP training, release and refusal, signed
+``state_dir/accountant.json``  the one accountant of this site, cross-checked against the ledger
+``state_dir/plan.json``        copy of the DP-SGD mechanism planned once for the whole study horizon
+``state_dir/file-checks.json`` what validation found in each image, volume and signal file
+                               (unchanged files are not re-opened by the next round's process,
+                               and keep their verdict)
 
-Before each round the site computes the epsilon it would reach after the round; if that passes
-``max_epsilon`` it declines, trains nothing and says why. What it returns (``RoundResult``) is
-only weights, counts and metrics.
+Opening a site checks its state (a refused state stops it there: a missing or older accountant,
+an edited plan or a changed target, a ledger that does not verify with the site's key). Every
+method that writes holds the state dir's exclusive lock; a second process gets a clear error.
+
+Before each round the site reads, from its plan's epsilon table (or the accountant when the
+history is off the plan), the epsilon it would reach after the round; if that passes
+``max_epsilon`` it declines, trains nothing and says why. Otherwise it reserves the round's
+steps in the ledger, trains, and settles the reservation. What it returns (``RoundResult``) is
+only weights, counts, metrics and its ledger head.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +35,8 @@ import torch
 from clinfuse.config import Config
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_json
+
+_log = logging.getLogger("clinfuse.site")
 
 
 @dataclass
@@ -35,6 +48,8 @@ class RoundResult:
     metrics: dict[str, float]
     declined_reason: str | None = None
     history: list[dict] = field(default_factory=list)
+    #: ``{"seq": int, "hash": str}`` of the site's ledger after this round's entries
+    ledger_head: dict | None = None
 
     @property
     def declined(self) -> bool:
@@ -59,48 +74,73 @@ class SiteRuntime:
     site_id: the site's name in ledgers and reports.
     state_dir: persistent, private directory of this site (created if absent; must be writable).
     max_epsilon: the site's cap, set by its privacy officer; training never takes it past the cap.
+    data_roots: folders of this site, besides the manifest's, that its paths may point into.
+    lock_wait_s: how long a write waits for another process holding the state dir (default: it
+        refuses at once with :class:`~clinfuse.privacy.state_lock.StateLockedError`).
+
+    For the federation layer: :attr:`key` (the site's :class:`~clinfuse.privacy.site_key.SiteKey`,
+    to sign replies), :meth:`ledger_head` (to put in every reply), :attr:`public_key`.
     """
 
     def __init__(self, cfg: Config, manifest: str | Path, *, site_id: str, state_dir: str | Path,
-                 max_epsilon: float, progress: bool = False):
+                 max_epsilon: float, progress: bool = False, data_roots=(), lock_wait_s: float = 0.0):
         from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
-        from clinfuse.data.manifest import read_manifest
-        from clinfuse.privacy.accountant import SiteAccountant
-        from clinfuse.privacy.ledger import Ledger
+        from clinfuse.privacy.site_state import SitePrivacyState
 
         if not max_epsilon > 0:
             raise InputError(f"max-epsilon must be positive, got {max_epsilon}", key="max-epsilon")
         self.cfg, self.site_id, self.max_epsilon, self.progress = cfg, site_id, float(max_epsilon), progress
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # The ClientApp is a fresh process every round: skip re-opening every image when this
-        # manifest was already checked in full by an earlier round (the cache makes decoding cheap).
-        self.data = read_manifest(manifest, cfg, check_files=not self._validated_before(manifest))
-        if not self.data.records:
-            raise InputError("no usable rows (run 'clinfuse validate' to see why)", file=manifest)
+        self.data = self._read_manifest(manifest, data_roots)
+        self.data.require_records()
+        for line in self.data.skip_report():
+            _log.warning("%s: %s", site_id, line)
         cache = default_cache_dir(manifest, cfg)
         self.train_set = MultimodalDataset([r for r in self.data.records if r.split == "train"], cfg, cache)
         self.val_set = MultimodalDataset([r for r in self.data.records if r.split == "val"], cfg, cache)
         if len(self.train_set) == 0:
             raise InputError("the site has no training rows", file=manifest)
-        self.accountant = SiteAccountant(self.state_dir / "accountant.json", mechanism=cfg.privacy.accountant)
-        self.ledger = Ledger(self.state_dir / "ledger.jsonl")
+        self.privacy = SitePrivacyState(self.state_dir, mechanism=cfg.privacy.accountant, lock_wait_s=lock_wait_s)
+        self.key = self.privacy.key
+        self.ledger = self.privacy.ledger
+        # Checked at every open (read-only): a refused state stops the site before it answers
+        # anything. The plan is checked when it is used (plan(), train_round()).
+        self.accountant = self.privacy.open_accountant()
+
+    @property
+    def public_key(self) -> str:
+        """The site's public key (base64): what the study's roster declares for this site."""
+        return self.key.public_key
+
+    def ledger_head(self) -> dict:
+        """``{"seq": int, "hash": str}`` of the last ledger entry (``seq`` -1 before any)."""
+        return self.privacy.ledger_head()
+
+    def _read_manifest(self, manifest, data_roots):
+        """Validate the manifest in full, every round: the ClientApp is a fresh process each time,
+        and a file that was refused (undecodable, identifying) must stay refused. File findings
+        are kept in the state dir, so an unchanged file is not decoded again."""
+        from collections import ChainMap
+
+        from clinfuse.data.manifest import read_manifest
+
+        path = self.state_dir / "file-checks.json"
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+            before = before if isinstance(before, dict) else {}
+        except (OSError, ValueError):
+            before = {}  # none yet, or unreadable: check every file again
+        if not before:
+            _log.info("%s: validating %s (every file is decoded once)", self.site_id, manifest)
+        used: dict = {}
+        data = read_manifest(manifest, self.cfg, data_roots=data_roots, file_checks=ChainMap(used, before),
+                             progress=self.progress)
+        if used != before:
+            atomic_write_json(path, used)
+        return data
 
     # -- facts about the site that are released (counts only) ----------------------------------
-    def _validated_before(self, manifest) -> bool:
-        marker = self.state_dir / "validated.json"
-        path = Path(manifest).resolve()
-        stamp = {"manifest": str(path), "mtime_ns": path.stat().st_mtime_ns if path.exists() else None,
-                 "config": self.cfg.digest()}
-        if marker.exists() and json.loads(marker.read_text()) == stamp:
-            return True
-        self._validation_stamp = (marker, stamp)
-        return False
-
-    def _mark_validated(self) -> None:
-        stamp = getattr(self, "_validation_stamp", None)
-        if stamp:
-            atomic_write_json(*stamp)
 
     @property
     def n_patients(self) -> int:
@@ -117,23 +157,47 @@ class SiteRuntime:
     def plan(self, rounds: int, local_epochs: int):
         """The study's mechanism, planned once for ``rounds * local_epochs`` epochs and then kept.
 
-        A restarted server or a new run of the same study reuses the stored plan: re-planning
-        mid-study would change the noise the budget was approved for.
+        A restarted server or a new run of the same study reuses the signed plan: re-planning
+        mid-study would change the noise the budget was approved for. A config or cohort that
+        no longer matches the plan is refused (:meth:`replan` changes it explicitly).
         """
-        from clinfuse.privacy.plan import PrivacyPlan, plan_privacy
+        with self.privacy.locked():
+            entries = self.privacy.entries()
+            plan = self.privacy.plan_in_force(self.cfg, self.n_patients, entries=entries, repair=True)
+            if plan is None:
+                plan, _ = self._new_plan(rounds, local_epochs, entries, replan=False, reason=None)
+            return plan
 
-        path = self.state_dir / "plan.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            if stored.get("study") == self.cfg.study and stored.get("n_patients") == self.n_patients:
-                return PrivacyPlan(**{k: v for k, v in stored.items() if k in PrivacyPlan.__dataclass_fields__})
-        plan = plan_privacy(self.cfg, self.n_patients, rounds * local_epochs, history=self.accountant.history)
-        atomic_write_json(path, {**plan.to_dict(), "study": self.cfg.study, "rounds": rounds,
-                                 "local_epochs": local_epochs})
-        self.ledger.append("config", study=self.cfg.study, config_hash=self.cfg.digest(),
-                           max_epsilon=self.max_epsilon, delta=plan.delta, site=self.site_id,
-                           plan=plan.to_dict())
-        return plan
+    def replan(self, rounds: int, local_epochs: int, *, reason: str):
+        """Plan the study again from the current config and what was spent; returns ``(plan, entry)``.
+
+        The explicit way to change a plan (``clinfuse site replan``): the new plan covers
+        ``rounds`` more rounds within the (possibly changed) target, counting everything already
+        spent, and its ledger entry says ``replan: true`` with ``reason`` and the plan it replaces.
+        """
+        if not reason or not reason.strip():
+            raise InputError("say why the plan changes (--reason): it is written to the ledger", key="reason")
+        with self.privacy.locked():
+            entries = self.privacy.entries()
+            return self._new_plan(rounds, local_epochs, entries, replan=True, reason=reason.strip())
+
+    def rounds_trained(self) -> int:
+        """DP rounds of this study the ledger records (what a re-plan subtracts from the horizon)."""
+        return len({e.get("round") for e in self.privacy.entries()
+                    if e.get("kind") == "dp-training" and e.get("study") == self.cfg.study})
+
+    def _new_plan(self, rounds: int, local_epochs: int, entries, *, replan: bool, reason: str | None):
+        from clinfuse.privacy.plan import plan_privacy
+
+        replaces = self.privacy.plans.current(entries, study=self.cfg.study)
+        accountant = self.privacy.open_accountant(repair=True, entries=entries, site=self.site_id)
+        plan = plan_privacy(self.cfg, self.n_patients, rounds * local_epochs, history=accountant.history,
+                            epochs_per_round=local_epochs, rounds=rounds)
+        entry = self.privacy.plans.record(
+            plan, self.ledger, study=self.cfg.study, config_hash=self.cfg.digest(), max_epsilon=self.max_epsilon,
+            site=self.site_id, replan=replan, reason=reason,
+            replaces=replaces[1].get("seq") if replaces else None)
+        return plan, entry
 
     # -- rounds ---------------------------------------------------------------------------------
     def _model(self, global_state: dict[str, np.ndarray]):
@@ -147,14 +211,29 @@ class SiteRuntime:
                     local_epochs: int, run_id: str = "", proximal_mu: float = 0.0,
                     modality_aware: bool = True) -> RoundResult:
         """Train one round from ``global_state``; decline (train nothing) if it would pass the cap."""
+        with self.privacy.locked():
+            result = self._train_round(global_state, server_round=server_round, rounds=rounds,
+                                       local_epochs=local_epochs, run_id=run_id, proximal_mu=proximal_mu,
+                                       modality_aware=modality_aware)
+            result.ledger_head = self.ledger_head()
+            return result
+
+    def _train_round(self, global_state, *, server_round, rounds, local_epochs, run_id, proximal_mu,
+                     modality_aware) -> RoundResult:
         from clinfuse.training.checkpoint import clean_state_dict, state_dict_hash
         from clinfuse.training.trainer import LocalTrainer, seed_everything
 
         counts = self.modality_examples()
+        _log.info("%s: round %d: training %d patients (%d local epoch%s)", self.site_id, server_round,
+                  self.n_patients, local_epochs, "" if local_epochs == 1 else "s")
         dp = self.cfg.privacy.enabled
-        plan = self.plan(rounds, local_epochs) if dp else None
-        epsilon_before = self.accountant.epsilon(plan.delta) if dp else None
+        reservation = None
         if dp:
+            plan = self.plan(rounds, local_epochs)
+            self.accountant = self.privacy.open_accountant(repair=True, site=self.site_id)
+            for history, delta, epsilon in plan.known_epsilons():
+                self.accountant.know(history, delta, epsilon)
+            epsilon_before = self.accountant.epsilon(plan.delta)
             steps = plan.steps_per_epoch * local_epochs
             projected = self.accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta)
             if projected > self.max_epsilon:
@@ -168,12 +247,17 @@ class SiteRuntime:
 
         seed_everything(self.cfg.train.seed + 1000 * server_round)
         self.train_set.warm(self.progress)
-        self._mark_validated()
         frozen = [m for m in self.cfg.modality_names if counts[m] == 0] if modality_aware else []
         anchor = numpy_to_state(global_state) if proximal_mu > 0 else None
-        trainer = LocalTrainer(self.cfg, self._model(global_state), self.train_set, plan=plan,
+        trainer = LocalTrainer(self.cfg, self._model(global_state), self.train_set, plan=plan if dp else None,
                                accountant=self.accountant if dp else None, frozen_groups=frozen,
                                prox_anchor=anchor, prox_mu=proximal_mu, progress=self.progress)
+        if dp:
+            # Before the first step: a crash during training still counts every reserved step.
+            reservation = self.ledger.append(
+                "reservation", study=self.cfg.study, run_id=run_id, round=server_round,
+                mechanism=plan.mechanism(steps, None, plan.max_grad_norm), epsilon=projected, delta=plan.delta,
+                site=self.site_id)
         history = trainer.fit(local_epochs, desc=f"{self.site_id} round {server_round}")
         state = clean_state_dict(trainer.model)
         metrics = {"declined": 0.0, "train_loss": float(history[-1]["train_loss"])}
@@ -183,7 +267,7 @@ class SiteRuntime:
                            noise_multiplier=plan.noise_multiplier)
             mechanism = plan.mechanism(trainer.steps, trainer.clipping, trainer.norms)
             self.ledger.append("dp-training", study=self.cfg.study, run_id=run_id, round=server_round,
-                               mechanism=mechanism, epsilon=epsilon, delta=plan.delta,
+                               mechanism=mechanism, epsilon=epsilon, delta=plan.delta, settles=reservation["seq"],
                                config_hash=self.cfg.digest(), model_hash=state_dict_hash(state), site=self.site_id)
         num_examples = self.num_examples()
         self.ledger.append("release", study=self.cfg.study, run_id=run_id, round=server_round,
@@ -201,6 +285,7 @@ class SiteRuntime:
         self.val_set.warm(self.progress)
         metrics = validation_metrics(self._model(global_state), self.val_set)
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.ledger.append("release", study=self.cfg.study, run_id=run_id, round=server_round,
-                           kind_detail="evaluation", metrics=metrics, site=self.site_id)
+        with self.privacy.locked():
+            self.ledger.append("release", study=self.cfg.study, run_id=run_id, round=server_round,
+                               kind_detail="evaluation", metrics=metrics, site=self.site_id)
         return metrics

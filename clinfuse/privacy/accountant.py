@@ -455,6 +455,10 @@ class SiteAccountant:
     Use: hand :attr:`accountant` to Opacus (``privacy_engine.accountant = site.accountant``
     *before* ``make_private``) so every optimizer step is recorded, then call :meth:`save`.
     :meth:`reserve` before training makes a crash mid-training count the planned steps.
+
+    :meth:`know` takes epsilons computed in advance (a privacy plan's table, computed by this
+    module at plan time): :meth:`epsilon` and :meth:`projected_epsilon` return them when the
+    history is *exactly* one they were computed for, and call the accountant otherwise.
     """
 
     def __init__(self, state_path: str | Path | None, mechanism: str = "prv", *,
@@ -466,6 +470,7 @@ class SiteAccountant:
         #: planned steps found pending in the state file (a crash during training): counted.
         self.recovered_pending: list[Step] = []
         self._pending: list[Step] = []
+        self._known: dict[tuple, float] = {}
         from opacus.accountants import PRVAccountant, RDPAccountant
 
         self._accountant = PRVAccountant() if mechanism == "prv" else RDPAccountant()
@@ -570,23 +575,47 @@ class SiteAccountant:
             for _ in range(t):
                 self._accountant.step(noise_multiplier=sigma, sample_rate=q)
 
+    def replace_history(self, history: Iterable[Sequence]) -> None:
+        """Set the recorded history (rebuilding the state from the site's ledger); clears pending."""
+        self._accountant.history = merge_history(normalize_history(history))
+        self.recovered_pending = []
+        self._pending = []
+
+    def know(self, history: Iterable[Sequence], delta: float, epsilon: float) -> None:
+        """Remember that ``history`` at ``delta`` has ``epsilon`` under this accountant.
+
+        Only for values this module computed for exactly that history (a plan's table): a wrong
+        value here would be reported as the site's epsilon.
+        """
+        self._known[self._key(history, delta)] = float(epsilon)
+
+    def _key(self, history, delta: float) -> tuple:
+        return tuple(merge_history(normalize_history(history))), float(delta), self.mechanism
+
+    def _epsilon_of(self, history: list[Step], delta: float) -> float:
+        if not normalize_history(history):
+            self.last_used_mechanism = self.mechanism
+            return 0.0
+        known = self._known.get(self._key(history, delta))
+        if known is not None:
+            self.last_used_mechanism = self.mechanism
+            return known
+        eps, used = compute_epsilon(history, delta, mechanism=self.mechanism, timeout_s=self.timeout_s)
+        self.last_used_mechanism = used
+        return eps
+
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0 when nothing was spent).
 
         Sets :attr:`last_used_mechanism` (``"rdp"`` when the primary accountant timed out).
         """
-        eps, used = compute_epsilon(self.history, delta, mechanism=self.mechanism, timeout_s=self.timeout_s)
-        self.last_used_mechanism = used
-        return eps
+        return self._epsilon_of(self.history, delta)
 
     def projected_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int,
                           delta: float) -> float:
         """Epsilon there would be after ``steps`` more steps at these settings; changes nothing."""
         extra = normalize_history([(noise_multiplier, sample_rate, steps)])
-        eps, used = compute_epsilon(self.history + extra, delta, mechanism=self.mechanism,
-                                    timeout_s=self.timeout_s)
-        self.last_used_mechanism = used
-        return eps
+        return self._epsilon_of(self.history + extra, delta)
 
     def __repr__(self) -> str:
         return (f"SiteAccountant(state_path={str(self.state_path)!r}, mechanism={self.mechanism!r}, "

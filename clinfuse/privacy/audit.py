@@ -4,6 +4,16 @@
 through :func:`to_json`) with
 
 - every break of the hash chain, named by line and seq (changed, removed, swapped, truncated);
+- authorship: given the site's trusted public key or fingerprint (command line, the study's
+  roster, or the key the coordinator's history recorded), every entry must carry a valid
+  signature by it; without a trusted key only the chain and the ledger's consistency with the
+  key it declares are checked — the report says so, since a rebuilt ledger signed with another
+  key would pass that;
+- the coordinator's record: every ledger head (seq, hash) a run's ``history.json`` recorded
+  for the site must be an entry of this chain (entries removed from the end, or a rewritten
+  chain, fail here even though the chain itself is consistent);
+- the plan: every DP entry must run the mechanism (noise, sample rate, delta) of the plan the
+  ledger signed before it; steps reserved before training and never reported are counted;
 - for each study in each ledger, epsilon after every ``"dp-training"`` entry recomputed from the
   recorded mechanism history (cumulative) with Opacus RDP, Opacus PRV and dp-accounting PLD,
   pessimistic and optimistic — the optimistic PLD value is a lower bound on the true epsilon, so
@@ -39,11 +49,15 @@ from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, compute_epsilon, epsi
 from clinfuse.privacy.ledger import (
     _jsonable,
     as_float,
+    dp_history,
+    ledger_signer,
     mechanism_problems,
     parse_lines,
     read_ledger_bytes,
     verify_entries,
 )
+from clinfuse.privacy.plan import plan_digest
+from clinfuse.privacy.site_key import FINGERPRINT_PREFIX, fingerprint, key_matches
 
 RECOMPUTED = ("rdp", "prv", "pld", "pld-optimistic")
 LABELS = {"rdp": "RDP (Opacus)", "prv": "PRV (Opacus)", "pld": "PLD pessimistic (dp-accounting)",
@@ -185,6 +199,7 @@ def _audit_study(study, entries, configs, add, timeout_s) -> dict:
         history.append((sigma, q, steps))
         row_delta.append(delta)
         rows.append({"seq": seq, "line": line, "round": e.get("round"), "run_id": e.get("run_id"),
+                     "reserved": e.get("kind") == "reservation",
                      "time": e.get("time"), "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
                      "delta": delta, "accountant": mech.get("accountant"),
                      "recorded": as_float(e.get("epsilon"))})
@@ -260,11 +275,18 @@ def _audit_study(study, entries, configs, add, timeout_s) -> dict:
     return summary
 
 
-def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
-    """Audit one site's ledger; see the module docstring. Raises InputError for a non-ledger."""
+def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                  trusted: TrustedKeys | None = None, coordinator: CoordinatorRecord | None = None) -> dict:
+    """Audit one site's ledger; see the module docstring. Raises InputError for a non-ledger.
+
+    ``trusted`` supplies the site's trusted public key (or fingerprint) by site id: with one,
+    every entry must be signed by it (authorship verified); without, only the chain and the
+    ledger's consistency with the key it declares are checked, and the report says so.
+    ``coordinator`` holds the ledger heads the coordinator recorded: each must be in the chain.
+    """
     path = Path(path)
     data = read_ledger_bytes(path)
-    entries, parse_problems = parse_lines(data)
+    entries, parse_problems = parse_lines(data, source=path)
     if data.strip() and not any(isinstance(e.get("hash"), str) for e in entries):
         raise InputError("not a clinfuse privacy ledger (no line is a hashed ledger entry)", file=path)
     site = _site_name(path, entries)
@@ -274,36 +296,74 @@ def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
         findings.append(Finding(severity, code, message, str(path), site, line,
                                 seq if isinstance(seq, int) and not isinstance(seq, bool) else None))
 
-    chain_problems = sorted(parse_problems + verify_entries(entries), key=lambda p: p.line)
+    declared = ledger_signer(entries)
+    key, key_source = (trusted or TrustedKeys()).for_site(site)
+    recorded_keys = coordinator.public_keys(site) if coordinator else []
+    if len(recorded_keys) > 1:
+        add("error", "coordinator-key-mismatch", f"the coordinator recorded {len(recorded_keys)} different public "
+            f"keys for {site}: replies under this site id came from more than one key")
+    if key is None and len(recorded_keys) == 1:
+        key, key_source = recorded_keys[0], f"the coordinator's history ({coordinator.path})"
+    elif key is not None and any(not key_matches(key, k) for k in recorded_keys):
+        add("error", "coordinator-key-mismatch", f"the coordinator recorded another public key for {site} "
+            f"than the trusted one ({key_source}): the replies it recorded were not this site's")
+    public_key = None
+    if key is not None:
+        if key_matches(key, declared):
+            public_key = declared
+        elif not key.startswith(FINGERPRINT_PREFIX):
+            public_key = key  # every signed entry is then reported as signed by another key
+        else:
+            signed = f"signed by {_fingerprint_or(declared)}" if declared else "not signed"
+            add("error", "wrong-key", f"the ledger is {signed}, not by the trusted key {key[:23]}... ({key_source})")
+    chain_problems = sorted(parse_problems + verify_entries(entries, public_key=public_key), key=lambda p: p.line)
     for p in chain_problems:
         add("error", p.code, p.message, p.line, p.seq)
+    authorship = {"verified": public_key is not None and not any(p.code in SIGNATURE_CODES for p in chain_problems)
+                  and not any(f.code == "wrong-key" for f in findings),
+                  "trusted_key_source": key_source, "declared_signer": _fingerprint_or(declared)}
+    if key is None:
+        add("warning", "authorship-unverified", "no trusted key for this site was given (--public-key, --roster "
+            "or --history): only the chain, not who wrote it, was checked")
     if not data.strip():
         add("warning", "empty", "the ledger is empty: nothing was trained or released")
 
     by_study_dp: dict[str, list[dict]] = defaultdict(list)
     by_study_cfg: dict[str, list[dict]] = defaultdict(list)
     counts = Counter()
+    settled = {e.get("settles") for e in entries if e.get("kind") == "dp-training"}
+    plans: dict[str, dict] = {}  # study -> the config entry holding the plan in force
     for e in entries:
         kind = e.get("kind")
         counts[kind] += 1
         study = e.get("study") if isinstance(e.get("study"), str) else ""
-        if kind == "dp-training":
-            by_study_dp[study].append(e)
-        elif kind == "config":
+        line, seq = e.get("_line"), e.get("seq")
+        if kind == "config":
             by_study_cfg[study].append(e)
+            if isinstance(e.get("plan"), dict) and isinstance(e.get("plan_sha256"), str):
+                if plan_digest(e["plan"]) != e["plan_sha256"]:
+                    add("error", "plan-digest", "the plan does not match its plan_sha256", line, seq)
+                plans[study] = e
+        elif kind in ("dp-training", "reservation"):
+            if kind == "reservation" and seq in settled:
+                continue
+            if kind == "reservation":
+                add("warning", "unsettled-reservation", "training reserved these steps and never reported "
+                    "them (a crash?): they are counted as spent", line, seq)
+            elif e.get("recovered"):
+                add("warning", "recovered-steps", f"steps recorded after the fact: {e.get('reason') or 'recovered'}",
+                    line, seq)
+            _check_on_plan(e, plans.get(study), add)
+            by_study_dp[study].append(e)
         elif kind not in ("release", "refusal"):
-            add("error", "bad-entry", f"unknown entry kind {kind!r}", e.get("_line"), e.get("seq"))
+            add("error", "bad-entry", f"unknown entry kind {kind!r}", line, seq)
     studies = []
     for study in sorted(set(by_study_dp) | set(by_study_cfg)):
         configs = by_study_cfg.get(study, []) + (by_study_cfg.get("", []) if study else [])
         studies.append(_audit_study(study or None, by_study_dp.get(study, []), configs, add, timeout_s))
 
     # A site's patients are the same across studies: its total composes every study.
-    all_history = []
-    for e in entries:
-        if e.get("kind") == "dp-training" and not mechanism_problems(e.get("mechanism")):
-            m = e["mechanism"]
-            all_history.append((float(m["noise_multiplier"]), float(m["sample_rate"]), int(m["steps"])))
+    all_history = dp_history(entries)[0]
     deltas = [s["delta"] for s in studies if s["delta"] is not None]
     total = None
     if len([s for s in studies if s["dp_entries"]]) > 1 and deltas:
@@ -312,19 +372,164 @@ def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     elif studies and deltas:
         s = next(s for s in studies if s["dp_entries"])
         total = {"pld": s["pld"], "accountant": "pld", "delta": s["delta"]}
+    coordinator_summary = _check_coordinator(coordinator, site, entries, add) if coordinator else None
     return {
         "ledger": str(path), "site": site, "entries": len(entries), "kinds": dict(counts),
         "chain_ok": not chain_problems, "head": entries[-1].get("hash") if entries else None,
+        "authorship": authorship, "coordinator": coordinator_summary,
         "studies": studies, "site_total": total,
         "findings": [asdict(f) for f in findings],
     }
 
 
-def verify_ledgers(paths: Sequence[str | Path], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
-    """Audit several sites' ledgers and summarise the federation. Returns the report dict."""
+SIGNATURE_CODES = ("unsigned", "bad-signature", "wrong-key", "signer-changed")
+# What must match between a DP entry and the plan in force (planned mechanism, not the round's length).
+PLANNED = ("noise_multiplier", "sample_rate", "delta")
+
+
+def _fingerprint_or(public_key: str | None) -> str | None:
+    if public_key is None:
+        return None
+    try:
+        return fingerprint(public_key)
+    except InputError:
+        return "an invalid key"
+
+
+def _check_on_plan(entry: dict, plan_entry: dict | None, add) -> None:
+    """A DP entry must run the mechanism of the plan signed before it (same study)."""
+    mech = entry.get("mechanism")
+    if plan_entry is None or not isinstance(mech, dict):
+        return
+    plan = plan_entry["plan"]
+    off = [f"{k} {mech.get(k)!r} (planned {plan.get(k)!r})" for k in PLANNED
+           if as_float(mech.get(k)) is None or as_float(plan.get(k)) is None
+           or not math.isclose(as_float(mech.get(k)), as_float(plan.get(k)), rel_tol=1e-12)]
+    if off:
+        add("error", "off-plan", f"trained off the plan signed at ledger seq {plan_entry.get('seq')}: "
+            + ", ".join(off) + ": a changed plan must be re-planned explicitly", entry.get("_line"), entry.get("seq"))
+
+
+def _check_coordinator(record: CoordinatorRecord, site: str, entries: Sequence[dict], add) -> dict:
+    """Every ledger head the coordinator recorded for ``site`` must be an entry of this chain."""
+    by_seq = {e.get("seq"): e for e in entries if isinstance(e.get("seq"), int)}
+    heads = record.heads(site)
+    last = max(by_seq, default=-1)
+    mismatches = 0
+    for server_round, head in heads:
+        seq, expected = head["seq"], head["hash"]
+        if seq < 0:
+            continue
+        entry = by_seq.get(seq)
+        if entry is None:
+            mismatches += 1
+            add("error", "coordinator-mismatch", f"after round {server_round} the coordinator recorded this site's "
+                f"ledger head at seq {seq} (hash {expected[:12]}...), but this ledger ends at seq {last}: "
+                "entries were removed", None, seq)
+        elif entry.get("hash") != expected:
+            mismatches += 1
+            add("error", "coordinator-mismatch", f"after round {server_round} the coordinator recorded hash "
+                f"{expected[:12]}... for seq {seq}; this ledger has {str(entry.get('hash'))[:12]}... there: "
+                "the ledger was rewritten", entry.get("_line"), seq)
+    if not heads:
+        add("warning", "not-in-history", f"the coordinator's history ({record.path}) records no ledger head for "
+            f"{site}: nothing to cross-check")
+    return {"history": str(record.path), "heads": len(heads), "mismatches": mismatches,
+            "ok": bool(heads) and not mismatches}
+
+
+class TrustedKeys:
+    """Trusted public keys (base64) or fingerprints (``SHA256:...``) by site id.
+
+    ``by_site`` maps site ids to keys; ``default`` applies to a ledger whose site has none (only
+    sensible with one ledger). ``sources`` says where each came from, for the report.
+    """
+
+    def __init__(self, by_site: dict[str, str] | None = None, default: str | None = None,
+                 sources: dict[str, str] | None = None, default_source: str = "--public-key"):
+        self.by_site = dict(by_site or {})
+        self.default = default
+        self.sources = dict(sources or {})
+        self.default_source = default_source
+
+    def for_site(self, site: str) -> tuple[str | None, str | None]:
+        if site in self.by_site:
+            return self.by_site[site], self.sources.get(site, "--public-key")
+        if self.default is not None:
+            return self.default, self.default_source
+        return None, None
+
+
+class CoordinatorRecord:
+    """The ledger heads and public keys a coordinator's ``history.json`` recorded per site.
+
+    Reads ``rounds[i].sites[SITE].ledger_head`` (``{"seq": int, "hash": str}``) and
+    ``rounds[i].sites[SITE].public_key`` (base64) of a run directory's history; rounds or
+    sites without them are skipped. Raises :class:`InputError` naming the file, round and site
+    for a malformed value.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError("history file not found", file=self.path) from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"unreadable run history ({exc})", file=self.path) from None
+        rounds = doc.get("rounds") if isinstance(doc, dict) else None
+        if not isinstance(rounds, list):
+            raise InputError("not a clinfuse run history (no 'rounds' list)", file=self.path)
+        self._heads: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+        self._keys: dict[str, list[str]] = defaultdict(list)
+        for record in rounds:
+            sites = record.get("sites") if isinstance(record, dict) else None
+            if not isinstance(sites, dict):
+                continue
+            for name, info in sites.items():
+                if not isinstance(info, dict):
+                    continue
+                where = f"round {record.get('round')}, site {name}"
+                head = info.get("ledger_head")
+                if head is not None:
+                    seq, h = (head.get("seq"), head.get("hash")) if isinstance(head, dict) else (None, None)
+                    if (isinstance(seq, bool) or not isinstance(seq, int) or seq < -1 or not isinstance(h, str)
+                            or len(h) != 64):
+                        raise InputError(f"{where}: ledger_head must be {{\"seq\": int, \"hash\": 64 hex digits}}, "
+                                         f"got {head!r}", file=self.path)
+                    self._heads[name].append((record.get("round"), {"seq": seq, "hash": h}))
+                key = info.get("public_key")
+                if key is not None:
+                    if not isinstance(key, str):
+                        raise InputError(f"{where}: public_key must be a string", file=self.path)
+                    if key not in self._keys[name]:
+                        self._keys[name].append(key)
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(set(self._heads) | set(self._keys))
+
+    def heads(self, site: str) -> list[tuple[int, dict]]:
+        return list(self._heads.get(site, []))
+
+    def public_keys(self, site: str) -> list[str]:
+        return list(self._keys.get(site, []))
+
+
+def verify_ledgers(paths: Sequence[str | Path], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                   trusted: TrustedKeys | None = None, history: str | Path | None = None) -> dict:
+    """Audit several sites' ledgers and summarise the federation. Returns the report dict.
+
+    ``trusted``: the sites' trusted keys (:class:`TrustedKeys`); ``history``: a run directory's
+    ``history.json`` whose recorded ledger heads each ledger must contain.
+    """
     if not paths:
         raise InputError("give at least one ledger file")
-    sites = [verify_ledger(p, timeout_s=timeout_s) for p in paths]
+    if trusted is not None and trusted.default is not None and len(paths) > 1:
+        raise InputError("with several ledgers, name the site of each trusted key: --public-key SITE=KEY",
+                         key="--public-key")
+    coordinator = CoordinatorRecord(history) if history is not None else None
+    sites = [verify_ledger(p, timeout_s=timeout_s, trusted=trusted, coordinator=coordinator) for p in paths]
     seen = Counter(s["site"] for s in sites)
     if any(c > 1 for c in seen.values()):
         for s in sites:  # same site name twice: tell them apart by file
@@ -343,6 +548,7 @@ def verify_ledgers(paths: Sequence[str | Path], *, timeout_s: float = DEFAULT_TI
         "epsilon_recorded": max((v["recorded"] for v in per_site.values()), default=0.0),
         "delta": max(deltas) if deltas else None,
         "sites": per_site,
+        "unaudited_in_history": sorted(set(coordinator.sites) - set(per_site)) if coordinator else [],
     }
     findings = [f for s in sites for f in s["findings"]]
     return {
@@ -371,6 +577,12 @@ def format_text(report: dict) -> str:
         out.append(f"  entries {s['entries']}  " + "  ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items(),
                                                                                     key=lambda kv: str(kv[0])))
                    + f"  chain {'intact' if s['chain_ok'] else 'BROKEN'}")
+        out.append("  " + describe_authorship(s["authorship"]))
+        if s.get("coordinator"):
+            c = s["coordinator"]
+            out.append(f"  coordinator record ({c['history']}): {c['heads']} ledger head(s) recorded, "
+                       + ("all in this chain" if c["ok"] else f"{c['mismatches']} NOT in this chain"
+                          if c["mismatches"] else "none to check"))
         for st in s["studies"]:
             out.append(f"  study {st['study'] or '-'}: {st['dp_entries']} dp-training entries, "
                        f"{st['steps']} steps, delta {st['delta'] if st['delta'] is not None else '-'}")
@@ -401,6 +613,21 @@ def format_text(report: dict) -> str:
     else:
         out.append("no findings: every chain is intact and every recorded epsilon is within the bracket")
     return "\n".join(out)
+
+
+def describe_authorship(authorship: dict) -> str:
+    """One line: whose entries these are, and how far that was checked."""
+    if authorship["verified"]:
+        return (f"authorship verified: every entry is signed by {authorship['declared_signer']} "
+                f"(trusted key from {authorship['trusted_key_source']})")
+    if authorship["trusted_key_source"]:
+        return (f"authorship NOT verified against the trusted key from {authorship['trusted_key_source']} "
+                "(see the findings)")
+    declared = authorship["declared_signer"]
+    return ("authorship not verified: no trusted key for this site was given (--public-key, --roster or "
+            "--history); only the chain, not who wrote it, was checked"
+            + (f" (the ledger declares it is signed by {declared}: a ledger rebuilt and signed with another "
+               "key would declare that one)" if declared else " (the ledger is not signed)"))
 
 
 def _plot_site(site: dict) -> str | None:
@@ -466,6 +693,8 @@ def format_html(report: dict) -> str:
         parts.append(f"<h2>Site {e(s['site'])}</h2><p>{e(s['ledger'])}: {s['entries']} entries; hash chain "
                      f"<b class='{'ok' if s['chain_ok'] else 'error'}'>{'intact' if s['chain_ok'] else 'BROKEN'}"
                      f"</b>; head {e(str(s['head']))}</p>")
+        parts.append(f"<p class='{'ok' if s['authorship']['verified'] else 'warning'}'>"
+                     f"{e(describe_authorship(s['authorship']))}</p>")
         png = _plot_site(s)
         if png:
             parts.append(f"<img alt='epsilon over rounds, site {e(s['site'])}' "

@@ -10,14 +10,16 @@ implementation gives.
 
 White-box gradient canaries ("Dirac" canaries). Canary ``j`` is a per-sample gradient that is
 zero except at one coordinate ``c_j`` of the flat parameter vector, with norm
-``canary_scale * max_grad_norm`` so the real clipping applies to it. The shadow run uses Opacus'
-own ``DPDataLoader`` (Poisson sampling at the site's sample rate), ``GradSampleModule`` and
-``DPOptimizer`` (clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier *
-max_grad_norm``), i.e. the same code path as the site's trainer, on a linear probe whose
-per-sample gradient *is* its input row. The site's patients can be present as background rows:
-their real per-sample gradients from the site's model, restricted to the canary coordinates
-plus one coordinate carrying the norm of all the others — exact for clipping and for the canary
+``canary_scale * max_grad_norm`` so the real clipping applies to it. The shadow run — the DP-SGD
+under audit — is the caller's: :mod:`clinfuse.auditing.empirical` runs clinfuse's own DP
+engine (the trainer's ``DPEngine``, its per-sample gradients, flat clipping and noise, Opacus'
+Poisson sampling) on a probe whose per-sample gradient *is* its input row, so a bug in the code
+that trains fails the audit. The site's patients can be present as background rows: their real
+per-sample gradients from the site's model, restricted to the canary coordinates plus one
+coordinate carrying the norm of all the others — exact for clipping and for the canary
 coordinates, so the dynamics along the canaries are those of the full-size run.
+
+This module is statistics only: it imports no training code.
 
 Score of canary ``j`` = ``theta_0 - theta_T`` at ``c_j`` minus the expected background drift
 there (a fixed function of public quantities, so the analysis stays valid). The auditor guesses
@@ -44,7 +46,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -213,112 +214,16 @@ def lower_bound_from_scores(scores: np.ndarray, included: np.ndarray, delta: flo
 
 
 # --------------------------------------------------------------------------------------------
-# Background: the site's real per-sample gradients, compressed to the canary coordinates
+# The audit: canaries in, scores out (the training itself is run by the caller's shadow run)
 # --------------------------------------------------------------------------------------------
 
-def _default_loss(output, batch):
-    import torch.nn.functional as F
-
-    logits = output["logits"] if isinstance(output, dict) else output
-    return F.cross_entropy(logits, batch[-1], reduction="sum")
-
-
-def background_features(model, batches: Iterable, coords: np.ndarray, *,
-                        loss_fn: Callable | None = None, max_samples: int = 1000) -> np.ndarray:
-    """Per-sample gradients of ``model`` on ``batches`` at the canary coordinates.
-
-    ``batches`` yield tuples whose last element is the target; ``model(*batch[:-1])`` returns
-    logits or a dict with ``"logits"``; ``loss_fn(output, batch)`` must *sum* over the batch
-    (default: cross entropy). Returns ``[n, len(coords) + 1]``: the gradient at each coordinate
-    of ``coords`` (indices into the concatenated flattened trainable parameters, in
-    ``parameters()`` order) and, last, the norm of all the other coordinates, so clipping sees
-    each sample's true norm.
-    """
-    import torch
-    from opacus import GradSampleModule
-
-    loss_fn = loss_fn or _default_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    coords = np.asarray(coords)
-    gsm = GradSampleModule(model)
-    # Opacus captures activations only in training mode; switch off dropout by hand instead.
-    gsm.train()
-    for module in gsm.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            module.eval()
-    rows = []
-    seen = 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "full backward hook ... no inputs need grad"
-            for batch in batches:
-                gsm.zero_grad(set_to_none=True)
-                loss_fn(gsm(*batch[:-1]), batch).backward()
-                grads = torch.cat([p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in params], dim=1)
-                grads = grads.detach().double().numpy()
-                picked = grads[:, coords]
-                rest = np.sqrt(np.maximum((grads ** 2).sum(axis=1) - (picked ** 2).sum(axis=1), 0.0))
-                rows.append(np.concatenate([picked, rest[:, None]], axis=1))
-                seen += grads.shape[0]
-                if seen >= max_samples:
-                    break
-    finally:
-        gsm._close()
-        for p in params:
-            p.grad_sample = None
-    if not rows:
-        return np.zeros((0, len(coords) + 1))
-    return np.concatenate(rows, axis=0)[:max_samples]
-
-
-# --------------------------------------------------------------------------------------------
-# The shadow run
-# --------------------------------------------------------------------------------------------
-
-def _shadow_dp_sgd(features: np.ndarray, *, noise_multiplier: float, max_grad_norm: float,
-                   sample_rate: float, steps: int, seed: int, progress: bool | None) -> np.ndarray:
-    """DP-SGD through Opacus on a linear probe whose per-sample gradient is its input row.
-
-    Returns ``theta_0 - theta_T`` (sum reduction, learning rate 1: the sum of the noisy clipped
-    gradient sums over all steps).
-    """
-    import torch
-    from opacus import GradSampleModule
-    from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizer
-    from torch.utils.data import TensorDataset
-    from tqdm.auto import tqdm
-
-    _n, d = features.shape
-    gen = torch.Generator().manual_seed(seed)
-    probe = torch.nn.Linear(d, 1, bias=False, dtype=torch.float64)
-    torch.nn.init.zeros_(probe.weight)
-    module = GradSampleModule(probe)
-    optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=1.0),
-                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                            expected_batch_size=None, loss_reduction="sum", generator=gen)
-    loader = DPDataLoader(TensorDataset(torch.from_numpy(features)), sample_rate=sample_rate,
-                          generator=torch.Generator().manual_seed(seed + 1))
-    done = 0
-    bar = tqdm(total=steps, desc="shadow DP-SGD", unit="step", leave=False,
-               disable=None if progress is None else not progress)
-    try:
-        with warnings.catch_warnings():
-            # Opacus' hooks warn that no *input* needs a gradient; only the parameters do here.
-            warnings.simplefilter("ignore", UserWarning)
-            while done < steps:
-                for (xb,) in loader:
-                    optimizer.zero_grad(set_to_none=True)
-                    module(xb).sum().backward()  # d(sum x.theta)/d theta = x: the row is the gradient
-                    optimizer.step()
-                    done += 1
-                    bar.update(1)
-                    if done >= steps:
-                        break
-    finally:
-        bar.close()
-        module._close()
-    return -probe.weight.detach().numpy()[0].copy()
+#: ``shadow_run(features, applied_noise_multiplier) -> drift``: runs DP-SGD on rows whose
+#: per-sample gradients *are* the rows and returns ``theta_0 - theta_T`` in units of summed
+#: gradients (see :mod:`clinfuse.auditing.empirical`, which runs clinfuse's own DP engine).
+ShadowRun = Callable[[np.ndarray, float], np.ndarray]
+#: ``background(coords) -> [n, len(coords) + 1]``: real per-sample gradients at the canary
+#: coordinates plus one column holding the norm of all other coordinates.
+Background = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -383,41 +288,38 @@ def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3f}"
 
 
-def run_canary_audit(dim_or_model, *, noise_multiplier: float, max_grad_norm: float, sample_rate: float,
-                     steps: int, n_canaries: int = 1000, seed: int = 0, delta: float = 1e-5,
+def run_canary_audit(dim: int, *, shadow_run: ShadowRun, noise_multiplier: float, max_grad_norm: float,
+                     sample_rate: float, steps: int, n_canaries: int = 1000, seed: int = 0, delta: float = 1e-5,
                      applied_noise_multiplier: float | None = None, claimed_epsilon: float | None = None,
-                     data: Iterable | None = None, loss_fn: Callable | None = None,
-                     max_background: int = 1000, canary_scale: float = 10.0, accountant: str = "prv",
-                     confidence: float = 0.95, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     progress: bool | None = None) -> AuditResult:
+                     background: Background | None = None, canary_scale: float = 10.0, accountant: str = "prv",
+                     confidence: float = 0.95, timeout_s: float = DEFAULT_TIMEOUT_S) -> AuditResult:
     """One-run canary audit of DP-SGD with the given settings.
 
     Parameters
     ----------
-    dim_or_model:
-        Number of model parameters (canary coordinates are drawn from it), or the site's
-        ``torch.nn.Module`` (its trainable parameter count; with ``data``, its real per-sample
-        gradients on up to ``max_background`` samples are the background).
+    dim:
+        Number of trainable parameters of the audited model: canary coordinates are drawn from it.
+    shadow_run:
+        Runs the DP-SGD under audit on the feature rows (see :data:`ShadowRun`).
     noise_multiplier, max_grad_norm, sample_rate, steps:
         The site's DP-SGD settings; the claim is computed from these.
     applied_noise_multiplier:
-        Noise actually applied in the shadow run (default ``noise_multiplier``). Setting it
+        Noise the shadow run is asked to apply (default ``noise_multiplier``). Setting it
         below the claimed value simulates a broken implementation.
     claimed_epsilon:
         The epsilon to test (default: the ``accountant``'s epsilon for the settings).
+    background:
+        Real per-sample gradients at the canary coordinates (see :data:`Background`), or ``None``
+        for a run of canaries alone (the strongest, least realistic audit).
     n_canaries, seed, delta, confidence, canary_scale:
         Audit parameters; canaries have norm ``canary_scale * max_grad_norm`` before clipping.
 
     Returns an :class:`AuditResult`; ``passed`` is False for a violation.
     """
     t0 = time.perf_counter()
-    if isinstance(dim_or_model, (int, np.integer)) and not isinstance(dim_or_model, bool):
-        model, dim = None, int(dim_or_model)
-    elif hasattr(dim_or_model, "parameters"):
-        model = dim_or_model
-        dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    else:
-        raise InputError(f"dim_or_model must be a parameter count or a torch module, got {type(dim_or_model)}")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise InputError(f"dim must be a parameter count, got {type(dim).__name__}")
+    dim = int(dim)
     m = int(n_canaries)
     if m < 10:
         raise InputError(f"n_canaries must be at least 10, got {m}", key="n_canaries")
@@ -442,24 +344,17 @@ def run_canary_audit(dim_or_model, *, noise_multiplier: float, max_grad_norm: fl
     rng = np.random.default_rng(seed)
     coords = rng.choice(dim, size=m, replace=False)
     included = rng.random(m) < 0.5
-    if model is not None and data is not None:
-        background = background_features(model, data, coords, loss_fn=loss_fn, max_samples=max_background)
-    else:
-        background = np.zeros((0, m + 1))
-        if model is not None:
-            notes.append("no data given: the shadow run has no background patients (the "
-                         "strongest, least realistic audit)")
+    rows = background(coords) if background is not None else np.zeros((0, m + 1))
     canaries = np.zeros((int(included.sum()), m + 1))
     canaries[np.arange(len(canaries)), np.flatnonzero(included)] = canary_scale * max_grad_norm
-    features = np.concatenate([background, canaries], axis=0)
+    features = np.concatenate([rows, canaries], axis=0)
 
-    drift_theta = _shadow_dp_sgd(features, noise_multiplier=applied, max_grad_norm=max_grad_norm,
-                                 sample_rate=sample_rate, steps=steps, seed=seed, progress=progress)
+    drift_theta = np.asarray(shadow_run(features, applied), dtype=float)
     # Expected drift from the background: each clipped background row is summed ~q*T times.
-    if len(background):
-        norms = np.linalg.norm(background, axis=1)
+    if len(rows):
+        norms = np.linalg.norm(rows, axis=1)
         factors = np.minimum(1.0, max_grad_norm / (norms + 1e-6))
-        expected = steps * sample_rate * (background * factors[:, None]).sum(axis=0)
+        expected = steps * sample_rate * (rows * factors[:, None]).sum(axis=0)
     else:
         expected = np.zeros(m + 1)
     scores = (drift_theta - expected)[:m]
@@ -485,7 +380,7 @@ def run_canary_audit(dim_or_model, *, noise_multiplier: float, max_grad_norm: fl
     return AuditResult(
         eps_lower_bound=lb, accounted_epsilon=accounted, claimed_epsilon=claim, passed=passed,
         verdict=verdict, cost_seconds=time.perf_counter() - t0, max_detectable=stats_["max_detectable"],
-        n_canaries=m, n_included=int(included.sum()), n_background=len(background),
+        n_canaries=m, n_included=int(included.sum()), n_background=len(rows),
         guesses=stats_["guesses"], correct=stats_["correct"], k_plus=stats_["k_plus"],
         k_minus=stats_["k_minus"], noise_multiplier=float(noise_multiplier),
         applied_noise_multiplier=applied, max_grad_norm=float(max_grad_norm),

@@ -2,20 +2,33 @@
 
 Every use of the site's patient data and everything that leaves the site is one entry:
 
-- ``"config"``      the study's settings as approved (config hash, ``max_epsilon``, delta, ...)
+- ``"config"``      the study's settings as approved (config hash, ``max_epsilon``, delta, and
+                    the privacy plan with its ``plan_sha256``; ``replan`` marks an explicit re-plan)
+- ``"reservation"`` DP-SGD steps about to run (written *before* training): a crash mid-training
+                    still counts them until a ``"dp-training"`` entry ``settles`` the reservation
 - ``"dp-training"`` a stretch of DP-SGD steps: the mechanism parameters and epsilon after it
 - ``"release"``     something sent out (model update, metrics, example counts) and its hash
 - ``"refusal"``     a round the site declined (budget), with the reason
 
 Each line is the canonical JSON of one entry (sorted keys, no spaces, ASCII). An entry carries
 ``seq`` (0, 1, 2, ...), ``prev_hash`` (the previous entry's ``hash``; 64 zeros for the first) and
-``hash`` = sha256 of its own canonical JSON without ``hash``. Changing a byte, deleting or
-swapping entries or truncating a line breaks the chain at a named entry (see
+``hash`` = sha256 of its own canonical JSON without ``hash`` and ``signature``. Changing a byte,
+deleting or swapping entries or truncating a line breaks the chain at a named entry (see
 :func:`verify_entries`). Appends take an exclusive ``fcntl`` lock, write the whole line in one
 ``write`` and fsync; an append after a corrupt last line is refused.
 
-Removing whole entries from the *end* leaves a valid shorter chain: compare the head hash with
-one recorded elsewhere (the coordinator's log of releases) to detect that.
+The chain alone needs no key: anyone can rebuild a consistent chain. A ledger opened with the
+site's :class:`~clinfuse.privacy.site_key.SiteKey` signs every entry: ``signer`` (the site's
+public key, inside the hashed body) and ``signature`` (Ed25519 over the entry's ``hash``, which
+covers ``prev_hash`` and so the whole chain before it). :func:`verify_entries` given a trusted
+public key refuses unsigned entries, bad signatures and entries signed by another key; without
+one it can only check that the ledger is consistent with the key it declares itself.
+
+Removing whole entries from the *end* leaves a valid shorter chain: compare the head
+(:meth:`Ledger.head_entry`) with one recorded elsewhere (the coordinator's history) to detect that.
+
+Numbers: a ledger is strict JSON. A bare ``NaN``/``Infinity`` (or ``1e999``) is refused when read,
+naming the file and line; non-finite values are written as the strings ``"inf"``/``"-inf"``.
 """
 
 from __future__ import annotations
@@ -27,9 +40,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
+from clinfuse.environment import versions
 from clinfuse.errors import InputError
 
 try:  # POSIX only; elsewhere appends are still single writes, without the inter-process lock
@@ -37,11 +50,13 @@ try:  # POSIX only; elsewhere appends are still single writes, without the inter
 except ImportError:  # pragma: no cover
     fcntl = None
 
-KINDS = ("config", "dp-training", "release", "refusal")
+KINDS = ("config", "reservation", "dp-training", "release", "refusal")
 GENESIS_HASH = "0" * 64
 LEDGER_FORMAT = "clinfuse.ledger/1"
 RESERVED = ("seq", "time", "study", "run_id", "round", "kind", "mechanism", "epsilon", "delta",
-            "versions", "config_hash", "model_hash", "prev_hash", "hash", "format")
+            "versions", "config_hash", "model_hash", "prev_hash", "hash", "format", "signer", "signature")
+# Fields outside the hashed body: the hash itself and the signature over it.
+UNHASHED = ("hash", "signature")
 PRIVACY_UNITS = ("patient", "record", "site")
 CLIPPING_MODES = ("flat", "per_layer", "groups", "ghost", "adaptive")
 
@@ -50,7 +65,9 @@ CLIPPING_MODES = ("flat", "per_layer", "groups", "ghost", "adaptive")
 class LedgerProblem:
     """Something wrong in a ledger file: ``line`` is 1-based, ``seq`` the entry's own number."""
 
-    code: str  # bad-json | truncated | bad-entry | hash-mismatch | chain-break | seq-gap | seq-order
+    # bad-json | truncated | bad-entry | hash-mismatch | chain-break | seq-gap | seq-order
+    # | unsigned | bad-signature | wrong-key | signer-changed
+    code: str
     message: str
     line: int
     seq: int | None = None
@@ -100,8 +117,8 @@ def canonical_json(entry: Mapping) -> str:
 
 
 def entry_hash(entry: Mapping) -> str:
-    """sha256 (hex) of the canonical JSON of ``entry`` without its ``hash`` field."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
+    """sha256 (hex) of the canonical JSON of ``entry`` without its ``hash`` and ``signature``."""
+    body = {k: v for k, v in entry.items() if k not in UNHASHED}
     return hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()
 
 
@@ -133,16 +150,6 @@ def array_digest(arrays: Mapping[str, object] | Sequence[object]) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _versions() -> dict:
-    out = {}
-    for dist in ("clinfuse", "torch", "opacus", "flwr", "dp-accounting"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def mechanism_params(*, noise_multiplier: float, sample_rate: float, steps: int,
@@ -218,20 +225,43 @@ def read_ledger_bytes(path: Path) -> bytes:
         raise InputError(f"cannot read the ledger: {exc}", file=path) from None
 
 
-def read_ledger(path: str | Path) -> tuple[list[dict], list[LedgerProblem]]:
+def read_ledger(path: str | Path, *, public_key: str | None = None) -> tuple[list[dict], list[LedgerProblem]]:
     """Read a ledger: ``(entries, problems)``; nothing is dropped silently.
 
     ``entries`` are the lines that parse as JSON objects (each with ``_line``, its 1-based line
     number, added). ``problems`` lists unparseable lines (a last line without its newline is
-    reported as truncated) and every break of the hash chain (:func:`verify_entries`).
-    Raises :class:`InputError` if the file cannot be read.
+    reported as truncated) and every break of the hash chain and of the signatures
+    (:func:`verify_entries`; ``public_key`` is the trusted key of the site, if known).
+    Raises :class:`InputError` if the file cannot be read or a line holds a non-finite number.
     """
-    entries, problems = parse_lines(read_ledger_bytes(Path(path)))
-    return entries, problems + verify_entries(entries)
+    path = Path(path)
+    entries, problems = parse_lines(read_ledger_bytes(path), source=path)
+    return entries, problems + verify_entries(entries, public_key=public_key)
 
 
-def parse_lines(data: bytes) -> tuple[list[dict], list[LedgerProblem]]:
-    """Split ledger bytes into entries and parse problems (no chain checks)."""
+def _refuse_constant(source, line: int):
+    def refuse(text: str):
+        raise InputError(f"line {line}: the bare number {text} is not JSON (a ledger writes non-finite "
+                         "values as the strings \"inf\"/\"-inf\"): the line was edited by hand or by "
+                         "another tool; restore the ledger", file=source)
+    return refuse
+
+
+def _finite_float(source, line: int):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            _refuse_constant(source, line)(text)
+        return value
+    return parse
+
+
+def parse_lines(data: bytes, *, source: str | Path | None = None) -> tuple[list[dict], list[LedgerProblem]]:
+    """Split ledger bytes into entries and parse problems (no chain checks).
+
+    A line holding a bare ``NaN``, ``Infinity`` or an overflowing number raises
+    :class:`InputError` naming ``source`` and the line: no entry can carry such a value.
+    """
     entries: list[dict] = []
     problems: list[LedgerProblem] = []
     if not data:
@@ -246,9 +276,12 @@ def parse_lines(data: bytes) -> tuple[list[dict], list[LedgerProblem]]:
             problems.append(LedgerProblem("bad-json", "empty line", i))
             continue
         try:
-            entry = json.loads(raw.decode("utf-8"))
+            entry = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant(source, i),
+                               parse_float=_finite_float(source, i))
             if not isinstance(entry, dict):
                 raise TypeError("not a JSON object")
+        except InputError:
+            raise
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             if last and not complete:
                 problems.append(LedgerProblem(
@@ -265,15 +298,29 @@ def parse_lines(data: bytes) -> tuple[list[dict], list[LedgerProblem]]:
     return entries, problems
 
 
-def verify_entries(entries: Sequence[Mapping]) -> list[LedgerProblem]:
-    """Check hashes, the ``prev_hash`` chain and ``seq`` numbering of parsed entries."""
+def _int_seq(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def verify_entries(entries: Sequence[Mapping], *, public_key: str | None = None) -> list[LedgerProblem]:
+    """Check hashes, the ``prev_hash`` chain, ``seq`` numbering and signatures of parsed entries.
+
+    With ``public_key`` (the site's trusted key, base64) every entry must be signed by it:
+    unsigned entries, bad signatures and entries whose ``signer`` is another key are problems.
+    Without it, signed entries are checked against the key they declare (``signer``), and a
+    change of signer within the ledger is a problem; unsigned entries pass (there is nothing to
+    check them against), so a caller that needs authorship must pass the trusted key.
+    """
+    from clinfuse.privacy.site_key import verify_signature
+
     problems: list[LedgerProblem] = []
     prev_hash = GENESIS_HASH
     expected_seq = 0
+    first_signer = None
     for entry in entries:
         line = entry.get("_line", 0)
         body = {k: v for k, v in entry.items() if k != "_line"}
-        seq = body.get("seq") if isinstance(body.get("seq"), int) and not isinstance(body.get("seq"), bool) else None
+        seq = _int_seq(body.get("seq"))
         if seq is None or not isinstance(body.get("hash"), str) or not isinstance(body.get("prev_hash"), str):
             problems.append(LedgerProblem("bad-entry", "missing seq, hash or prev_hash", line, seq))
             prev_hash = body.get("hash") if isinstance(body.get("hash"), str) else prev_hash
@@ -297,6 +344,28 @@ def verify_entries(entries: Sequence[Mapping]) -> list[LedgerProblem]:
                 problems.append(LedgerProblem(
                     "seq-order", f"expected seq {expected_seq}, found {seq}: entries out of order "
                     "or duplicated", line, seq))
+        signer, signature = body.get("signer"), body.get("signature")
+        if signer is None and signature is None:
+            if public_key is not None:
+                problems.append(LedgerProblem(
+                    "unsigned", "the entry is not signed: it was not written by this site's clinfuse "
+                    "(or by a version before signed ledgers)", line, seq))
+        elif not isinstance(signer, str) or not isinstance(signature, str):
+            problems.append(LedgerProblem("bad-signature", "malformed signer or signature field", line, seq))
+        else:
+            if public_key is not None and signer != public_key:
+                problems.append(LedgerProblem(
+                    "wrong-key", f"signed by another key ({_short_fingerprint(signer)}), not the site's "
+                    f"trusted key ({_short_fingerprint(public_key)})", line, seq))
+            elif public_key is None and first_signer is not None and signer != first_signer:
+                problems.append(LedgerProblem(
+                    "signer-changed", f"signed by {_short_fingerprint(signer)} where earlier entries are "
+                    f"signed by {_short_fingerprint(first_signer)}", line, seq))
+            if not verify_signature(signer, body["hash"].encode("ascii"), signature):
+                problems.append(LedgerProblem(
+                    "bad-signature", "the signature does not match the entry: the entry was changed or "
+                    "its chain rebuilt without the site's key", line, seq))
+            first_signer = first_signer or signer
         prev_hash = body["hash"]
         # After an out-of-order entry keep expecting the next new number, so one swap is not
         # reported as a cascade of gaps.
@@ -304,9 +373,29 @@ def verify_entries(entries: Sequence[Mapping]) -> list[LedgerProblem]:
     return problems
 
 
-def read_entries(path: str | Path) -> list[dict]:
-    """The entries of a ledger that verifies cleanly; :class:`InputError` naming the first problem."""
-    entries, problems = read_ledger(path)
+def _short_fingerprint(public_key: str) -> str:
+    from clinfuse.privacy.site_key import fingerprint
+
+    try:
+        return fingerprint(public_key)[:23]
+    except InputError:
+        return "an invalid key"
+
+
+def ledger_signer(entries: Sequence[Mapping]) -> str | None:
+    """The public key the ledger declares (``signer`` of its first signed entry), if any."""
+    for e in entries:
+        if isinstance(e.get("signer"), str):
+            return e["signer"]
+    return None
+
+
+def read_entries(path: str | Path, *, public_key: str | None = None) -> list[dict]:
+    """The entries of a ledger that verifies cleanly; :class:`InputError` naming the first problem.
+
+    ``public_key``: the site's trusted key; every entry must then be signed by it.
+    """
+    entries, problems = read_ledger(path, public_key=public_key)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(f"ledger does not verify: {problems[0].describe()}{more}; run "
@@ -316,15 +405,48 @@ def read_entries(path: str | Path) -> list[dict]:
     return entries
 
 
+def mechanism_step(mech: Mapping) -> tuple[float, float, int]:
+    """``(noise_multiplier, sample_rate, steps)`` of a well-formed mechanism dict."""
+    return float(mech["noise_multiplier"]), float(mech["sample_rate"]), int(mech["steps"])
+
+
+def dp_history(entries: Sequence[Mapping]) -> tuple[list[tuple[float, float, int]], list[dict]]:
+    """What the ledger says was spent: ``(history, unsettled)``.
+
+    ``history`` lists ``(noise_multiplier, sample_rate, steps)`` of every ``"dp-training"`` entry
+    and of every ``"reservation"`` no ``"dp-training"`` entry ``settles`` (training that started
+    and never reported: every reserved step is assumed to have run), in ledger order.
+    ``unsettled`` are those reservation entries. Entries with malformed mechanisms are skipped
+    (:func:`read_entries` callers have verified the ledger; the audit reports them).
+    """
+    settled = {e.get("settles") for e in entries if e.get("kind") == "dp-training"}
+    history, unsettled = [], []
+    for e in entries:
+        kind = e.get("kind")
+        if kind not in ("dp-training", "reservation") or mechanism_problems(e.get("mechanism")):
+            continue
+        if kind == "reservation":
+            if e.get("seq") in settled:
+                continue
+            unsettled.append(dict(e))
+        history.append(mechanism_step(e["mechanism"]))
+    return history, unsettled
+
+
 # --------------------------------------------------------------------------------------------
 # Appending
 # --------------------------------------------------------------------------------------------
 
 class Ledger:
-    """A site's ledger file; :meth:`append` is the only way entries are written."""
+    """A site's ledger file; :meth:`append` is the only way entries are written.
 
-    def __init__(self, path: str | Path):
+    ``key`` (the site's :class:`~clinfuse.privacy.site_key.SiteKey`) signs every appended entry;
+    without it entries are unsigned (libraries and tests; a site always passes its key).
+    """
+
+    def __init__(self, path: str | Path, key=None):
         self.path = Path(path)
+        self.key = key
 
     def append(self, kind: str, *, study: str | None = None, run_id: str | None = None,
                round: int | None = None, mechanism: Mapping | None = None, epsilon: float | None = None,
@@ -352,14 +474,14 @@ class Ledger:
                 mechanism["delta"] = delta
             if delta is None and mechanism.get("delta") is not None:
                 delta = mechanism["delta"]
-        if kind == "dp-training":
+        if kind in ("dp-training", "reservation"):
             if mechanism is None:
-                raise ValueError("a dp-training entry needs its mechanism parameters")
+                raise ValueError(f"a {kind} entry needs its mechanism parameters")
             problems = mechanism_problems(mechanism)
             if problems:
                 raise ValueError("invalid mechanism parameters: " + "; ".join(problems))
             if epsilon is None:
-                raise ValueError("a dp-training entry needs the epsilon after it")
+                raise ValueError(f"a {kind} entry needs the epsilon after it")
         if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
                                     or math.isnan(epsilon) or epsilon < 0):
             raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
@@ -369,9 +491,11 @@ class Ledger:
             "time": datetime.now(UTC).isoformat(timespec="microseconds"),
             "study": study, "run_id": run_id, "round": round, "kind": kind,
             "mechanism": mechanism, "epsilon": epsilon, "delta": delta,
-            "versions": _versions(), "config_hash": config_hash, "model_hash": model_hash,
+            "versions": versions(), "config_hash": config_hash, "model_hash": model_hash,
             **extra,
         }
+        if self.key is not None:
+            entry["signer"] = self.key.public_key
         entry = _jsonable(entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
@@ -383,6 +507,8 @@ class Ledger:
             entry["seq"] = seq
             entry["prev_hash"] = prev_hash
             entry["hash"] = entry_hash(entry)
+            if self.key is not None:
+                entry["signature"] = self.key.sign(entry["hash"].encode("ascii"))
             line = (canonical_json(entry) + "\n").encode("ascii")
             written = os.write(fd, line)
             if written != len(line):  # a short write leaves a truncated line the audit reports
@@ -432,13 +558,19 @@ class Ledger:
 
     def head(self) -> str:
         """Hash of the last entry (``GENESIS_HASH`` when empty): record it elsewhere to pin the log."""
+        return self.head_entry()["hash"]
+
+    def head_entry(self) -> dict:
+        """``{"seq": int, "hash": str}`` of the last entry; ``{"seq": -1, "hash": GENESIS_HASH}``
+        when the ledger is empty or absent. What a site reports and the coordinator records."""
         if not self.path.exists():
-            return GENESIS_HASH
+            return {"seq": -1, "hash": GENESIS_HASH}
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            return self._tail(fd)[0]
+            h, next_seq = self._tail(fd)
         finally:
             os.close(fd)
+        return {"seq": next_seq - 1, "hash": h}
 
 
 def _fsync_dir(path: Path) -> None:
