@@ -261,3 +261,22 @@ def test_ensure_demo_cohort_writes_once_and_again_when_incomplete_or_different(t
     (mine,) = write_demo_cohort(tmp_path / "mine", sites=1, patients=3)
     assert ensure_demo_cohort(tmp_path / "mine", sites=1, patients=50, log=lines.append) == [mine]
     assert len(lines) == 4 and len(read_manifest(mine, load_config()).patients) == 3
+
+
+def test_ensure_demo_cohort_of_the_rich_variant_replaces_a_default_one(tmp_path):
+    import json
+
+    from clinfuse.config import CONFIGS_DIR
+    from clinfuse.data.manifest import read_manifest
+    from clinfuse.data.synthetic import COHORT_MARKER, ensure_demo_cohort
+
+    lines = []
+    ensure_demo_cohort(tmp_path, sites=2, patients=6, log=lines.append)
+    rich = ensure_demo_cohort(tmp_path, sites=2, patients=6, variant="rich", log=lines.append)
+    assert len(lines) == 2 and "(rich)" in lines[1]
+    assert json.loads((tmp_path / COHORT_MARKER).read_text())["variant"] == "rich"
+    assert ensure_demo_cohort(tmp_path, sites=2, patients=6, variant="rich", log=lines.append) == rich
+    assert len(lines) == 2  # the marker says it is the rich cohort already: kept
+    data = read_manifest(rich[0], load_config(CONFIGS_DIR / "rich.yaml"))
+    assert not [p for p in data.problems if p.severity == "error"]
+    assert data.summary(["negative", "positive"])["availability"]["ct"] > 0

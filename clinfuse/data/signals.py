@@ -56,12 +56,19 @@ def signal_header(path: str | os.PathLike[str]) -> Path:
     return header if header.is_file() else p
 
 
-def check_signal(path: str | os.PathLike[str], spec) -> None:
-    """Check a signal file against ``spec`` (:class:`clinfuse.config.SignalModality`) cheaply."""
+def _open(path: str | os.PathLike[str]) -> tuple[Path, str]:
+    """The path and its format (``hea``, ``npy`` or ``csv``); a CSV/NPY file must exist (a WFDB
+    header is looked for by :func:`_wfdb_header`)."""
     p = Path(path)
     kind = _format(p)
     if kind != "hea" and not p.is_file():
         raise InputError("signal file not found", file=p)
+    return p, kind
+
+
+def check_signal(path: str | os.PathLike[str], spec) -> None:
+    """Check a signal file against ``spec`` (:class:`clinfuse.config.SignalModality`) cheaply."""
+    p, kind = _open(path)
     with decoding(p, "read the signal"):
         if kind == "hea":
             header = _wfdb_header(p)
@@ -76,10 +83,7 @@ def check_signal(path: str | os.PathLike[str], spec) -> None:
 
 def read_signal(path: str | os.PathLike[str], spec) -> np.ndarray:
     """The signal at ``path`` as float32 ``[channels, samples]`` at ``spec.sampling_rate``."""
-    p = Path(path)
-    kind = _format(p)
-    if kind != "hea" and not p.is_file():
-        raise InputError("signal file not found", file=p)
+    p, kind = _open(path)
     with decoding(p, "read the signal"):
         if kind == "hea":
             arr, fs = _read_wfdb(p, spec)

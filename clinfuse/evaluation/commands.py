@@ -114,7 +114,8 @@ def headline(result: dict) -> str:
     for name, run in result["runs"].items():
         overall = run["overall"]
         metrics = overall["metrics"]
-        lines.append(f"{name} on {result['split']} ({overall['n_patients']} patients, {overall['n_rows']} rows):")
+        rows = (result.get("data") or {}).get("rows", overall["n_rows"])  # manifest rows; a patient's are pooled
+        lines.append(f"{name} on {result['split']} ({overall['n_patients']} patients, {rows} rows):")
         lines.append("  " + "  ".join(f"{label} {fmt_interval(metrics[m])}" for m, label in (
             ("auroc", "AUROC"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))))
         cal = run.get("calibration") or {}
