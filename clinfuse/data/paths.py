@@ -8,7 +8,7 @@ and it must land inside the manifest's folder or inside one of the site's *data 
   relative to its manifest (a relative root is taken from the manifest's folder, e.g.
   ``../shared-images``), or absolute;
 - ``--data-root DIR`` on the command line (``validate``, ``train``, ``site check``,
-  ``evaluate``), or ``data_roots=`` in the library: folders of this site only.
+  ``evaluate``, ``predict``), or ``data_roots=`` in the library: folders of this site only.
 
 So ``../../../../etc/passwd``, ``/etc/passwd``, a symlinked note that points out of the site and
 a symlink to another site's DICOM are refused, each with the reason, as that row's error. A path
