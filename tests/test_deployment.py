@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from federated.deploy import LocalDeployment, format_config, make_credentials, stop_process
+from support.deploy import LocalDeployment, format_config, make_credentials, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,5 +1,8 @@
 """A real Flower deployment on this machine: certificates, SuperLink, SuperNodes, ``flwr run``.
 
+Test and benchmark support, not part of the installed package (``tests/support/deploy.py``;
+tests import it as ``support.deploy``, ``benchmarks/federation.py`` puts ``tests/`` on its path).
+
 A consortium runs one SuperLink at the coordinator and one SuperNode per hospital. This module
 starts the same processes, with the same flags, on loopback so the test suite and the benchmark
 exercise the deployment engine itself rather than the simulation:
@@ -625,7 +628,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     from clinfuse.site_check import check_site, format_checklist, ready
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    app_dir = Path(app_dir or Path(__file__).resolve().parent.parent).resolve()
+    app_dir = Path(app_dir or Path(__file__).resolve().parents[2]).resolve()
     config = Path(config or app_dir / "configs" / "demo.yaml").resolve()
     workdir = Path(workdir).resolve()
     cfg = load_config(config)
