@@ -62,6 +62,15 @@ def register(subparsers) -> None:
                    help="this site's privacy cap (default: the config's privacy.target_epsilon)")
     c.add_argument("--no-cache", action="store_true", help="skip decoding images into the cache")
     c.set_defaults(handler=_check_command)
+    k = sub.add_parser(
+        "key", help="print this site's public key and fingerprint (for the study's roster)",
+        description="Print the public key and fingerprint of this site's signing key (created in the state "
+                    "dir on first use) and the entry for the study's roster file. The private key never "
+                    "leaves the state dir; the coordinator accepts replies for this site id only when "
+                    "signed with it.")
+    k.add_argument("--state-dir", type=Path, required=True, help="the site's private state directory")
+    k.add_argument("--site-id", default=None, help="this site's id (as in the SuperNode's --node-config)")
+    k.set_defaults(handler=_key_command)
 
 
 def _check_command(args) -> int:
@@ -69,6 +78,13 @@ def _check_command(args) -> int:
                         warm_cache=not args.no_cache, progress=True)
     print(format_checklist(checks))
     return 0 if ready(checks) else 2
+
+
+def _key_command(args) -> int:
+    from clinfuse.federation.identity import site_key_summary
+
+    print(site_key_summary(args.state_dir, args.site_id))
+    return 0
 
 
 def ready(checks: list[Check]) -> bool:

@@ -223,8 +223,9 @@ class MessageRounds:
 # --------------------------------------------------------------------------------------------
 
 def is_simulation(grid: Grid) -> bool:
-    """Whether the sites are simulated (Flower's in-memory grid): only then is a demo cohort written."""
-    return type(grid).__name__ == "InMemoryGrid"
+    """Whether the sites are simulated (Flower's in-memory grid, or a grid saying ``simulated``):
+    only then is a demo cohort written and may the run config change the sites' study."""
+    return bool(getattr(grid, "simulated", type(grid).__name__ == "InMemoryGrid"))
 
 
 def ensure_demo_cohort(cohort: Path, n_sites: int, patients: int) -> list[Path]:
@@ -267,7 +268,11 @@ def _settings(grid: Grid, run_config) -> tuple[RunConfig, object]:
         raise InputError(f"run config {key} applies to simulations only: in a deployment each site's own "
                          "study config decides", key=key)
     cfg = rc.study_config()
-    return rc.for_study(cfg), cfg
+    settings = rc.for_study(cfg)
+    if settings.secagg and settings.secagg_shares < 3:
+        raise InputError(f"SecAgg+ needs at least 3 sites (Flower's num_shares > 2), got secagg-shares="
+                         f"{settings.secagg_shares} (expected-sites {settings.expected_sites})", key="secagg-shares")
+    return settings, cfg
 
 
 def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -279,8 +284,9 @@ def _round_record(server_round: int, train: Sequence[SiteReply], evaluated: Sequ
     """``sites`` (by site id), ``unidentified`` and ``refused`` of one round's two exchanges."""
     sites: dict[str, dict] = {}
     unidentified, refused = [], []
-    for phase, replies in (("train", train), ("evaluate", evaluated)):
+    for exchange, replies in (("train", train), ("evaluate", evaluated)):
         for r in replies:
+            phase = r.message.metadata.message_type if r.message is not None else exchange
             site_id = r.site_id or (identities.site_of(r.node_id) if r.status == "failed" else None)
             if r.status == "refused":
                 refused.append({"node": r.node_id, "phase": phase, "claimed_site_id": r.claim.site_id if r.claim
@@ -288,7 +294,7 @@ def _round_record(server_round: int, train: Sequence[SiteReply], evaluated: Sequ
                                 "reason": r.reason})
             elif site_id is None:
                 unidentified.append({"node": r.node_id, "phase": phase, "status": r.status, "reason": r.reason})
-            elif phase == "train":
+            elif exchange == "train":
                 sites[site_id] = r.summary()
             else:
                 site = sites.setdefault(site_id, {"node": r.node_id, "status": "failed",

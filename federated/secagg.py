@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.supercore import log
 
 from clinfuse.federation.protocol import (
@@ -112,9 +112,11 @@ class SecAggRounds:
         from flwr.server.workflow.constant import MAIN_PARAMS_RECORD, Key
 
         study = self.study
+        early: list[SiteReply] = []
         if not self._identified:
-            # A masked sum cannot be un-summed: identify every node before it may train.
-            study.evaluate(server_round - 1, arrays)
+            # A masked sum cannot be un-summed: identify every node before it may train (the
+            # refusals of this exchange are reported with the round's own).
+            early = [r for r in study.evaluate(server_round - 1, arrays) if r.status == "refused"]
             self._identified = True
         self.context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
             [np.ascontiguousarray(arrays[k].numpy()) for k in self.keys])
@@ -124,12 +126,13 @@ class SecAggRounds:
         replies = self._classify(server_round)
         params = self.context.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
         aggregated = any(r.status == "trained" for r in replies)
-        self._result = ArrayRecord(dict(zip(self.keys, params, strict=True))) if aggregated else None
+        self._result = (ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in zip(self.keys, params, strict=True)})
+                        if aggregated else None)
         if any(r.status == "refused" for r in replies):
             log(WARNING, "round %d: the SecAgg+ sum includes a refused reply: its aggregate is discarded",
                 server_round)
             self._result = None
-        return replies
+        return early + replies
 
     def _classify(self, server_round: int) -> list[SiteReply]:
         study = self.study

@@ -130,9 +130,6 @@ class SiteIdentities:
         self.holder: dict[str, int] = {}  # site id -> node id
         self.keys: dict[str, str] = {}  # site id -> fingerprint (bound on first use without a roster)
         self.refused_nodes: dict[int, str] = {}  # node id -> why (asked nothing more in this run)
-        if roster is None:
-            _log.warning("no roster (run config 'roster'): site identities are not verified against "
-                         "declared keys; each site id is bound to the first key that signs for it")
 
     @property
     def verified(self) -> bool:

@@ -83,7 +83,7 @@ class RunConfig(BaseModel):
     client_dp_clip: float | None = Field(None, gt=0)
     client_dp_delta: float | None = Field(None, gt=0, lt=1)  # default 1e-5
     secagg: bool | None = None
-    secagg_shares: int | None = Field(None, ge=2)  # default expected-sites
+    secagg_shares: int | None = Field(None, ge=3)  # default expected-sites (Flower: more than 2)
     secagg_threshold: int | None = Field(None, ge=2)  # default shares - 1 (at least 2)
     secagg_max_weight: float | None = Field(None, gt=0)  # default 10000
 
