@@ -16,8 +16,9 @@ from clinfuse.federation.run_config import RunConfig
 
 
 class ClinfuseClientApp(ClientApp):
-    """Train and evaluate handlers over the site runtime; with ``secagg`` in the run config, train
-    messages go to Flower's legacy SecAgg+ client instead (:func:`federated.secagg.secagg_client_app`).
+    """Train and evaluate handlers over the site runtime. A train message without clinfuse's
+    ``arrays`` record is one of Flower's legacy SecAgg+ exchanges: it goes to the legacy client
+    (:func:`federated.secagg.secagg_client_app`), whatever the run config says.
 
     ``run_config`` (optional) is merged over the run's ``context.run_config`` (the programmatic
     simulation passes its settings here); ``mods`` wrap every message (tests record them).
@@ -35,10 +36,11 @@ class ClinfuseClientApp(ClientApp):
         return RunConfig.parse({**dict(context.run_config), **self.overrides})
 
     def train_handler(self, msg: Message, context: Context) -> Message:
-        spec = protocol.site_spec(context.node_config, self.settings(context))
-        started, site = time.perf_counter(), None
+        settings = self.settings(context)
+        spec = protocol.site_spec(context.node_config, settings)
+        started = time.perf_counter()
         try:
-            site = protocol.open_site(spec, self.settings(context))
+            site = protocol.open_site(spec, settings)
             setup_s = time.perf_counter() - started
             result = protocol.train_site(site, protocol.received_state(msg), protocol.round_config(msg),
                                          run_id=str(msg.metadata.run_id))
@@ -50,10 +52,11 @@ class ClinfuseClientApp(ClientApp):
         return Message(content, reply_to=msg)
 
     def evaluate_handler(self, msg: Message, context: Context) -> Message:
-        spec = protocol.site_spec(context.node_config, self.settings(context))
+        settings = self.settings(context)
+        spec = protocol.site_spec(context.node_config, settings)
         started = time.perf_counter()
         try:
-            site = protocol.open_site(spec, self.settings(context))
+            site = protocol.open_site(spec, settings)
             config = protocol.round_config(msg)
             metrics = site.evaluate(protocol.received_state(msg), server_round=int(config.get(protocol.SERVER_ROUND, 0)),
                                     run_id=str(config.get(protocol.RUN_ID, msg.metadata.run_id)))
@@ -70,15 +73,15 @@ class ClinfuseClientApp(ClientApp):
         return reply
 
     def __call__(self, message: Message, context: Context) -> Message:
-        settings = self.settings(context)
-        if settings.secagg and message.metadata.message_type == MessageType.TRAIN:
+        if (message.metadata.message_type == MessageType.TRAIN
+                and protocol.ARRAYS not in message.content.array_records):
             if self._secagg is None:
-                from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+                from flwr.client.mod import secaggplus_mod
 
-                from federated.secagg import secagg_client_app
+                from federated.secagg import legacy_clipping_mod, secagg_client_app
 
-                mods = [*self.extra_mods, secaggplus_mod] + ([fixedclipping_mod] if settings.client_dp else [])
-                self._secagg = secagg_client_app(settings, mods)
+                self._secagg = secagg_client_app(self.settings(context),
+                                                 [*self.extra_mods, secaggplus_mod, legacy_clipping_mod])
             return self._secagg(message, context)
         return super().__call__(message, context)
 

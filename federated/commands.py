@@ -217,12 +217,13 @@ def site_ids_for(manifests: list[Path], given: list[str] | None) -> list[str]:
     import re
 
     from clinfuse.errors import InputError
+    from clinfuse.federation.run_config import SITE_ID_PATTERN
 
     if given is not None and len(given) != len(manifests):
         raise InputError(f"--site-id gives {len(given)} ids for {len(manifests)} manifests", key="--site-id")
     ids = list(given) if given is not None else [m.resolve().parent.name for m in manifests]
     for site_id, manifest in zip(ids, manifests):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", site_id):
+        if not re.match(SITE_ID_PATTERN, site_id):
             raise InputError(f"site id {site_id!r} must be letters, digits, '.', '_' or '-' (it names the "
                              "site's state dir); name the sites with --site-id", file=manifest, key="--site-id")
     repeated = sorted({s for s in ids if ids.count(s) > 1})

@@ -109,9 +109,14 @@ def classify(replies: Iterable[Message], sent: Sequence[Message], *, server_roun
     """Read replies to ``sent`` (train or evaluate) with their signed claims checked by
     ``identities``; nodes sent a message but absent from ``replies`` are failed."""
     connected = set(connected)
+    # An error the SuperLink makes for a node ("node unavailable") comes from the SuperLink's own
+    # node id: the message it answers says which site it is about.
+    addressee = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
     out, seen = [], set()
     for msg in replies:
         node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            node = addressee.get(msg.metadata.reply_to_message_id, node)
         seen.add(node)
         if msg.has_error():
             out.append(SiteReply(node, identities.site_of(node), "failed", reason=str(msg.error.reason)[:500],

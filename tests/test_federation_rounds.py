@@ -33,14 +33,16 @@ class LocalGrid(Grid):
     """Delivers messages in-process to ``client_app``; node ``1000 + k`` is partition ``k``.
 
     ``extra_nodes``: node id -> node config of more nodes (e.g. a deployment-style node claiming a
-    site). ``dead``: node ids that never reply (a killed SuperNode). ``simulated``: the sites are
+    site). ``dead``: node ids that never reply (a killed SuperNode); ``unavailable``: node ids the
+    SuperLink answers for, as Flower does once a node missed its heartbeats (an error from the
+    SuperLink's own node id, 1). ``simulated``: the sites are
     simulated (as in Flower's in-memory grid), so the run config may change their study.
     """
 
     simulated = True
 
     def __init__(self, client_app, num_sites: int, run_id: int = 4242, *, extra_nodes: dict | None = None,
-                 dead=()):
+                 dead=(), unavailable=()):
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
@@ -48,7 +50,7 @@ class LocalGrid(Grid):
         configs.update(extra_nodes or {})
         self.contexts = {node: Context(run_id=run_id, node_id=node, node_config=config, state=RecordDict(),
                                        run_config={}) for node, config in configs.items()}
-        self.dead = set(dead)
+        self.dead, self.unavailable = set(dead), set(unavailable)
         self.timeouts: list = []
         self.sent: list[Message] = []
         self.replies: list[Message] = []
@@ -84,6 +86,11 @@ class LocalGrid(Grid):
             delivered = self.wire(msg)
             self.sent.append(delivered)
             if msg.metadata.dst_node_id in self.dead:
+                continue
+            if msg.metadata.dst_node_id in self.unavailable:
+                reply = Message(Error(code=0, reason="Error: Node Unavailable"), reply_to=delivered)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                out.append(self.wire(reply))
                 continue
             try:
                 reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
@@ -347,17 +354,18 @@ def test_an_impostor_claiming_a_roster_site_is_refused_on_both_paths(tmp_path, c
     assert to_impostor == (["evaluate"] if secagg else ["train"])
 
 
-def test_a_dead_site_costs_one_timeout_and_the_round_completes_with_the_others(tmp_path, cohort):
+@pytest.mark.parametrize("lost", ["dead", "unavailable"])
+def test_a_lost_site_costs_one_timeout_and_the_round_completes_with_the_others(tmp_path, cohort, lost):
     run_config = base_config(tmp_path, cohort, **{"num-rounds": 2, "round-timeout": 7.5})
-    summary, grid = run_rounds(run_config, 3, dead={1002})
+    summary, grid = run_rounds(run_config, 3, **{lost: {1002}})
     history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
     assert [r["aggregated"] for r in history] == [True, True]
+    reason = ("no reply within round-timeout (7.5 s): site down or too slow" if lost == "dead"
+              else "Error: Node Unavailable")
     for record in history:
         assert {s: v["status"] for s, v in record["sites"].items()} == {"site-0": "trained", "site-1": "trained"}
-        assert record["unidentified"] == [
-            {"node": 1002, "phase": phase, "status": "failed",
-             "reason": "no reply within round-timeout (7.5 s): site down or too slow"}
-            for phase in ("train", "evaluate")]
+        assert record["unidentified"] == [{"node": 1002, "phase": phase, "status": "failed", "reason": reason}
+                                          for phase in ("train", "evaluate")]
     assert set(grid.timeouts) == {7.5}  # every exchange waits at most round-timeout
     assert {m.metadata.ttl for m in grid.sent} == {7.5}  # and its messages expire then
 

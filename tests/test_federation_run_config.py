@@ -71,6 +71,7 @@ def test_a_fedprox_mu_of_zero_reaches_the_sites():
     ({"round-timeout": math.nan}, "round-timeout"),
     ({"strategy": "fedsgd"}, "strategy"),
     ({"max-epsilon-2": "x"}, "max-epsilon-2"),
+    ({"site-id-1": "../other-site"}, "site-id-1"),  # it names the site's state dir
 ])
 def test_an_undeclared_or_mistyped_key_names_itself(values, key):
     with pytest.raises(InputError) as err:

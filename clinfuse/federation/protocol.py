@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinfuse.errors import InputError
-from clinfuse.federation.run_config import RunConfig
+from clinfuse.federation.run_config import RunConfig, expand_path
 
 # Records of a message
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
@@ -86,7 +86,7 @@ def site_spec(node_config: Mapping, run_config: RunConfig) -> SiteSpec:
 
     Raises :class:`InputError` naming the node-config key that is missing or malformed.
     """
-    path = RunConfig._path
+    path = expand_path
     if "manifest" in node_config:
         missing = [k for k in ("site-id", "state-dir", "max-epsilon") if k not in node_config]
         if missing:

@@ -26,18 +26,28 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from clinfuse.errors import InputError
 
+# A simulated site's id names its state dir: a plain name.
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _PER_SITE = re.compile(r"^(manifest|site-id|max-epsilon)-(\d+)$")
 _PER_SITE_FIELD = {"manifest": "manifests", "site-id": "site_ids", "max-epsilon": "max_epsilons"}
 
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+def expand_path(value: str, base: Path | None = None) -> Path:
+    """A run- or node-config path: ``$VARS`` and ``~`` expanded; relative ones below ``base``."""
+    import os
+
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() or base is None else base / path
 
 
 class RunConfig(BaseModel):
@@ -89,7 +99,8 @@ class RunConfig(BaseModel):
 
     # -- per partition (programmatic simulation) --------------------------------------------
     manifests: dict[int, str] = Field(default_factory=dict, exclude=True)
-    site_ids: dict[int, str] = Field(default_factory=dict, exclude=True)
+    site_ids: dict[int, Annotated[str, StringConstraints(pattern=SITE_ID_PATTERN)]] = Field(
+        default_factory=dict, exclude=True)
     max_epsilons: dict[int, float] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="before")
@@ -203,28 +214,21 @@ class RunConfig(BaseModel):
         })
 
     # -- paths ------------------------------------------------------------------------------
-    @staticmethod
-    def _path(value: str, base: Path | None = None) -> Path:
-        import os
-
-        path = Path(os.path.expandvars(value)).expanduser()
-        return path if path.is_absolute() or base is None else base / path
-
     @property
     def workdir_path(self) -> Path:
-        return self._path(self.workdir)
+        return expand_path(self.workdir)
 
     @property
     def cohort_path(self) -> Path:
-        return self._path(self.cohort or "cohort", self.workdir_path)
+        return expand_path(self.cohort or "cohort", self.workdir_path)
 
     @property
     def run_path(self) -> Path:
-        return self._path(self.run_dir or "run", self.workdir_path)
+        return expand_path(self.run_dir or "run", self.workdir_path)
 
     @property
     def sites_path(self) -> Path:
-        return self._path(self.sites_dir or "sites", self.workdir_path)
+        return expand_path(self.sites_dir or "sites", self.workdir_path)
 
     def describe(self) -> dict:
         """What the run directory records of these settings (JSON types, run-config keys)."""

@@ -482,6 +482,21 @@ class LocalDeployment:
         return self._spawn(f"supernode-{name}", argv, self.workdir / f"supernode-{name}",
                            OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
+    def kill(self, name: str) -> int:
+        """SIGKILL one SuperNode and what it started (a site that dies without saying goodbye: the
+        SuperLink keeps it online until its heartbeats are missed). It is no longer watched by
+        :meth:`run`; returns its PID."""
+        proc = next((p for p in self.processes if p.name == f"supernode-{name}"), None)
+        if proc is None:
+            raise DeploymentError(f"no running SuperNode named {name!r}")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.popen.wait(timeout=10)
+        self.processes.remove(proc)
+        return proc.pid
+
     def check_alive(self) -> None:
         """Raise DeploymentError naming any started process that has exited."""
         for proc in self.processes:
