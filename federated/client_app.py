@@ -35,9 +35,12 @@ class ClinfuseClientApp(ClientApp):
     def settings(self, context: Context) -> RunConfig:
         return RunConfig.parse({**dict(context.run_config), **self.overrides})
 
-    def train_handler(self, msg: Message, context: Context) -> Message:
+    def site_of(self, context: Context) -> tuple[RunConfig, protocol.SiteSpec]:
         settings = self.settings(context)
-        spec = protocol.site_spec(context.node_config, settings)
+        return settings, protocol.site_spec(context.node_config, settings)
+
+    def train_handler(self, msg: Message, context: Context) -> Message:
+        settings, spec = self.site_of(context)
         started = time.perf_counter()
         try:
             site = protocol.open_site(spec, settings)
@@ -52,8 +55,7 @@ class ClinfuseClientApp(ClientApp):
         return Message(content, reply_to=msg)
 
     def evaluate_handler(self, msg: Message, context: Context) -> Message:
-        settings = self.settings(context)
-        spec = protocol.site_spec(context.node_config, settings)
+        settings, spec = self.site_of(context)
         started = time.perf_counter()
         try:
             site = protocol.open_site(spec, settings)
@@ -69,7 +71,7 @@ class ClinfuseClientApp(ClientApp):
         """Mod: sign the reply with the site key, over the reply as it leaves the site."""
         reply = call_next(msg, context)
         if not reply.has_error():
-            protocol.sign_reply(reply, msg, protocol.site_spec(context.node_config, self.settings(context)).state_dir)
+            protocol.sign_reply(reply, msg, self.site_of(context)[1].state_dir)
         return reply
 
     def __call__(self, message: Message, context: Context) -> Message:

@@ -104,19 +104,25 @@ def small_study(demo_cfg, path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
-    from clinfuse.config import load_config
+def two_sites(demo_cfg, tmp_path: Path) -> tuple[Path, dict]:
+    """The small study and the node configs of two sites of a 30-patient demo cohort."""
     from clinfuse.data.synthetic import write_demo_cohort
-    from clinfuse.privacy.ledger import read_entries
-    from clinfuse.training.checkpoint import load_checkpoint, read_checkpoint
 
     manifests = write_demo_cohort(tmp_path / "cohort", sites=2, patients=30)
     config = small_study(demo_cfg, tmp_path / "study.yaml")
+    return config, {f"site-{k}": {"manifest": str(m), "site-id": f"site-{k}", "max-epsilon": 50.0,
+                                  "state-dir": str(tmp_path / "state" / f"site-{k}"), "config": str(config)}
+                    for k, m in enumerate(manifests)}
+
+
+@pytest.mark.slow
+def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
+    from clinfuse.config import load_config
+    from clinfuse.privacy.ledger import read_entries
+    from clinfuse.training.checkpoint import load_checkpoint, read_checkpoint
+
+    config, sites = two_sites(demo_cfg, tmp_path)
     run_dir = tmp_path / "run"
-    sites = {f"site-{k}": {"manifest": str(m), "site-id": f"site-{k}", "state-dir": str(tmp_path / "state" / f"site-{k}"),
-                           "max-epsilon": 50.0, "config": str(config)}
-             for k, m in enumerate(manifests)}
     deployment = LocalDeployment(REPO, tmp_path / "deploy", sites)
     started = time.monotonic()
     pids: list[int] = []
@@ -172,15 +178,10 @@ def test_an_impostor_is_refused_and_a_killed_site_costs_one_wait(demo_cfg, tmp_p
     after round 1 costs each later round at most round-timeout, and the others go on."""
     import threading
 
-    from clinfuse.data.synthetic import write_demo_cohort
     from clinfuse.privacy.site_key import SiteKey
 
-    manifests = write_demo_cohort(tmp_path / "cohort", sites=2, patients=30)
-    config = small_study(demo_cfg, tmp_path / "study.yaml")
+    config, sites = two_sites(demo_cfg, tmp_path)
     run_dir = tmp_path / "run"
-    sites = {f"site-{k}": {"manifest": str(m), "site-id": f"site-{k}", "state-dir": str(tmp_path / "state" / f"site-{k}"),
-                           "max-epsilon": 50.0, "config": str(config)}
-             for k, m in enumerate(manifests)}
     roster = tmp_path / "roster.yaml"  # what each site's `clinfuse site key` printed
     roster.write_text(yaml.safe_dump({"sites": [
         {"site-id": name, "public-key": SiteKey.load_or_create(node["state-dir"]).public_key}
