@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "federate", help="simulate a federated study over site manifests (one Flower site per manifest)",
         description="Run a federated study in Flower's simulation engine, one site per manifest. Each "
-                    "site's accountant and ledger live in <state-root>/site-k and persist across runs.")
+                    "site's accountant and ledger live in <state-root>/<site id> and persist across runs; a "
+                    "site is named after its manifest's folder unless --site-id names it.")
     p.add_argument("--manifest", type=Path, nargs="+", required=True, help="one manifest per site")
     p.add_argument("--site-id", nargs="+", default=None, metavar="ID",
                    help="the sites' ids, one per manifest (default: each manifest's folder name)")
@@ -67,7 +68,7 @@ def _common(p) -> None:
     p.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
     p.add_argument("--parallel", type=int, default=None, help="sites training at once (default: min(sites, cpus))")
     p.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="more server run-config keys (see federated/server_app.py)")
+                   help="more run-config keys (docs/federation.md, 'Run config')")
     p.add_argument("--roster", type=Path, default=None,
                    help="the study's roster of site ids and public keys (clinfuse site key prints an entry)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log")

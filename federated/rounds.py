@@ -330,6 +330,27 @@ def format_round(record: dict) -> str:
     return " | ".join(parts)
 
 
+def _stop_reason(replies: Sequence[SiteReply], settings: RunConfig) -> str | None:
+    """Why the study cannot go on after these train replies, or ``None``."""
+    failed = [r for r in replies if r.status == "failed"]
+    if failed and not settings.accept_failures:
+        return (f"{len(failed)} site(s) failed and accept-failures is off "
+                f"({'; '.join(f'{r.site_id or r.node_id}: {r.reason}' for r in failed)})")
+    trained = sum(r.status == "trained" for r in replies)
+    if trained >= settings.min_sites:
+        return None
+    counts = {s: sum(r.status == s for r in replies) for s in ("declined", "failed", "refused")}
+    detail = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return f"{trained} site(s) trained, fewer than min-sites={settings.min_sites}" + (f" ({detail})" if detail else "")
+
+
+def _note_epsilon(epsilon: dict[str, float], sites: dict) -> None:
+    """Keep each site's last reported epsilon."""
+    for name, site in sites.items():
+        if site.get("epsilon") is not None:
+            epsilon[name] = site["epsilon"]
+
+
 def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) -> dict:
     """Run (or resume) the study's rounds on ``grid``; returns the run summary.
 
@@ -357,13 +378,6 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
     if roster is None:
         log(WARNING, "no roster (run config 'roster'): site identities are not verified against declared "
                      "keys; each site id is bound to the first key that signs for it in this run")
-    study = Study(grid, settings, cfg, identities)
-    if settings.secagg:
-        from federated.secagg import SecAggRounds
-
-        executor = SecAggRounds(study)
-    else:
-        executor = MessageRounds(study)
     strategy_state: dict = {}
     if first > 1:
         last = rundir.last()
@@ -372,38 +386,27 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
     else:
         seed_everything(cfg.train.seed)
         state = {k: v.numpy() for k, v in clean_state_dict(build_model_for(cfg)).items()}
-    executor.restore_state(strategy_state)
     arrays = _record(state)
     epsilon: dict[str, float] = {}
     for record in rundir.history():
-        for name, site in record.get("sites", {}).items():
-            if site.get("epsilon") is not None:
-                epsilon[name] = site["epsilon"]
+        _note_epsilon(epsilon, record.get("sites", {}))
     identity = {"roster": str(roster.path) if roster else None, "verified": roster is not None}
     last_record: dict | None = None
     stopped: dict | None = None
+    study = Study(grid, settings, cfg, identities)
+    if settings.secagg:
+        from federated.secagg import SecAggRounds
 
-    def note_epsilon(sites: dict) -> None:
-        for name, site in sites.items():
-            if site.get("epsilon") is not None:
-                epsilon[name] = site["epsilon"]
-
+        executor = SecAggRounds(study)
+    else:
+        executor = MessageRounds(study)
     try:
+        executor.restore_state(strategy_state)
         for server_round in range(first, settings.num_rounds + 1):
             started = time.perf_counter()
             replies = executor.train(server_round, arrays)
             _log_replies(server_round, "train", replies)
-            trained = [r for r in replies if r.status == "trained"]
-            failed = [r for r in replies if r.status == "failed"]
-            problem = None
-            if failed and not settings.accept_failures:
-                problem = (f"{len(failed)} site(s) failed and accept-failures is off "
-                           f"({'; '.join(f'{r.site_id or r.node_id}: {r.reason}' for r in failed)})")
-            elif len(trained) < settings.min_sites:
-                counts = {s: sum(r.status == s for r in replies) for s in ("declined", "failed", "refused")}
-                detail = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-                problem = (f"{len(trained)} site(s) trained, fewer than min-sites={settings.min_sites}"
-                           + (f" ({detail})" if detail else ""))
+            problem = _stop_reason(replies, settings)
             new_arrays = None
             train_metrics: dict = {}
             if problem is None:
@@ -413,7 +416,7 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
             if problem is not None:
                 record = {**_round_record(server_round, replies, [], identities), "aggregated": False,
                           "round_wall_s": time.perf_counter() - started}
-                note_epsilon(record["sites"])
+                _note_epsilon(epsilon, record["sites"])
                 stopped = {"round": server_round, "reason": problem, "record": record}
                 break
             arrays = new_arrays
@@ -428,7 +431,7 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
                       "train_wall_s": train_wall, "eval_wall_s": eval_wall, **executor.record()}
             if executor.secagg:
                 record["secagg"] = True
-            note_epsilon(record["sites"])
+            _note_epsilon(epsilon, record["sites"])
             privacy = {"enabled": cfg.privacy.enabled, "epsilon": max(epsilon.values()) if epsilon else None,
                        "per_site": dict(epsilon), "privacy_unit": "patient", "note": "epsilon is the largest "
                        "over sites; each site's guarantee covers its own patients"}

@@ -9,8 +9,7 @@ Class layout (Flower 1.42 Message API, ``flwr.serverapp.strategy``)::
                  └── ClientDPFedProx(FedProx, ...)  (idem)
 
 ``_SiteRounds`` sends every round to every connected site (after waiting for the expected
-number). ``_ModalityAware`` replaces Flower's array
-averaging with :func:`clinfuse.federation.aggregation.aggregate`; FedProx and FedAdam keep their
+number). ``_ModalityAware`` replaces Flower's array averaging with :func:`clinfuse.federation.aggregation.aggregate`; FedProx and FedAdam keep their
 own behaviour around it (FedAdam applies its server optimiser to the modality-aware average).
 
 Client-level DP wraps ``ClientDP*`` in Flower's ``DifferentialPrivacyClientSideFixedClipping`` with

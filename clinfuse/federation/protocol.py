@@ -86,7 +86,6 @@ def site_spec(node_config: Mapping, run_config: RunConfig) -> SiteSpec:
 
     Raises :class:`InputError` naming the node-config key that is missing or malformed.
     """
-    path = expand_path
     if "manifest" in node_config:
         missing = [k for k in ("site-id", "state-dir", "max-epsilon") if k not in node_config]
         if missing:
@@ -98,18 +97,18 @@ def site_spec(node_config: Mapping, run_config: RunConfig) -> SiteSpec:
         site_id = node_config["site-id"]
         if not isinstance(site_id, str) or not site_id.strip():
             raise InputError(f"site-id must be a non-empty string, got {site_id!r}", key="site-id")
-        return SiteSpec(manifest=path(str(node_config["manifest"])), site_id=site_id,
-                        state_dir=path(str(node_config["state-dir"])), max_epsilon=float(cap),
-                        config=path(str(node_config["config"])) if node_config.get("config") else None,
+        return SiteSpec(manifest=expand_path(str(node_config["manifest"])), site_id=site_id,
+                        state_dir=expand_path(str(node_config["state-dir"])), max_epsilon=float(cap),
+                        config=expand_path(str(node_config["config"])) if node_config.get("config") else None,
                         simulation=False)
     if "partition-id" in node_config:
         k = int(node_config["partition-id"])
         site_id = run_config.site_ids.get(k, f"site-{k}")
-        manifest = (path(run_config.manifests[k]) if k in run_config.manifests
+        manifest = (expand_path(run_config.manifests[k]) if k in run_config.manifests
                     else run_config.cohort_path / f"site-{k}" / "manifest.csv")
         return SiteSpec(manifest=manifest, site_id=site_id, state_dir=run_config.sites_path / site_id,
                         max_epsilon=run_config.max_epsilons.get(k, run_config.max_epsilon),
-                        config=path(run_config.config) if run_config.config else None, simulation=True)
+                        config=expand_path(run_config.config) if run_config.config else None, simulation=True)
     raise InputError("node config names no site: give manifest, site-id, state-dir and max-epsilon "
                      "(flower-supernode --node-config)", key="manifest")
 
