@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from clinfuse.federation import protocol
 from clinfuse.federation.run_config import RunConfig
+from federated.mods import client_dp_clipping_mod
 
 
 class ClinfuseClientApp(ClientApp):
@@ -80,41 +81,13 @@ class ClinfuseClientApp(ClientApp):
             if self._secagg is None:
                 from flwr.client.mod import secaggplus_mod
 
-                from federated.secagg import legacy_clipping_mod, secagg_client_app
+                from federated.mods import legacy_clipping_mod
+                from federated.secagg import secagg_client_app
 
                 self._secagg = secagg_client_app(self.settings(context),
                                                  [*self.extra_mods, secaggplus_mod, legacy_clipping_mod])
             return self._secagg(message, context)
         return super().__call__(message, context)
-
-
-def client_dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's ``fixedclipping_mod`` when the server runs client-level DP, passing declines through.
-
-    The server's DP wrapper puts ``clipping_norm`` in the train config; without it this mod does
-    nothing. Flower's mod insists on one ArrayRecord in the reply, which a declining site does
-    not send: the decline is handed back unchanged (there is no update to clip).
-    """
-    from flwr.app import Array, ArrayRecord, RecordDict
-    from flwr.clientapp.mod import fixedclipping_mod
-
-    if protocol.CLIPPING_NORM not in protocol.round_config(msg):
-        return call_next(msg, context)
-    declined: list[Message] = []
-
-    def inner(m: Message, c: Context) -> Message:
-        out = call_next(m, c)
-        if not out.has_error() and protocol.ARRAYS not in out.content.array_records:
-            declined.append(out)
-            # a zero update for the mod to clip; the real (declining) reply is returned instead
-            zero = RecordDict({protocol.ARRAYS: ArrayRecord({k: Array(a.numpy()) for k, a in
-                                                             m.content[protocol.ARRAYS].items()}),
-                               protocol.METRICS: out.content[protocol.METRICS]})
-            return Message(zero, reply_to=m)
-        return out
-
-    clipped = fixedclipping_mod(msg, context, inner)
-    return declined[0] if declined else clipped
 
 
 def make_client_app(run_config: dict | None = None, mods: list | None = None) -> ClinfuseClientApp:

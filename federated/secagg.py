@@ -180,19 +180,6 @@ class SecAggRounds:
 # The site
 # --------------------------------------------------------------------------------------------
 
-def legacy_clipping_mod(msg, context: Context, call_next):
-    """Flower's legacy ``fixedclipping_mod`` when the server's legacy DP wrapper sent a clipping
-    norm (client-level DP), else nothing: the site need not be told whether client DP is on."""
-    from flwr.client.mod import fixedclipping_mod
-    from flwr.compat.common import recorddict_compat as compat
-
-    from clinfuse.federation.protocol import CLIPPING_NORM
-
-    if CLIPPING_NORM in compat.recorddict_to_fitins(msg.content, keep_input=True).config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
 def secagg_client_app(run_config: RunConfig, mods: list):
     """The legacy ClientApp answering SecAgg+ train exchanges (``secaggplus_mod`` is in ``mods``)."""
     from flwr.clientapp import ClientApp

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import traceback
 from collections.abc import Mapping
@@ -174,9 +175,9 @@ def metric_values(values: Mapping, *, drop: tuple[str, ...] = ()) -> dict[str, i
     """Numbers only, ``snake_case`` keys as ``kebab-case``: what a metrics record may carry."""
     out: dict[str, int | float] = {}
     for key, value in values.items():
-        if key in drop or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if key in drop or isinstance(value, bool) or not isinstance(value, numbers.Real):
             continue
-        out[key.replace("_", "-")] = value if isinstance(value, int) else float(value)
+        out[key.replace("_", "-")] = int(value) if isinstance(value, numbers.Integral) else float(value)
     return out
 
 
@@ -185,7 +186,7 @@ def train_metrics(result, **seconds: float) -> dict[str, int | float]:
     out: dict[str, int | float] = {NUM_EXAMPLES: int(result.num_examples), DECLINED: int(result.declined)}
     out.update({f"examples-{m}": int(n) for m, n in result.modality_examples.items()})
     out.update(metric_values(result.metrics, drop=("declined",)))
-    out.update({k.replace("_", "-"): float(v) for k, v in seconds.items()})
+    out.update(metric_values(seconds))
     return out
 
 
@@ -193,7 +194,7 @@ def evaluate_metrics(metrics: Mapping, **seconds: float) -> dict[str, int | floa
     """An evaluate reply's metrics: the validation count, the validation metrics, timings."""
     out: dict[str, int | float] = {NUM_EXAMPLES: int(metrics.get("val_examples", 0))}
     out.update(metric_values(metrics, drop=("val_examples",)))
-    out.update({k.replace("_", "-"): float(v) for k, v in seconds.items()})
+    out.update(metric_values(seconds))
     return out
 
 
