@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 DEMO   ?= .clinfuse-demo
 
-.PHONY: setup demo test test-fast test-slow lint clean
+.PHONY: setup demo test test-fast test-slow lint wheel clean
 
 $(BIN)/clinfuse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,11 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check clinfuse federated tests benchmarks
 
+# The wheel of the README's installed route: dist/clinfuse-<version>-py3-none-any.whl.
+# build/ goes first: setuptools reuses it and would ship modules since deleted from the source.
+wheel: setup
+	rm -rf build dist/clinfuse-*.whl
+	$(BIN)/pip wheel --quiet --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(DEMO) .pytest_cache build dist

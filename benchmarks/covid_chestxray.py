@@ -48,6 +48,7 @@ def make_config(args, seed: int, *, dp: float | None = None, ):
 
     raw = load_config(REPO / "configs" / "covid-chestxray.yaml").model_dump(mode="json")
     raw["data"]["image"]["size"] = [args.image_size, args.image_size]
+    raw["data"]["roots"] = [str(Path(args.root).resolve() / "images")]  # the manifests point into the collection
     raw["train"].update(seed=seed, epochs=args.epochs, num_threads=args.threads, device="cpu")
     raw["privacy"].update(enabled=dp is not None, target_epsilon=dp if dp is not None else 8.0)
     raw["federation"].update(rounds=args.rounds, local_epochs=1)

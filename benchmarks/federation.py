@@ -78,12 +78,10 @@ def simulation_overhead(workdir: Path, *, rounds: int, patients: int, sites: int
     """The demo study in the simulation engine; per-round overhead from its history."""
     from support.deploy import round_overheads
 
-    from clinfuse.data.synthetic import write_demo_cohort
+    from clinfuse.data.synthetic import ensure_demo_cohort
     from federated.simulation import simulate
 
-    cohort = workdir / "cohort"
-    if not all((cohort / f"site-{k}" / "manifest.csv").exists() for k in range(sites)):
-        write_demo_cohort(cohort, sites=sites, patients=patients)
+    ensure_demo_cohort(workdir / "cohort", sites=sites, patients=patients)
     for name in ("run", "sites"):
         shutil.rmtree(workdir / name, ignore_errors=True)
     started = time.perf_counter()

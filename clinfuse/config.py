@@ -1,4 +1,8 @@
-"""Typed configuration loaded from ``configs/*.yaml``.
+"""Typed configuration loaded from YAML study files.
+
+The bundled studies ship inside the package (``clinfuse/configs/``, whose source is the
+repository's top-level ``configs/``): :data:`DEFAULT_CONFIG` is the demo study and
+:data:`STUDY_TEMPLATE` the commented study file that ``clinfuse init`` copies for a new site.
 
 ``load_config(path)`` reads a YAML file into a :class:`Config`. Unknown keys, wrong types and
 bad values raise :class:`clinfuse.errors.InputError` naming the file and the dotted key path,
@@ -13,20 +17,73 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from clinfuse.errors import InputError
 
 MODALITIES = ("image", "text", "tabular")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+# Through the installed package, never the checkout: a wheel has no top-level configs/.
+CONFIGS_DIR = Path(str(resources.files("clinfuse") / "configs"))
+DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
+STUDY_TEMPLATE = CONFIGS_DIR / "study.yaml"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity (YAML's .nan / .inf) are refused everywhere: no setting means either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def canonical_value(value: object) -> str:
+    """The one spelling of a label or category: numbers by value, everything else as stripped text.
+
+    ``0``, ``"0"``, ``"0.0"`` and ``" 0 "`` are all ``"0"``; ``0.5`` and ``"0.50"`` are ``"0.5"``;
+    ``"positive"`` stays ``"positive"``. So quote-free numeric labels in YAML (``labels: [0, 1]``)
+    match manifest cells written ``0``, ``1.0`` or read from a numeric Parquet column, and a
+    category ``1.0`` at one site is the category ``1`` at another. Booleans are refused (YAML reads
+    a bare ``yes``/``no``/``on``/``off`` as one): quote them.
+    """
+    if isinstance(value, bool):
+        raise ValueError(  # noqa: TRY004 - pydantic reports ValueError as a validation error
+            f"{value!r} is a YAML boolean (yes/no/true/false/on/off unquoted); quote it, "
+            "e.g. 'yes'")
+    if isinstance(value, (int, float)):
+        number, text = value, str(value)
+    else:
+        text = str(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+    if not math.isfinite(number):
+        return text
+    if float(number).is_integer():
+        return str(int(number))
+    return repr(float(number))
+
+
+def _canonical_list(values):
+    if not isinstance(values, (list, tuple)):
+        return values  # pydantic reports the wrong type
+    return [canonical_value(v) if isinstance(v, (str, int, float)) else v for v in values]
+
+
+CanonicalList = Annotated[list[str], BeforeValidator(_canonical_list)]
 
 
 class NumericColumn(_Strict):
@@ -43,6 +100,8 @@ class NumericColumn(_Strict):
     max: float
     center: float | None = None
     spread: float | None = Field(None, gt=0.0)
+    # Codes that mean "not measured" (e.g. [0, -1]): such a cell is a missing value, not a number.
+    missing: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _range(self):
@@ -54,17 +113,38 @@ class NumericColumn(_Strict):
 
 
 class CategoricalColumn(_Strict):
-    """A categorical tabular field, one-hot over its declared categories."""
+    """A categorical tabular field, one-hot over its declared categories (numbers by value: see
+    :func:`canonical_value`). ``missing`` lists codes that mean "not recorded" (e.g. ``[U, 9]``)."""
     name: str
     type: Literal["categorical"]
-    categories: list[str] = Field(min_length=1)
+    categories: CanonicalList = Field(min_length=1)
+    missing: CanonicalList = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"column '{self.name}': categories must be distinct (numbers compare by value: "
+                             f"{self.categories})")
+        both = sorted(set(self.categories) & set(self.missing))
+        if both:
+            raise ValueError(f"column '{self.name}': {both} cannot be both a category and a missing code")
+        return self
 
 
-TabularColumn = Annotated[NumericColumn | CategoricalColumn, Field(discriminator="type")]
+def _column_type(value) -> str | None:
+    # 'type' may be left out for numeric columns, as NumericColumn's default says.
+    if isinstance(value, dict):
+        return value.get("type", "numeric")
+    return getattr(value, "type", None)
+
+
+TabularColumn = Annotated[Annotated[NumericColumn, Tag("numeric")] | Annotated[CategoricalColumn, Tag("categorical")],
+                          Discriminator(_column_type)]
+ImageSide = Annotated[int, Field(ge=1, le=4096)]
 
 
 class ImageConfig(_Strict):
-    size: tuple[int, int] = (64, 64)
+    size: tuple[ImageSide, ImageSide] = (64, 64)
     normalize: Literal["zscore", "minmax"] = "zscore"
     frame: Literal["middle", "first", "last"] | int = "middle"
     apply_voi_lut: bool = True
@@ -90,18 +170,26 @@ class SplitConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    labels: list[str] = Field(min_length=2)
+    labels: CanonicalList = Field(min_length=2)
     tabular: list[TabularColumn] = Field(default_factory=list)
     image: ImageConfig = ImageConfig()
     text: TextConfig = TextConfig()
     split: SplitConfig = SplitConfig()
     require_deidentified: bool = False
     cache_dir: str | None = None  # default: <manifest dir>/.clinfuse-cache
+    # Folders besides the manifest's own that manifest paths may point into (relative ones are taken
+    # from each manifest's folder); see clinfuse.data.paths. A site adds its own with --data-root.
+    roots: list[str] = Field(default_factory=list)
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels):
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique (numbers compare by value: {labels})")
+        return labels
 
     @model_validator(mode="after")
     def _unique(self):
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError("labels must be unique")
         names = [c.name for c in self.tabular]
         if len(set(names)) != len(names):
             raise ValueError("tabular column names must be unique")
@@ -262,7 +350,7 @@ def config_from_dict(data: dict, *, source: str | Path = "<config>") -> Config:
         key = _key_path(err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling against configs/demo.yaml)"
+            msg = f"unknown key (check its spelling against {STUDY_TEMPLATE}, where every key is explained)"
         elif err["type"] == "missing":
             msg = "required key is missing"
         more = len(exc.errors()) - 1
@@ -272,14 +360,17 @@ def config_from_dict(data: dict, *, source: str | Path = "<config>") -> Config:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read a YAML file into a :class:`Config`. ``None`` loads ``configs/demo.yaml``."""
+    """Read a YAML file into a :class:`Config`. ``None`` loads the bundled demo study, :data:`DEFAULT_CONFIG`."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise InputError("configuration file not found", file=path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML: {exc}", file=path) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"not valid YAML{where}: {' '.join(str(what).split())}", file=path) from None
     except UnicodeDecodeError:
         raise InputError("not a UTF-8 text file", file=path) from None
     return config_from_dict(data, source=path)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clinfuse.cli import positive_float
+from clinfuse.cli import add_data_root_option, positive_float
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 MAX_PROBLEMS_SHOWN = 5
@@ -61,6 +61,7 @@ def register(subparsers) -> None:
     c.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="this site's privacy cap (default: the config's privacy.target_epsilon)")
     c.add_argument("--no-cache", action="store_true", help="skip decoding images into the cache")
+    add_data_root_option(c)
     c.set_defaults(handler=_check_command)
     k = sub.add_parser(
         "key", help="print this site's public key and fingerprint (for the study's roster)",
@@ -74,9 +75,14 @@ def register(subparsers) -> None:
 
 
 def _check_command(args) -> int:
+    import sys
+
     checks = check_site(args.manifest, args.config, state_dir=args.state_dir, max_epsilon=args.max_epsilon,
-                        warm_cache=not args.no_cache, progress=True)
+                        warm_cache=not args.no_cache, progress=True, data_roots=args.data_roots)
     print(format_checklist(checks))
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:  # the reason on stderr too, for scripts that read only it
+        print(f"clinfuse site check: not ready: {failed[0].name}: {failed[0].message}", file=sys.stderr)
     return 0 if ready(checks) else 2
 
 
@@ -102,7 +108,8 @@ def format_checklist(checks: list[Check]) -> str:
 
 
 def check_site(manifest: str | Path, config: str | Path | None, *, state_dir: str | Path | None = None,
-               max_epsilon: float | None = None, warm_cache: bool = True, progress: bool = False) -> list[Check]:
+               max_epsilon: float | None = None, warm_cache: bool = True, progress: bool = False,
+               data_roots=()) -> list[Check]:
     """Run every readiness check and return them in order (config, data, state dir, cap, cache).
 
     A check that cannot run because an earlier one failed is reported as ``SKIP``. Never raises
@@ -119,7 +126,8 @@ def check_site(manifest: str | Path, config: str | Path | None, *, state_dir: st
         cfg = None
         checks.append(Check("config", FAIL, exc.describe()))
 
-    data, data_check = (None, Check("data", SKIP, "needs a valid config")) if cfg is None else _check_data(manifest, cfg)
+    data, data_check = ((None, Check("data", SKIP, "needs a valid config")) if cfg is None
+                        else _check_data(manifest, cfg, data_roots))
     checks.append(data_check)
     checks.append(_check_state_dir(state_dir))
     state_usable = state_dir is not None and checks[-1].status != FAIL
@@ -138,12 +146,12 @@ def check_site(manifest: str | Path, config: str | Path | None, *, state_dir: st
 # The checks
 # --------------------------------------------------------------------------------------------
 
-def _check_data(manifest, cfg):
+def _check_data(manifest, cfg, data_roots=()):
     from clinfuse.data.manifest import read_manifest
     from clinfuse.errors import InputError
 
     try:
-        data = read_manifest(manifest, cfg)
+        data = read_manifest(manifest, cfg, data_roots=data_roots)
     except InputError as exc:
         return None, Check("data", FAIL, exc.describe())
     except OSError as exc:
@@ -158,8 +166,10 @@ def _check_data(manifest, cfg):
     head = (f"{s['usable_rows']} of {s['rows']} rows usable, {s['patients']} patients "
             f"({s['errors']} errors: rows skipped, {s['warnings']} warnings)")
     train = [r for r in data.records if r.split == "train"]
-    if not data.records:
-        return None, Check("data", FAIL, f"{manifest}: no usable rows; " + head, tuple(shown))
+    try:
+        data.require_records()
+    except InputError as exc:
+        return None, Check("data", FAIL, f"{exc.describe()}; {head}", tuple(shown))
     if not train:
         return None, Check("data", FAIL, f"{manifest}: no training rows; " + head, tuple(details + shown))
     train_labels = {r.label for r in train}

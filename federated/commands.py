@@ -13,13 +13,15 @@ input exits 2.
 
 from __future__ import annotations
 
-import json
+import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from clinfuse.cli import positive_float, positive_int
+
+_log = logging.getLogger("clinfuse.federation")
 
 
 def register(subparsers) -> None:
@@ -29,9 +31,10 @@ def register(subparsers) -> None:
                     "its sites in Flower's simulation engine and print per-round metrics, epsilon per "
                     "site and the final validation AUROC. The demo starts its study afresh each time "
                     "(it clears <workdir>/run and <workdir>/sites; the cohort is kept) unless --resume.")
-    p.add_argument("--workdir", type=Path, default=Path(".clinfuse-demo"))
+    p.add_argument("--workdir", type=Path, default=Path(".clinfuse-demo"),
+                   help="folder for the cohort, the sites' state and the run (default .clinfuse-demo)")
     p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds, 5)")
-    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
     p.add_argument("--patients", type=int, default=200, help="patients per site in the demo cohort")
     _common(p)
     p.set_defaults(handler=_demo)
@@ -58,8 +61,9 @@ def register(subparsers) -> None:
 
 
 def _common(p) -> None:
-    p.add_argument("--config", type=Path, default=None, help="study config (default: configs/demo.yaml)")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None)
+    p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None,
+                   help="aggregation (default: federation.strategy)")
     p.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="every site's cap (default: the study's target epsilon)")
     p.add_argument("--client-dp", action="store_true", help="add client-level DP (Flower's fixed clipping)")
@@ -71,7 +75,6 @@ def _common(p) -> None:
                    help="more run-config keys (docs/federation.md, 'Run config')")
     p.add_argument("--roster", type=Path, default=None,
                    help="the study's roster of site ids and public keys (clinfuse site key prints an entry)")
-    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
 
 def _parse_value(text: str):
@@ -141,23 +144,29 @@ def _report(summary: dict, started: float) -> None:
 
 
 def _privacy_line(run_config: dict) -> str:
-    """How the run is protected, in words: DP or not, and where its randomness comes from."""
+    """How the run is protected, in words: DP or not, and what its seed fixes (never DP noise, whose
+    source :data:`clinfuse.privacy.plan.NOISE_SOURCE` names)."""
     from clinfuse.federation.run_config import RunConfig
 
     cfg = RunConfig.parse(run_config).study_config()
     seed = f"seed {cfg.train.seed} fixes the initial model and the data order"
     if not cfg.privacy.enabled:
         return f"privacy: DP-SGD is OFF (--no-dp / privacy.enabled: false): no privacy guarantee; {seed}"
-    return (f"privacy: DP-SGD at every site (target epsilon {cfg.privacy.target_epsilon:g}); {seed}; "
-            "DP noise and sampling come from the OS's entropy, so DP runs do not repeat bit for bit")
+    return (f"privacy: DP-SGD at every site (target epsilon {cfg.privacy.target_epsilon:g}); {seed}, "
+            "not DP's noise or sampling, so DP runs do not repeat bit for bit")
 
 
 def _simulate(args, run_config: dict, num_sites: int) -> int:
+    from clinfuse.privacy.plan import NOISE_SOURCE
     from federated.rounds import StudyStopped
     from federated.simulation import simulate
 
     started = time.time()
-    print(_privacy_line(run_config), flush=True)
+    _log.info("starting %d simulated sites (Ray actors); each says when it starts a round", num_sites)
+    privacy = _privacy_line(run_config)
+    _log.info(privacy)
+    if not privacy.startswith("privacy: DP-SGD is OFF"):
+        _log.info(NOISE_SOURCE)
     try:
         summary = simulate(run_config, num_sites=num_sites, cpus=args.cpus, parallel=args.parallel,
                            on_round=_print_round, verbose=args.verbose)
@@ -169,26 +178,8 @@ def _simulate(args, run_config: dict, num_sites: int) -> int:
     return 0
 
 
-def _prepare_cohort(workdir: Path, sites: int, patients: int) -> Path:
-    """The demo cohort under ``workdir/cohort``, (re)written when absent or of another size."""
-    from clinfuse.data.synthetic import write_demo_cohort
-    from clinfuse.fileio import atomic_write_json
-
-    cohort = workdir / "cohort"
-    stamp_path = cohort / "cohort.json"
-    stamp = {"sites": sites, "patients": patients, "seed": 0}
-    manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(sites)]
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(m.exists() for m in manifests):
-        return cohort
-    if cohort.exists():
-        shutil.rmtree(cohort)
-    print(f"writing the demo cohort: {sites} sites x {patients} patients -> {cohort}", file=sys.stderr)
-    write_demo_cohort(cohort, sites=sites, patients=patients, seed=0)
-    atomic_write_json(stamp_path, stamp)
-    return cohort
-
-
 def _demo(args) -> int:
+    from clinfuse.data.synthetic import ensure_demo_cohort
     from clinfuse.errors import InputError
 
     if args.sites < 2:
@@ -197,7 +188,8 @@ def _demo(args) -> int:
     run_config = {"workdir": str(workdir), "min-sites": 2, **_run_config(args)}  # validates first
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    _prepare_cohort(workdir, args.sites, args.patients)
+    ensure_demo_cohort(workdir / "cohort", sites=args.sites, patients=args.patients,
+                       log=lambda line: print(line, file=sys.stderr))
     if not args.resume:
         # The demo is a fresh study each time; a real study never clears a site's accountant.
         for name in ("run", "sites"):
@@ -246,5 +238,5 @@ def _federate(args) -> int:
     for k, (m, site_id) in enumerate(zip(args.manifest, site_ids)):
         run_config[f"manifest-{k}"] = str(m.resolve())
         run_config[f"site-id-{k}"] = site_id
-    print(f"sites: {', '.join(f'{s} ({m})' for s, m in zip(site_ids, args.manifest))}", flush=True)
+    _log.info("sites: %s", ", ".join(f"{s} ({m})" for s, m in zip(site_ids, args.manifest)))
     return _simulate(args, run_config, len(args.manifest))

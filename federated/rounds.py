@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -233,17 +232,6 @@ def is_simulation(grid: Grid) -> bool:
     return bool(getattr(grid, "simulated", type(grid).__name__ == "InMemoryGrid"))
 
 
-def ensure_demo_cohort(cohort: Path, n_sites: int, patients: int) -> list[Path]:
-    """Write the demo cohort (``n_sites`` sites) unless its manifests are already there."""
-    from clinfuse.data.synthetic import write_demo_cohort
-
-    manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(n_sites)]
-    if all(m.exists() for m in manifests):
-        return manifests
-    log(INFO, "writing the demo cohort (%d sites x %d patients) to %s", n_sites, patients, cohort)
-    return write_demo_cohort(cohort, sites=n_sites, patients=patients)
-
-
 class Study:
     """What one run of the loop shares with its executor: grid, settings, study config, identities."""
 
@@ -372,12 +360,15 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
     rundir = RunDir(settings.run_path)
     first = rundir.begin(cfg, settings.describe(), resume=settings.resume, num_rounds=settings.num_rounds)
     if settings.demo_cohort and is_simulation(grid):
-        ensure_demo_cohort(settings.cohort_path, max(settings.expected_sites, len(list(grid.get_node_ids()))),
-                           settings.cohort_patients)
+        from clinfuse.data.synthetic import ensure_demo_cohort
+
+        ensure_demo_cohort(settings.cohort_path, sites=max(settings.expected_sites, len(list(grid.get_node_ids()))),
+                           patients=settings.cohort_patients, log=lambda line: log(INFO, "%s", line))
     identities = SiteIdentities(roster)
     if roster is None:
-        log(WARNING, "no roster (run config 'roster'): site identities are not verified against declared "
-                     "keys; each site id is bound to the first key that signs for it in this run")
+        # INFO: a simulation or the demo has no roster by design; a deployment's server log shows it.
+        log(INFO, "no roster (run config 'roster'): site identities are not verified against declared "
+                  "keys; each site id is bound to the first key that signs for it in this run")
     strategy_state: dict = {}
     if first > 1:
         last = rundir.last()

@@ -9,14 +9,52 @@ apps an empty run config.
 Sites are partitions: partition ``k`` is site ``site-id-k`` (default ``site-k``) with manifest
 ``<cohort>/site-k/manifest.csv`` (or run config ``manifest-k``) and its private state in
 ``<sites-dir>/<site id>``; see :func:`clinfuse.federation.protocol.site_spec`.
+
+Console: Flower's deprecation banner for ``run_simulation`` (a log record of the ``flwr``
+logger, not a Python warning) and the "Manually terminating ClientAppActor" line each actor
+logs when the run ends are dropped; each site's ``clinfuse.*`` log lines (e.g. "site-0: round 1:
+training ...") reach the console through Ray, prefixed with the actor's pid, at the level of the
+command that started the simulation (``clinfuse --quiet`` / ``--verbose``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
 from collections.abc import Callable
+
+
+class _DropFlowerNotices(logging.Filter):
+    """Drops the two ``flwr`` log records a simulation would print on every run, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Manually terminating %s":  # logged by every actor at shutdown
+            return False
+        return not (str(record.msg).startswith("DEPRECATED FEATURE")
+                    and "`run_simulation` function is deprecated" in str(record.args))
+
+
+_FLOWER_NOTICES = _DropFlowerNotices()
+
+
+@functools.cache
+def _site_console() -> None:
+    """Once per site process (Ray actor): clinfuse's logging at the command's level, Flower's
+    shutdown notice dropped."""
+    from clinfuse.cli import configure_logging
+
+    configure_logging()  # the level comes from the environment the command set
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_FLOWER_NOTICES)
+    flwr_logger.propagate = False  # see simulate(): Flower's own handler prints each record once
+
+
+def site_console_mod(msg, context, call_next):
+    """Flower mod run in each site process before its handlers: see :func:`_site_console`."""
+    _site_console()
+    return call_next(msg, context)
 
 
 def backend_config(num_sites: int, cpus: int | None = None, parallel: int | None = None) -> dict:
@@ -58,13 +96,18 @@ def simulate(run_config: dict, *, num_sites: int, cpus: int | None = None, paral
     run_config = {"expected-sites": num_sites, **run_config}
     results: list[dict] = []
     server = make_server_app(run_config, on_round=on_round, results=results)
-    client = make_client_app(run_config, mods=client_mods)
+    client = make_client_app(run_config, mods=[site_console_mod, *(client_mods or [])])
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes around "(ClientAppActor pid=...)"
     flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
+    level, propagate = flwr_logger.level, flwr_logger.propagate
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.addFilter(_FLOWER_NOTICES)
+    # Opacus calls logging.basicConfig() on import: a root handler that would print every Flower
+    # record a second time (the doubled "Manually terminating ClientAppActor" lines).
+    flwr_logger.propagate = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -73,6 +116,8 @@ def simulate(run_config: dict, *, num_sites: int, cpus: int | None = None, paral
                            backend_config=backend_config(num_sites, cpus, parallel), verbose_logging=False)
     finally:
         flwr_logger.setLevel(level)
+        flwr_logger.propagate = propagate
+        flwr_logger.removeFilter(_FLOWER_NOTICES)
     if not results:
         raise RuntimeError("the simulation ended without a result from the server (see the log above)")
     return results[0]

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
-    """Write a minimal valid, de-identified MONOCHROME2 DICOM file."""
+    """Write a minimal valid, de-identified MONOCHROME2 DICOM file (``tags`` set or override elements)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -33,6 +33,7 @@ def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
+    ds.BurnedInAnnotation = "NO"  # a secondary capture must say so, or it may carry burned-in text
     for key, value in tags.items():
         setattr(ds, key, value)
     ds.PixelData = pixels.astype(np.uint16).tobytes()

@@ -158,6 +158,11 @@ def test_single_class_site_is_reported_not_raised():
     assert b["metrics"]["auroc"] == {"value": None, "ci": [None, None], "undefined_resamples": 200}
     assert any("auroc undefined" in n for n in b["notes"])
     assert b["metrics"]["specificity"]["value"] is not None
+    # 10 patients, no positives: flagged, with both reasons; the 50-patient site is not.
+    assert b["reliable"] is False
+    assert b["unreliable_because"] == ["10 patients (fewer than 20)", "class pos absent"]
+    a = res["runs"]["m"]["per_site"]["A"]
+    assert a["reliable"] is True and a["unreliable_because"] == []
 
 
 def test_multiclass_runs_have_per_class_intervals():

@@ -17,6 +17,7 @@ from clinfuse.config import config_from_dict
 from clinfuse.data.dataset import MultimodalDataset
 from clinfuse.data.manifest import read_manifest
 from clinfuse.data.tabular import encode_tabular
+from clinfuse.evaluation.calibration import apply_temperature
 from clinfuse.evaluation.commands import _absent_inputs, _RowView
 from clinfuse.training.checkpoint import build_model_for, save_checkpoint
 
@@ -29,7 +30,7 @@ def write_site(folder, site_index: int, n_patients: int = 14):
     rng = np.random.default_rng(site_index)
     rows = []
     for i in range(n_patients):
-        split = ("val", "test", "test", "train")[i % 4]
+        split = ("val", "test", "test", "train", "test", "val", "test")[i % 7]  # both classes in val
         label = "positive" if i % 2 else "negative"
         for visit in range(2 if i % 3 == 0 else 1):
             image = ""
@@ -49,8 +50,8 @@ def write_site(folder, site_index: int, n_patients: int = 14):
     return path
 
 
-@pytest.fixture
-def setup(tmp_path, small_cfg):
+def write_study(tmp_path, small_cfg, *, privacy: dict | None = None):
+    """Two sites and two untrained checkpoints (seeds 0 and 1): ``(cfg, config data, manifests, checkpoints)``."""
     manifests = [write_site(tmp_path / f"site-{k}", k) for k in range(2)]
     data = small_cfg.model_dump(mode="json")
     data["data"]["cache_dir"] = str(tmp_path / "cache")
@@ -58,7 +59,13 @@ def setup(tmp_path, small_cfg):
     ckpts = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        ckpts.append(save_checkpoint(tmp_path / f"model{seed}.pt", build_model_for(cfg), cfg))
+        ckpts.append(save_checkpoint(tmp_path / f"model{seed}.pt", build_model_for(cfg), cfg, privacy=privacy))
+    return cfg, data, manifests, ckpts
+
+
+@pytest.fixture
+def setup(tmp_path, small_cfg):
+    cfg, data, manifests, ckpts = write_study(tmp_path, small_cfg)
     eval_cfg = dict(data, evaluation={**data["evaluation"], "bootstrap": 200, "seed": 7},
                     train={**data["train"], "num_threads": 1})
     cfg_path = tmp_path / "eval.yaml"
@@ -105,7 +112,8 @@ def test_evaluate_cli_writes_report_metrics_and_predictions(tmp_path, setup, cap
     model, ckpt_cfg, _ = load_checkpoint(ckpts[0])
     site0 = read_manifest(manifests[0], ckpt_cfg)
     recs = [r for r in site0.records if r.split == "test"]
-    direct = predict_proba(model, MultimodalDataset(recs, ckpt_cfg))
+    cal = run["calibration"]
+    direct = apply_temperature(predict_proba(model, MultimodalDataset(recs, ckpt_cfg)), cal["temperature"])
     mine = test_rows[test_rows.site == "site-0"].sort_values("row")
     order = np.argsort([r.row for r in recs])
     assert np.allclose(mine["prob_positive"].to_numpy(), direct[order, 1], atol=1e-5)
@@ -165,3 +173,21 @@ def test_evaluate_without_val_rows_warns_and_fixes_threshold(tmp_path, setup, ca
     assert metrics["runs"]["model0"]["thresholds"] == {"positive": 0.5}
     assert any("no 'val' rows" in n for n in metrics["notes"])
     assert metrics["robustness"] == {}
+
+
+def test_robustness_sweeps_only_the_modalities_the_study_has(tmp_path, setup):
+    _cfg, manifests, ckpts, cfg_path = setup
+    no_notes = []
+    for m in manifests:
+        frame = pd.read_csv(m, dtype=str, keep_default_na=False).drop(columns=["note"])
+        path = m.parent / "no-notes.csv"
+        frame.to_csv(path, index=False)
+        no_notes.append(path)
+    code = main(["evaluate", "--checkpoint", str(ckpts[0]), "--manifest", *map(str, no_notes), "--out",
+                 str(tmp_path / "nn"), "--config", str(cfg_path), "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "nn" / "metrics.json").read_text())
+    assert metrics["modalities"] == ["image", "tabular"]
+    assert {c["modality"] for c in metrics["robustness"]["model0"]} == {"image", "tabular"}
+    html = (tmp_path / "nn" / "report.html").read_text()
+    assert '<td class="l">image<' in html and '<td class="l">text<' not in html  # sweep rows

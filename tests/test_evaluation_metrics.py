@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    roc_auc_score,
+)
 from sklearn.preprocessing import label_binarize
 
 from clinfuse.errors import InputError
@@ -40,6 +46,8 @@ def test_binary_hand_checked_values():
     assert values["specificity"] == pytest.approx(1.0)
     assert values["ppv"] == pytest.approx(1.0)
     assert values["npv"] == pytest.approx(2 / 3)
+    assert values["accuracy"] == pytest.approx(3 / 4)
+    assert values["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
     assert values["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
     # Bins (10): 0.1 -> |0-0.1|, 0.4 -> |0-0.4|, 0.35 -> |1-0.35|, 0.8 -> |1-0.8|, each 1/4 weight.
     assert values["ece"] == pytest.approx((0.1 + 0.4 + 0.65 + 0.2) / 4)
@@ -160,7 +168,11 @@ def test_weighted_kernel_matches_sklearn_sample_weight():
         sw = w[b]
         assert out[b, 0, 0] == pytest.approx(roc_auc_score(y, p, sample_weight=sw))
         assert out[b, 0, 1] == pytest.approx(average_precision_score(y, p, sample_weight=sw))
-        assert out[b, 0, 6] == pytest.approx(brier_score_loss(y, p, sample_weight=sw))
+        assert out[b, 0, METRICS.index("brier")] == pytest.approx(brier_score_loss(y, p, sample_weight=sw))
+        pred = (p >= 0.5).astype(int)
+        assert out[b, 0, METRICS.index("accuracy")] == pytest.approx(accuracy_score(y, pred, sample_weight=sw))
+        assert out[b, 0, METRICS.index("balanced_accuracy")] == pytest.approx(
+            balanced_accuracy_score(y, pred, sample_weight=sw))
         # Expanding rows by their weights must give the unweighted point estimates.
         rows = np.repeat(np.arange(n), sw.astype(int))
         ref, _ = binary_metrics(y[rows], p[rows], 0.5, ece_bins=5)
@@ -178,14 +190,26 @@ def test_weighted_kernel_unit_weights_equal_point_estimates_multiclass():
     for k, name in enumerate("abc"):
         for j, m in enumerate(METRICS):
             assert out[0, k, j] == pytest.approx(point["per_class"][name][m])
+    # Multi-class accuracy is the top-label one; the macro balanced accuracy is scikit-learn's.
+    top = probs.argmax(axis=1)
+    assert point["metrics"]["accuracy"] == pytest.approx(accuracy_score(labels, top))
+    assert point["metrics"]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, top))
+    w = np.random.default_rng(2).integers(0, 3, (1, 90)).astype(float)
+    weighted = weighted_metrics(w, probs, labels, thr)[0].mean(axis=0)
+    assert weighted[METRICS.index("balanced_accuracy")] == pytest.approx(
+        balanced_accuracy_score(labels, top, sample_weight=w[0]))
+    assert weighted[METRICS.index("accuracy")] == pytest.approx(accuracy_score(labels, top, sample_weight=w[0]))
 
 
 def test_weighted_kernel_undefined_is_nan():
     y = np.array([0, 0, 1, 1])
     w = np.array([[1.0, 1.0, 0.0, 0.0]])  # only negatives drawn
     out = weighted_metrics(w, two_col(P), y, [0.5])
-    assert np.isnan(out[0, 0, 0]) and np.isnan(out[0, 0, 1]) and np.isnan(out[0, 0, 2])
-    assert out[0, 0, 3] == pytest.approx(1.0)
+    col = METRICS.index
+    assert np.isnan(out[0, 0, col("auroc")]) and np.isnan(out[0, 0, col("auprc")])
+    assert np.isnan(out[0, 0, col("sensitivity")]) and np.isnan(out[0, 0, col("balanced_accuracy")])
+    assert out[0, 0, col("specificity")] == pytest.approx(1.0)
+    assert out[0, 0, col("accuracy")] == pytest.approx(1.0)
 
 
 def test_check_predictions_rejects_bad_input_naming_the_row():

@@ -107,6 +107,36 @@ def test_write_report_outputs(tmp_path, result):
     assert pd.read_csv(paths["predictions"]).shape == (1, 3)
 
 
+def test_summary_box_comes_first_and_small_subgroups_are_flagged(tmp_path, result):
+    small = {**result, "runs": {k: {**v, "per_site": {**v["per_site"], "site-c": {
+        **v["per_site"]["site-a"], "n_patients": 8, "reliable": False,
+        "unreliable_because": ["8 patients (fewer than 20)"]}}} for k, v in result["runs"].items()}}
+    text = render_html(small)
+    body = text[text.index("<body>") + len("<body>"):].lstrip()
+    assert body.startswith('<section class="summary" id="summary">')
+    summary = body[:body.index("</section>")]
+    assert "AUROC" in summary and "Warnings" in summary and "site-c" in summary
+    assert text.count('<tr class="unreliable">') == 2  # site-c, for each of the two checkpoints
+    assert "unreliable: 8 patients (fewer than 20)" in text
+    # Hashes stay out of the prose; the report refers to metrics.json for them.
+    assert not re.search(r"[0-9a-f]{64}", text)
+
+
+def test_privacy_in_words():
+    from clinfuse.evaluation.report import fmt_delta, privacy_words
+
+    words = privacy_words({"enabled": True, "epsilon_per_site": {"a": 7.999984728778938, "b": 7.999984728778938},
+                           "delta": 1e-5, "delta_source": "checkpoint", "unit": "patient", "accountant": "prv"})
+    assert "ε = 8.00 per site (δ = 1e-5)" in words and "PRV accountant" in words and "patient" in words
+    assert "7.9999" not in words
+    bound = privacy_words({"enabled": True, "epsilon_per_site": {"a": 3.0, "b": 2.5}, "delta": 1e-5,
+                           "delta_source": "upper bound", "accountant": "rdp"})
+    assert "ε = 2.50 to 8.00" not in bound and "ε = 2.50 to 3.00 per site (a 3.00, b 2.50)" in bound
+    assert "δ ≤ 1e-5" in bound
+    assert "without differential privacy" in privacy_words({"enabled": False})
+    assert fmt_delta(2.5e-6) == "2.5e-6" and fmt_delta(1e-5) == "1e-5"
+
+
 def test_report_renders_from_metrics_json_alone(tmp_path, result):
     paths = write_report(tmp_path, result)
     again = render_html(json.loads(paths["metrics"].read_text()))

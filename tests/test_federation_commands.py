@@ -43,7 +43,7 @@ def test_no_dp_and_seed_reach_the_run_config_and_the_output_says_where_noise_com
     assert rc["dp"] is False and rc["seed"] == 3
     assert "DP-SGD is OFF" in _privacy_line(rc) and "seed 3 fixes the initial model" in _privacy_line(rc)
     dp_line = _privacy_line({"seed": 3})
-    assert "OS's entropy" in dp_line and "seed 3" in dp_line
+    assert "not DP's noise or sampling" in dp_line and "seed 3" in dp_line
 
 
 def test_a_stopped_study_exits_1_with_the_reason(tmp_path, monkeypatch, capsys):

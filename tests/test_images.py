@@ -502,8 +502,13 @@ def test_dicom_without_preamble(tmp_path):
 
 def test_phi_fields(tmp_path):
     named = write_dicom(tmp_path / "named.dcm", ramp(), PatientName="Doe^Jane", PatientID="12345",
-                        PatientBirthDate="19700101", InstitutionName="", StudyDate="20240101")
-    assert phi_fields(named) == ["PatientName", "PatientID", "PatientBirthDate"]  # file order
+                        PatientBirthDate="19700101", InstitutionName="", StudyDate="20240101",
+                        BurnedInAnnotation="NO")
+    # file order; the study date identifies too (PS3.15 Annex E)
+    assert phi_fields(named) == ["StudyDate", "PatientName", "PatientID", "PatientBirthDate"]
+    # a secondary capture that does not say its pixels are clean may carry burned-in text
+    capture = write_dicom(tmp_path / "capture.dcm", ramp())
+    assert [f.split(" ")[0] for f in phi_fields(capture)] == ["BurnedInAnnotation"]
     anonymous = write_dicom(tmp_path / "anon.dcm", ramp(), PatientName="", PatientID="",
                             PatientBirthDate="", AccessionNumber="", BurnedInAnnotation="NO")
     assert phi_fields(anonymous) == []

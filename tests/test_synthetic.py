@@ -234,3 +234,30 @@ def test_bad_arguments(tmp_path, kwargs, key):
         write_demo_cohort(tmp_path, **kwargs)
     assert err.value.key == key
     assert not any(tmp_path.iterdir())
+
+
+def test_ensure_demo_cohort_writes_once_and_again_when_incomplete_or_different(tmp_path):
+    import json
+
+    from clinfuse.data.manifest import read_manifest
+    from clinfuse.data.synthetic import COHORT_MARKER, ensure_demo_cohort
+
+    lines = []
+    first = ensure_demo_cohort(tmp_path, sites=2, patients=3, log=lines.append)
+    assert len(lines) == 1 and all(m.is_file() for m in first)
+    stamp = {m: m.stat().st_mtime_ns for m in first}
+    assert ensure_demo_cohort(tmp_path, sites=2, patients=3, log=lines.append) == first
+    assert len(lines) == 1 and {m: m.stat().st_mtime_ns for m in first} == stamp  # nothing rewritten
+    first[1].unlink()  # an incomplete cohort is written again
+    ensure_demo_cohort(tmp_path, sites=2, patients=3, log=lines.append)
+    assert len(lines) == 2 and first[1].is_file()
+    (tmp_path / COHORT_MARKER).write_text("{")  # a cut-short marker too
+    ensure_demo_cohort(tmp_path, sites=2, patients=3, log=lines.append)
+    assert len(lines) == 3
+    ensure_demo_cohort(tmp_path, sites=2, patients=4, log=lines.append)  # another size
+    assert len(lines) == 4 and json.loads((tmp_path / COHORT_MARKER).read_text())["patients"] == 4
+    assert len(read_manifest(first[0], load_config()).patients) == 4
+    # A complete cohort that clinfuse did not mark (clinfuse synth, a user's) is used as it is.
+    (mine,) = write_demo_cohort(tmp_path / "mine", sites=1, patients=3)
+    assert ensure_demo_cohort(tmp_path / "mine", sites=1, patients=50, log=lines.append) == [mine]
+    assert len(lines) == 4 and len(read_manifest(mine, load_config()).patients) == 3

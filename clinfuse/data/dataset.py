@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +34,8 @@ from clinfuse.config import Config
 from clinfuse.data.manifest import Record
 from clinfuse.data.tabular import encode_tabular, tabular_dim
 from clinfuse.data.text import tokenize
+from clinfuse.errors import InputError
+from clinfuse.fileio import atomic_write_bytes
 
 # Bump when decoding changes in a way that alters pixels, so old cache entries are not reused.
 DECODER_VERSION = "1"
@@ -95,19 +95,12 @@ class ImageCache:
         return array
 
     def put(self, path: Path, array: np.ndarray) -> None:
-        entry = self._entry(self.key(path))
-        entry.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         payload = buffer.getvalue()
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(hashlib.sha256(payload).digest() + payload)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Not durable: an entry lost in a power cut is decoded again, one cut short fails its digest.
+        atomic_write_bytes(self._entry(self.key(path)), hashlib.sha256(payload).digest() + payload,
+                           durable=False)
 
 
 class MultimodalDataset(Dataset):
@@ -144,7 +137,11 @@ class MultimodalDataset(Dataset):
         path = self.records[index].image
         array = self.cache.get(path) if self.cache else None
         if array is None:
-            array = np.ascontiguousarray(decode_image(path, self.cfg.data.image), dtype=np.float32)
+            try:
+                array = np.ascontiguousarray(decode_image(path, self.cfg.data.image), dtype=np.float32)
+            except InputError as exc:  # validation decoded it: the file changed since
+                raise InputError(f"{exc.message} (it decoded when the manifest was read: did it change?)",
+                                 file=path, row=self.records[index].row, key="image") from exc
             if self.cache:
                 self.cache.put(path, array)
         self._memory[index] = array
@@ -155,14 +152,15 @@ class MultimodalDataset(Dataset):
         image = (torch.from_numpy(self.image_array(index)) if record.image is not None
                  else self._blank_image)
         mask = torch.tensor(record.mask, dtype=torch.float32)
-        return image, self._text[index], self._tabular[index], mask, torch.tensor(record.label)
+        label = -1 if record.label is None else record.label  # -1: a row read only to predict
+        return image, self._text[index], self._tabular[index], mask, torch.tensor(label)
 
     def warm(self, progress: bool = True) -> None:
-        """Decode every image now (fills the disk cache), with a progress bar."""
-        from tqdm.auto import tqdm
+        """Decode every image now (fills the disk cache), with a progress bar (lines without a terminal)."""
+        from clinfuse.progress import Progress
 
         indices = [i for i, r in enumerate(self.records) if r.image is not None]
-        for i in tqdm(indices, desc="decoding images", unit="img", disable=not progress or None):
+        for i in Progress(len(indices), "decoding images", "image", enabled=progress).track(indices):
             self.image_array(i)
 
 

@@ -2,20 +2,22 @@
 
 Three entry points serve three callers:
 
-* :func:`check_image` — a cheap, header-level check that ``clinfuse validate`` runs on every
-  manifest row: the file exists, is what its name claims, carries pixel data that is complete
-  and in a transfer syntax this installation can decode.
+* :func:`check_image` — a cheap, header-level check: the file exists, is what its name claims
+  (or its content says), is an image object, carries pixel data that is complete and in a
+  transfer syntax this installation can decode.
 * :func:`read_pixels` — one 2-D float32 grayscale frame in the file's own intensity units
   (after the DICOM Modality LUT / rescale, the VOI LUT or window, and MONOCHROME1 inversion).
+  It is the loader of the training transform, and what manifest validation runs on every row,
+  so a file that validates is a file training can decode.
 * :func:`decode_image` — the full MONAI dictionary pipeline (:func:`build_image_transform`):
   load, resize to ``ImageConfig.size`` and normalise each image on its own, giving float32
   ``[1, H, W]``. Its output is what the dataset caches.
 
-:func:`phi_fields` lists identifying DICOM header elements that are filled in, for
-``data.require_deidentified``.
+:func:`phi_fields` lists identifying data (DICOM PS3.15 Annex E) in a file's header, and
+burned-in text its kind makes likely, for ``data.require_deidentified``.
 
 Every problem with a file raises :class:`clinfuse.errors.InputError` naming the file; pydicom
-and Pillow exceptions never escape. Normalisation statistics come from the image alone, so no
+and Pillow exceptions, warnings and logged tracebacks never escape (:mod:`clinfuse.data.decoding`). Normalisation statistics come from the image alone, so no
 statistic fitted on a site's data enters the model through this module.
 
 MONAI is imported only when a transform is built: it costs seconds, and validation does not
@@ -41,6 +43,7 @@ from pydicom.pixels.utils import get_expected_length, get_nr_frames
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from clinfuse.config import ImageConfig
+from clinfuse.data.decoding import decoding, one_line
 from clinfuse.errors import InputError
 
 if TYPE_CHECKING:
@@ -70,9 +73,22 @@ _INSTALL_JPEG = "pip install 'clinfuse[jpeg]'"
 # ITU-R BT.601 luma weights: the same grey that Pillow's convert("L") produces, kept in float.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
-#: Header elements that identify a patient, a person involved in care, or an institution
-#: (names, identifiers, birth data, addresses, phone numbers, free-text patient remarks).
-#: ``BurnedInAnnotation`` is reported when it says "YES": the identifiers are in the pixels.
+_TEMPORAL = (
+    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "AcquisitionDateTime",
+    "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "AdmittingDate", "AdmittingTime",
+    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime")
+_CHARACTERISTICS = ("PatientAge", "PatientSize", "PatientWeight", "EthnicGroup", "Occupation")
+_DEVICE = ("DeviceSerialNumber", "DetectorID", "GantryID", "PlateID", "CassetteID")
+
+#: Header elements that identify a patient, a person involved in care, a device or an institution,
+#: after DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile): names,
+#: identifiers, birth data, addresses, phone numbers, free-text remarks and history, the dates and
+#: times of the study, patient characteristics (age, size, weight), device serial numbers and
+#: institution names. UIDs are not listed: the profile replaces them, but they identify no one
+#: without the hospital's records. ``PatientSex`` is not listed either: it is a usual clinical input.
+#: ``BurnedInAnnotation`` is reported when it says "YES": the identifiers are in the pixels (see
+#: :func:`phi_fields` for images that are likely to carry burned-in text without saying so).
 PHI_KEYWORDS = (
     "PatientName",
     "PatientID",
@@ -111,11 +127,36 @@ PHI_KEYWORDS = (
     "ContentCreatorName",
     "VerifyingObserverName",
     "PersonName",
+    "AdditionalPatientHistory",
+    "ImageComments",
+    "OperatorIdentificationSequence",
+    "PersonIdentificationCodeSequence",
     "BurnedInAnnotation",
+    *_TEMPORAL,
+    *_CHARACTERISTICS,
+    *_DEVICE,
 )
 _PHI_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in PHI_KEYWORDS}
+# PS3.15 Annex E retention options (codes of DeidentificationMethodCodeSequence, scheme DCM) under
+# which a de-identified file keeps these elements on purpose: they are then not reported.
+_RETAINED_BY = {
+    "113106": _TEMPORAL,  # Retain Longitudinal Temporal Information, Full Dates
+    "113107": _TEMPORAL,  # ... Modified Dates (shifted)
+    "113108": _CHARACTERISTICS,  # Retain Patient Characteristics
+    "113109": (*_DEVICE, "StationName"),  # Retain Device Identity
+    "113112": ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"),  # Institution Identity
+}
+_CLEAN_PIXEL_DATA = "113101"  # Clean Pixel Data Option: burned-in text was removed
+# Images that usually carry burned-in text (patient name, hospital, date in the pixels) when
+# they do not say otherwise: ultrasound, screen captures, photographs, scanned documents.
+_BURNED_IN_MODALITIES = frozenset({"US", "IVUS", "ES", "XC", "GM", "OT", "DOC", "SC"})
+_BURNED_IN_SOP_WORDS = ("Secondary Capture", "Ultrasound", "Video", "VL Photographic")
 
 Frame = Literal["middle", "first", "last"] | int
+
+#: Bump when what :func:`read_pixels` accepts or :func:`phi_fields` reports changes: stored
+#: findings of earlier checks (a site's ``file-checks.json``) then no longer count.
+CHECKS_VERSION = "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,13 +196,16 @@ def read_pixels(path: str | os.PathLike[str], *, frame: Frame = "middle",
         data that cannot be decoded.
     """
     p, head = _open(path)
-    if _kind(p, head) == "raster":
-        arr = _read_raster(p)
-    else:
-        arr = _read_dicom_pixels(p, head, frame=frame, voi=apply_voi_lut)
-    if not np.isfinite(arr).all():
-        raise InputError("pixel data contains NaN or infinite values", file=p)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    with decoding(p, "decode the image"):
+        if _kind(p, head) == "raster":
+            arr = _read_raster(p)
+        else:
+            arr = _read_dicom_pixels(p, head, frame=frame, voi=apply_voi_lut)
+        if arr.ndim != 2 or arr.size == 0:
+            raise InputError(f"decoded to an array of shape {arr.shape}, not one 2-D frame", file=p)
+        if not np.isfinite(arr).all():
+            raise InputError("pixel data contains NaN or infinite values", file=p)
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def build_image_transform(image_cfg: ImageConfig) -> Compose:
@@ -228,50 +272,75 @@ def check_image(path: str | os.PathLike[str]) -> None:
     Returns ``None``; raises :class:`InputError` naming the file on the first problem found.
     """
     p, head = _open(path)
-    if _kind(p, head) == "raster":
-        _check_raster(p)
-        return
-    ds, truncated = _read_dicom(p, head, defer=True)
-    ts = _transfer_syntax(ds)
-    if ts.is_deflated:
-        # Deferred offsets point into the inflated stream, not the file: read it whole instead.
-        ds, truncated = _read_dicom(p, head, defer=False)
-    keyword = _pixel_keyword(ds, p, truncated)
-    _require_image_elements(ds, p)
-    _require_decoder(ts, p)
-    if ts.is_encapsulated:
-        if truncated:
-            raise InputError(
-                "DICOM file is truncated: the compressed pixel data ends before its end marker",
-                file=p)
-        return
-    elem = ds.get_item(keyword, keep_deferred=True)
-    if elem.value is None and elem.value_tell is not None and not ts.is_deflated:
-        present = max(0, min(elem.length, p.stat().st_size - elem.value_tell))
-    else:
-        present = len(ds[keyword].value or b"")
-    _require_native_length(ds, p, present)
+    with decoding(p, "read the image"):
+        if _kind(p, head) == "raster":
+            _check_raster(p)
+            return
+        ds, truncated = _read_dicom(p, head, defer=True)
+        ts = _transfer_syntax(ds)
+        if ts.is_deflated:
+            # Deferred offsets point into the inflated stream, not the file: read it whole instead.
+            ds, truncated = _read_dicom(p, head, defer=False)
+        _require_image_object(ds, p)
+        keyword = _pixel_keyword(ds, p, truncated)
+        _require_image_elements(ds, p)
+        _require_decoder(ts, p)
+        if ts.is_encapsulated:
+            if truncated:
+                raise InputError(
+                    "DICOM file is truncated: the compressed pixel data ends before its end marker",
+                    file=p)
+            return
+        elem = ds.get_item(keyword, keep_deferred=True)
+        if elem.value is None and elem.value_tell is not None and not ts.is_deflated:
+            present = max(0, min(elem.length, p.stat().st_size - elem.value_tell))
+        else:
+            present = len(ds[keyword].value or b"")
+        _require_native_length(ds, p, present)
 
 
 def phi_fields(path: str | os.PathLike[str]) -> list[str]:
-    """Names of identifying DICOM header elements (:data:`PHI_KEYWORDS`) that are filled in.
+    """Identifying data in a DICOM file (DICOM PS3.15 Annex E, Basic Application Level
+    Confidentiality Profile): the :data:`PHI_KEYWORDS` that are filled in, and burned-in text.
 
     Reads the header only (stops before the pixel data). Elements nested in sequences count.
-    Returns keywords in file order without repeats, ``[]`` for PNG/JPEG and for files that are
+    Elements that the file's ``DeidentificationMethodCodeSequence`` declares as kept on purpose
+    by a retention option of the profile (shifted dates under "Retain Longitudinal Temporal
+    Information", age and weight under "Retain Patient Characteristics", device serial numbers
+    under "Retain Device Identity", institution names under "Retain Institution Identity") are
+    not reported.
+
+    Burned-in text: ``"BurnedInAnnotation"`` when the file says "YES". A file that does not say
+    "NO" is also reported (as ``"BurnedInAnnotation (...)"`` with the reason) when it is of a
+    kind that usually carries text in its pixels: modality US, IVUS, ES, XC, GM, OT or DOC, or a
+    Secondary Capture, ultrasound, video or VL photographic SOP class; unless it declares the
+    profile's Clean Pixel Data option. This is a rule on the header, not OCR: a site confirms
+    such images are clean by setting BurnedInAnnotation to "NO".
+
+    Returns entries in file order without repeats, ``[]`` for PNG/JPEG and for files that are
     not DICOM (which :func:`check_image` reports). Raises :class:`InputError` when the file is
     missing or unreadable.
     """
     p, head = _open(path)
-    has_marker = head[128:132] == b"DICM"
-    if not has_marker and p.suffix.lower() not in DICOM_SUFFIXES:
-        return []
     try:
-        ds, _ = _read_dicom(p, head, header_only=True)
+        if _kind(p, head) != "dicom":
+            return []
     except InputError:
         return []
-    found: dict[str, None] = {}
-    _collect_phi(ds, found)
-    return list(found)
+    with decoding(p, "read the DICOM header"):
+        try:
+            ds, _ = _read_dicom(p, head, header_only=True)
+        except InputError:
+            return []
+        retained = _retention_options(ds)
+        kept = {k for code in retained for k in _RETAINED_BY.get(code, ())}
+        found: dict[str, None] = {}
+        _collect_phi(ds, found, {t: k for t, k in _PHI_TAGS.items() if k not in kept})
+        if "BurnedInAnnotation" not in found:
+            reason = _burned_in_text_likely(ds, retained)
+            if reason:
+                found[f"BurnedInAnnotation ({reason})"] = None
+        return list(found)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,24 +365,36 @@ def _open(path: str | os.PathLike[str]) -> tuple[Path, bytes]:
 
 
 def _kind(p: Path, head: bytes) -> Literal["dicom", "raster"]:
+    """DICOM or PNG/JPEG: by the 'DICM' marker, then the suffix; a file with another suffix or
+    none (PACS exports often have none) by its content: PNG/JPEG magic bytes, or DICOM elements
+    without the Part 10 preamble."""
     if head[128:132] == b"DICM":
         return "dicom"
     suffix = p.suffix.lower()
     if suffix in DICOM_SUFFIXES:
         return "dicom"
-    if suffix in RASTER_SUFFIXES:
+    if suffix in RASTER_SUFFIXES or head.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
         return "raster"
+    try:
+        _read_dicom(p, head, header_only=True)
+        return "dicom"
+    except InputError:
+        pass
     raise InputError(
         f"unsupported image type '{suffix or '(no extension)'}'; supported: "
         f"{', '.join(sorted(IMAGE_SUFFIXES))} (or any DICOM file with the 'DICM' marker)", file=p)
 
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
 def _sniff(head: bytes) -> str:
     if not head:
         return "the file is empty"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+    if head.startswith(_PNG_MAGIC):
         return "it looks like a PNG image: rename it to .png"
-    if head.startswith(b"\xff\xd8\xff"):
+    if head.startswith(_JPEG_MAGIC):
         return "it looks like a JPEG image: rename it to .jpg"
     return "no 'DICM' marker at byte 128 and no image elements found"
 
@@ -342,12 +423,24 @@ def _read_dicom(p: Path, head: bytes, *, defer: bool = False,
         except Exception as exc:
             if not has_marker:
                 raise InputError(f"not a DICOM file ({_sniff(head)})", file=p) from exc
-            raise InputError(f"cannot parse DICOM file (corrupt or truncated header): {_one_line(exc)}",
+            raise InputError(f"cannot parse DICOM file (corrupt or truncated header): {one_line(exc)}",
                              file=p) from exc
     truncated = any("end of file" in str(w.message).lower() for w in caught)
-    if not has_marker and not ("Rows" in ds or any(k in ds for k in _PIXEL_KEYWORDS)):
+    if not has_marker and not _looks_like_dicom(ds):
         raise InputError(f"not a DICOM file ({_sniff(head)})", file=p)
     return ds, truncated
+
+
+def _looks_like_dicom(ds: Dataset) -> bool:
+    """Whether a dataset read with ``force`` (no preamble) is DICOM rather than any bytes parsed
+    as elements: it has image elements or a SOP Class UID that pydicom knows."""
+    try:
+        if "Rows" in ds or any(k in ds for k in _PIXEL_KEYWORDS):
+            return True
+        sop = ds.get("SOPClassUID")
+        return bool(sop) and str(sop) in pydicom.uid.UID_dictionary
+    except Exception:  # noqa: BLE001 - bytes that are not DICOM can fail any way when converted
+        return False
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -377,12 +470,69 @@ def _pixel_keyword(ds: Dataset, p: Path, truncated: bool) -> str:
     raise InputError(f"DICOM file has no pixel data{what}; is it an image object?", file=p)
 
 
+def _require_image_object(ds: Dataset, p: Path) -> None:
+    """Refuse DICOM objects that are not images although some carry pixel data: segmentations
+    (1-bit masks), RT dose grids, structure sets, plans, reports, waveforms, presentation states.
+
+    An object is an image when its SOP class is an "... Image Storage" (or "... Volume Storage")
+    class; a SOP class pydicom does not know (private) is given the benefit of the doubt."""
+    sop = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    name = UID(str(sop)).name if sop else ""
+    known = bool(sop) and str(sop) in pydicom.uid.UID_dictionary
+    if known and not ("Image Storage" in name or "Volume Storage" in name):
+        raise InputError(f"not an image object (SOP class '{name}')", file=p)
+    if modality in _NON_IMAGE_MODALITIES:
+        what = f"SOP class '{name}', modality {modality}" if sop else f"modality {modality}"
+        raise InputError(f"not an image object ({what})", file=p)
+
+
+# Modality values of objects that are not images to learn from (PS3.3 C.7.3.1.1.1).
+_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO",
+                                   "REG", "FID", "RWV", "ECG", "HD", "AU", "PLAN", "DOSE"})
+# Allowed values of the integer image elements (PS3.3 C.7.6.3); pixel counts above the limit
+# would make a decoder allocate gigabytes for one frame.
+_ELEMENT_RANGES = {"Rows": (1, 65535), "Columns": (1, 65535), "SamplesPerPixel": (1, 4),
+                   "BitsAllocated": (1, 64), "BitsStored": (1, 64), "HighBit": (0, 63),
+                   "PixelRepresentation": (0, 1), "NumberOfFrames": (1, 1 << 20), "PlanarConfiguration": (0, 1)}
+MAX_FRAME_PIXELS = 1 << 28
+_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+                          "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB", "HSV", "ARGB",
+                          "CMYK"})
+
+
+def _int_element(ds: Dataset, keyword: str, p: Path) -> int | None:
+    """An integer image element, checked against :data:`_ELEMENT_RANGES`; ``None`` when absent."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    # pydicom keeps a value it cannot convert (an IS of '1A') as the raw string.
+    integral = ((isinstance(value, int) and not isinstance(value, bool))
+                or (isinstance(value, float) and value.is_integer())
+                or (isinstance(value, str) and value.strip().lstrip("+-").isdigit()))
+    if not integral:
+        raise InputError(f"DICOM element {keyword} is {str(value)!r}, not an integer", file=p)
+    number = int(value)
+    low, high = _ELEMENT_RANGES[keyword]
+    if not low <= number <= high:
+        raise InputError(f"DICOM element {keyword} is {number}, outside the allowed {low}..{high}", file=p)
+    return number
+
+
 def _require_image_elements(ds: Dataset, p: Path) -> None:
     missing = [k for k in _REQUIRED_IMAGE_ELEMENTS if ds.get(k) in (None, "")]
     if missing:
         raise InputError(f"DICOM file lacks required image element(s): {', '.join(missing)}", file=p)
-    if int(ds.Rows) <= 0 or int(ds.Columns) <= 0:
-        raise InputError(f"DICOM image has {ds.Rows} rows and {ds.Columns} columns", file=p)
+    values = {k: _int_element(ds, k, p) for k in _ELEMENT_RANGES}
+    if values["BitsStored"] is not None and values["BitsStored"] > values["BitsAllocated"]:
+        raise InputError(f"DICOM element BitsStored ({values['BitsStored']}) exceeds BitsAllocated "
+                         f"({values['BitsAllocated']})", file=p)
+    if values["Rows"] * values["Columns"] > MAX_FRAME_PIXELS:
+        raise InputError(f"DICOM image of {values['Rows']}x{values['Columns']} pixels is larger than "
+                         f"clinfuse decodes ({MAX_FRAME_PIXELS} pixels per frame)", file=p)
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    if photometric not in _PHOTOMETRIC:
+        raise InputError(f"unsupported photometric interpretation {photometric!r}", file=p)
 
 
 def _require_decoder(ts: UID, p: Path):
@@ -405,7 +555,7 @@ def _require_native_length(ds: Dataset, p: Path, present: int) -> None:
     try:
         expected = get_expected_length(ds, "bytes")
     except Exception as exc:
-        raise InputError(f"DICOM image elements are inconsistent: {_one_line(exc)}", file=p) from exc
+        raise InputError(f"DICOM image elements are inconsistent: {one_line(exc)}", file=p) from exc
     if present < expected:
         frames = get_nr_frames(ds, warn=False)
         raise InputError(
@@ -458,6 +608,7 @@ def _read_dicom_pixels(p: Path, head: bytes, *, frame: Frame, voi: bool) -> np.n
         # pydicom warns per file about benign header oddities; in a data loader that is noise.
         warnings.simplefilter("ignore")
         ds, truncated = _read_dicom(p, head, defer=False)
+        _require_image_object(ds, p)
         keyword = _pixel_keyword(ds, p, truncated)
         _require_image_elements(ds, p)
         ts = _transfer_syntax(ds)
@@ -472,14 +623,14 @@ def _read_dicom_pixels(p: Path, head: bytes, *, frame: Frame, voi: bool) -> np.n
             arr, props = decoder.as_array(ds, index=index, validate=True, raw=False, **as_pixel_options(ds))
         except Exception as exc:
             raise InputError(f"cannot decode pixel data in transfer syntax '{ts.name}' ({ts}): "
-                             f"{_one_line(exc)}", file=p) from exc
+                             f"{one_line(exc)}", file=p) from exc
         photometric = str(props.get("photometric_interpretation", ds.PhotometricInterpretation)).upper()
         try:
             return _dicom_to_gray(arr, ds, photometric, index, voi)
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"cannot apply the DICOM LUTs ({photometric}): {_one_line(exc)}", file=p) from exc
+            raise InputError(f"cannot apply the DICOM LUTs ({photometric}): {one_line(exc)}", file=p) from exc
 
 
 def _dicom_to_gray(arr: np.ndarray, ds: Dataset, photometric: str, index: int, voi: bool) -> np.ndarray:
@@ -508,22 +659,48 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(rgb[..., :3], dtype=np.float64) @ _LUMA
 
 
-def _collect_phi(ds: Dataset, found: dict[str, None]) -> None:
-    """Add to ``found`` the PHI keywords filled in ``ds`` and its sequences, in tag order.
+def _collect_phi(ds: Dataset, found: dict[str, None], tags: dict[int, str]) -> None:
+    """Add to ``found`` the keywords of ``tags`` filled in ``ds`` and its sequences, in tag order.
 
     Only PHI elements and sequences are converted from their raw form: converting every element
     (as ``Dataset.iterall`` does) made this ten times slower than reading the header.
     """
     for tag in sorted(ds.keys()):  # tags, not elements: iterating a Dataset converts them all
-        keyword = _PHI_TAGS.get(tag)
+        keyword = tags.get(tag)
         if keyword is None and not _is_sequence_tag(tag):
             continue
         elem = ds[tag]
         if keyword is not None and keyword not in found and _is_identifying(elem):
             found[keyword] = None
-        if elem.VR == "SQ":
+        if elem.VR == "SQ" and elem.value is not None:
             for item in elem.value:
-                _collect_phi(item, found)
+                _collect_phi(item, found, tags)
+
+
+def _retention_options(ds: Dataset) -> set[str]:
+    """PS3.15 Annex E option codes (scheme DCM) the file's DeidentificationMethodCodeSequence declares."""
+    codes = set()
+    for item in ds.get("DeidentificationMethodCodeSequence") or ():
+        if str(item.get("CodingSchemeDesignator", "")).strip() == "DCM":
+            codes.add(str(item.get("CodeValue", "")).strip())
+    return codes
+
+
+def _burned_in_text_likely(ds: Dataset, retained: set[str]) -> str | None:
+    """Why this image probably has text in its pixels, or ``None`` (see :func:`phi_fields`)."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "NO" or _CLEAN_PIXEL_DATA in retained:
+        return None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    sop = ds.get("SOPClassUID")
+    sop_name = UID(str(sop)).name if sop else ""
+    if modality in _BURNED_IN_MODALITIES:
+        kind = f"a {modality} image"
+    elif any(word in sop_name for word in _BURNED_IN_SOP_WORDS):
+        kind = f"a {sop_name} object"
+    else:
+        return None
+    return (f"not 'NO' on {kind}, a kind that usually carries burned-in text; set it to NO once "
+            "the pixels are checked")
 
 
 @functools.cache
@@ -583,7 +760,7 @@ def _read_raster(p: Path) -> np.ndarray:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"not a readable PNG/JPEG image: {_one_line(exc)}", file=p) from exc
+        raise InputError(f"not a readable PNG/JPEG image: {one_line(exc)}", file=p) from exc
 
 
 def _check_raster(p: Path) -> None:
@@ -601,12 +778,7 @@ def _check_raster(p: Path) -> None:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"not a readable PNG/JPEG image: {_one_line(exc)}", file=p) from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+        raise InputError(f"not a readable PNG/JPEG image: {one_line(exc)}", file=p) from exc
 
 
 # --------------------------------------------------------------------------------------------

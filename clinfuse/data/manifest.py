@@ -2,34 +2,48 @@
 
 A manifest is a CSV or Parquet file with one row per image/note/EHR record:
 
-``patient_id`` (required), ``label`` (required; one of ``data.labels``), ``image`` (path relative
-to the manifest: DICOM, PNG or JPEG), ``note`` (inline text) or ``note_path`` (relative path to a
+``patient_id`` (required), ``label`` (required for training and evaluation, optional when reading
+rows to predict; one of ``data.labels``, numbers compared by value), ``image`` (path relative to
+the manifest: DICOM, PNG or JPEG), ``note`` (inline text) or ``note_path`` (relative path to a
 UTF-8 text file), one column per declared tabular field, optional ``split`` (train/val/test) and
-optional ``site``. Empty cells mean the modality or value is absent.
+optional ``site``. Empty cells mean the modality or value is absent. Paths must resolve inside the
+manifest's folder or a declared data root (:mod:`clinfuse.data.paths`). Every image is decoded as
+training will decode it.
 
 :func:`read_manifest` returns a :class:`SiteData`: the usable :class:`Record` s plus every
 :class:`Problem` found, each naming its row (1-based, header excluded) and file. Rows with an
 error are skipped and counted; warnings (an empty note, identifying DICOM tags) keep the row.
 Problems with the file as a whole (unreadable, a required column missing) raise
-:class:`~clinfuse.errors.InputError`.
+:class:`~clinfuse.errors.InputError`; a bad cell (text that is not UTF-8, a file that does not
+decode, a path outside the site) is that row's error only.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
+import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from clinfuse.config import MODALITIES, Config
+from clinfuse.config import MODALITIES, Config, canonical_value
 from clinfuse.data import tabular as tab
+from clinfuse.data.paths import data_roots as site_roots
+from clinfuse.data.paths import resolve_site_path
 from clinfuse.data.text import normalize_note
 from clinfuse.errors import InputError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("patient_id", "label")
+# Every column a manifest may have besides the study's declared tabular fields.
+STANDARD_COLUMNS = ("patient_id", "label", "image", "note", "note_path", "split", "site")
+#: Note files above this size are refused: a note is a page of text, not a data dump.
+MAX_NOTE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,7 @@ class Record:
     """One usable manifest row. ``image`` is an absolute path; absent modalities are ``None``."""
     row: int
     patient_id: str
-    label: int
+    label: int | None  # None only in rows read for prediction (``require_label=False``)
     image: Path | None
     note: str | None
     tabular: dict[str, float | str | None]
@@ -76,6 +90,7 @@ class SiteData:
     n_rows: int
     records: list[Record] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
 
     @property
     def skipped_rows(self) -> list[int]:
@@ -84,6 +99,37 @@ class SiteData:
     @property
     def patients(self) -> list[str]:
         return sorted({r.patient_id for r in self.records})
+
+    def require_records(self, then: str = "run 'clinfuse validate' for every problem") -> None:
+        """Raise :class:`InputError` naming the manifest and the commonest reason its rows were
+        skipped when no row is usable; ``then`` tells the user what to do next."""
+        if not self.records:
+            lines = self.skip_report(examples=1)
+            why = f" ({lines[1].strip()})" if len(lines) > 1 else ""
+            raise InputError(f"no usable rows{why}; {then}", file=self.manifest)
+
+    def skip_report(self, examples: int = 3) -> list[str]:
+        """Lines saying how many rows were skipped and why: ``[]`` when none was.
+
+        One line per column at fault (``image``, ``label``...), with its row count and the first
+        row of up to ``examples`` different reasons, so a site engineer sees at once what to fix.
+        """
+        skipped = self.skipped_rows
+        if not skipped:
+            return []
+        by_column: dict[str, list[Problem]] = defaultdict(list)
+        for p in self.problems:
+            if p.severity == "error" and p.row is not None:
+                by_column[p.column or "row"].append(p)
+        lines = [(f"{self.site} ({self.manifest}): {len(skipped)} of {self.n_rows} rows skipped, "
+                  f"{len(self.records)} used")]
+        for column, problems in sorted(by_column.items(), key=lambda kv: -len({p.row for p in kv[1]})):
+            distinct = {_reason(p.message): p for p in reversed(problems)}  # first of each reason
+            shown = sorted(distinct.values(), key=lambda p: p.row)[:examples]
+            lines.append(f"  {column}: {len({p.row for p in problems})} rows, e.g. "
+                         + "; ".join(f"row {p.row}: {p.message}" for p in shown))
+        lines.append("  run 'clinfuse validate' on the manifest for every problem")
+        return lines
 
     def summary(self, labels: list[str]) -> dict:
         """Counts a site engineer reads first: rows, patients, labels, modalities, patterns, splits."""
@@ -102,6 +148,14 @@ class SiteData:
             "errors": sum(p.severity == "error" for p in self.problems),
             "warnings": sum(p.severity == "warning" for p in self.problems),
         }
+
+
+def _reason(message: str) -> str:
+    """The kind of a problem message: its first words, after a leading file name ("img3.dcm: ")."""
+    head, sep, rest = message.partition(": ")
+    if sep and " " not in head:
+        message = rest
+    return " ".join(message.split()[:3])
 
 
 def pattern_name(mask) -> str:
@@ -130,7 +184,9 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         if suffix == ".csv":
             # Everything as text: validation decides what a cell means, pandas must not guess.
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+            # Bytes that are not UTF-8 are kept (marked) so that only their row fails.
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig",
+                               encoding_errors=_MARK_BYTES)
         if suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
             return frame.astype(object).where(frame.notna(), "").map(
@@ -142,8 +198,46 @@ def _read_table(path: Path) -> pd.DataFrame:
     raise InputError(f"unsupported manifest type '{suffix}': use .csv or .parquet", file=path)
 
 
-def _check_columns(frame: pd.DataFrame, cfg: Config, path: Path) -> None:
+# A byte that is not UTF-8 is read as a code point of the last private-use plane, U+10FF00 + byte
+# (surrogates, Python's usual mark, do not survive pandas' parser): no real text uses them.
+_MARK_BYTES = "clinfuse-mark-bytes"
+_BYTE_MARK = 0x10FF00
+
+
+def _mark_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(chr(_BYTE_MARK + b) for b in err.object[err.start:err.end]), err.end
+
+
+codecs.register_error(_MARK_BYTES, _mark_bytes)
+
+
+def _escape_undecodable(frame: pd.DataFrame) -> dict[int, list[tuple[str, str]]]:
+    """Cells holding bytes that are not UTF-8: ``{row index: [(column, shown text)]}``.
+
+    Such cells (and column names) are rewritten with the bytes shown as ``\\xe8``, so that every
+    message stays printable; the rows are reported by the caller.
+    """
+    def shown(text: str) -> str:
+        return "".join(f"\\x{ord(ch) - _BYTE_MARK:02x}" if ord(ch) >= _BYTE_MARK + 0x80 else ch for ch in text)
+
+    def bad(text) -> bool:
+        return isinstance(text, str) and any(ord(ch) >= _BYTE_MARK + 0x80 for ch in text)
+
+    frame.columns = [shown(c) if bad(c) else c for c in frame.columns]
+    found: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for column in frame.columns:
+        values = frame[column]
+        for index in values.index[values.map(bad)]:
+            fixed = shown(values[index])
+            found[int(index)].append((column, fixed))
+            frame.loc[index, column] = fixed
+    return found
+
+
+def _check_columns(frame: pd.DataFrame, cfg: Config, path: Path, require_label: bool = True) -> None:
     for column in REQUIRED_COLUMNS:
+        if column == "label" and not require_label:
+            continue
         if column not in frame.columns:
             raise InputError(f"required column '{column}' is missing (columns: {list(frame.columns)})",
                              file=path, key=column)
@@ -168,65 +262,136 @@ def _site_name(frame: pd.DataFrame, path: Path) -> str:
 
 
 def _read_note_file(path: Path) -> str:
+    """A note file's text; ``ValueError`` naming the problem when it is not a readable UTF-8 note."""
+    problem = _not_a_regular_file(path, "note file")
+    if problem:
+        raise ValueError(problem)
     try:
+        size = path.stat().st_size
+        if size > MAX_NOTE_BYTES:
+            raise ValueError(f"note file {path.name} has {size} bytes; notes above {MAX_NOTE_BYTES} bytes are "
+                             "refused (is it a note?)")
         return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"note file {path} is not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"note file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read note file {path}: {exc.strerror or exc}") from None
 
 
-def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) -> SiteData:
+def _not_a_regular_file(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be read as a ``what``, or ``None`` when it is a regular file."""
+    try:
+        if path.is_file():
+            return None
+        if path.exists():
+            return f"{what} {path} is not a regular file"
+    except OSError as exc:
+        return f"cannot open {what} {path}: {exc.strerror or exc}"
+    return f"{what} not found: {path}"
+
+
+def _image_findings(image: Path, cfg: Config, memo: MutableMapping[str, dict] | None) -> dict:
+    """``{"error": message or None, "phi": [...]}`` for one image: decoded as training decodes it
+    (:func:`~clinfuse.data.images.read_pixels` with the study's frame and VOI settings, the loader
+    of the training transform), then scanned for identifying data.
+
+    ``memo`` (a mapping the caller keeps, e.g. in the site's state dir) holds the findings of files
+    that decoded, keyed by path, size, modification time, image settings and the version of the
+    checks: such a file is not opened again and keeps its identifying-data verdict. A file that
+    failed is checked again every time (a decoder installed since may read it; it stays refused
+    otherwise).
+    """
+    from clinfuse.data.images import CHECKS_VERSION, phi_fields, read_pixels  # pydicom is slow to import
+
+    key = None
+    if memo is not None:
+        try:
+            stat = image.stat()
+            key = json.dumps([str(image), stat.st_size, stat.st_mtime_ns, cfg.data.image.model_dump(mode="json"),
+                              CHECKS_VERSION])
+        except OSError:
+            key = None
+        if key in memo:
+            memo[key] = memo[key]  # written back: a ChainMap memo keeps only what is still used
+            return memo[key]
+    try:
+        read_pixels(image, frame=cfg.data.image.frame, apply_voi_lut=cfg.data.image.apply_voi_lut)
+        findings = {"error": None, "phi": phi_fields(image)}
+    except InputError as exc:
+        findings = {"error": exc.message, "phi": []}
+    if key is not None and findings["error"] is None:
+        memo[key] = findings
+    return findings
+
+
+def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True,
+                  data_roots: Iterable[str | os.PathLike[str]] = (),
+                  file_checks: MutableMapping[str, dict] | None = None,
+                  require_label: bool = True, progress: bool = True) -> SiteData:
     """Validate a site manifest against ``cfg`` and return its usable records and problems.
 
-    ``check_files`` opens every image (header-level checks, PHI scan) and note file; switch it off
-    only when the same manifest was just validated.
+    ``check_files`` decodes every image as training will (and scans it for identifying data);
+    switch it off only where no image is opened. ``data_roots`` are folders of this site, besides
+    the manifest's own and ``data.roots``, that its paths may point into. ``file_checks`` is a
+    memo of image findings (see :func:`_image_findings`) that the caller keeps between runs.
+    ``require_label=False`` reads rows to predict: the ``label`` column may be absent or empty
+    (records get ``label=None``); a label that is not a declared class is a warning, not an error,
+    since prediction never reads it. A long read prints ``progress`` lines
+    (:class:`clinfuse.progress.Progress`).
     """
-    from clinfuse.data.images import IMAGE_SUFFIXES, check_image, phi_fields  # pydicom is slow to import
+    from clinfuse.progress import Progress
 
     path = Path(path)
     frame = _read_table(path)
-    _check_columns(frame, cfg, path)
+    undecodable = _escape_undecodable(frame)
+    _check_columns(frame, cfg, path, require_label)
     site = _site_name(frame, path)
-    base = path.resolve().parent
-    data = SiteData(manifest=path, site=site, n_rows=len(frame))
+    roots = site_roots(path, cfg.data.roots, data_roots)
+    data = SiteData(manifest=path, site=site, n_rows=len(frame), columns=[str(c) for c in frame.columns])
     file = str(path)
     labels = {name: i for i, name in enumerate(cfg.data.labels)}
     has_split = "split" in frame.columns and any(s.strip() for s in frame["split"])
 
     candidates: list[Record] = []
     seen: dict[tuple, int] = {}
-    for index, raw in enumerate(frame.to_dict("records")):
+    rows = Progress(len(frame), f"validating {path}", "row", enabled=progress).track(frame.to_dict("records"))
+    for index, raw in enumerate(rows):
         row = index + 1
         errors: list[Problem] = []
 
         def error(column, message, severity="error", row=row, errors=errors):
             errors.append(Problem(file, row, column, message, severity))
 
+        for column, shown in undecodable.get(index, ()):
+            error(column, f"{column} is not UTF-8 text: {shown[:80]!r}; save the manifest as UTF-8")
+
         patient_id = raw["patient_id"].strip()
         if not patient_id or patient_id.lower() in ("nan", "none", "null"):
             error("patient_id", "patient_id is empty")
-        label_text = raw["label"].strip()
+        label_text = canonical_value(raw["label"]) if "label" in raw else ""
         label = labels.get(label_text)
-        if label is None:
+        if label is None and (require_label or label_text):
             error("label", f"label '{label_text}' is not one of the declared labels {cfg.data.labels}"
-                  if label_text else "label is empty")
+                  if label_text else "label is empty", "error" if require_label else "warning")
 
         image = None
         if "image" in frame.columns and raw["image"].strip():
-            image = (base / raw["image"].strip()).resolve()
-            if image.suffix.lower() not in IMAGE_SUFFIXES:
-                error("image", f"unsupported image type '{image.suffix}' ({image.name}); "
-                      f"use one of {sorted(IMAGE_SUFFIXES)}")
-            elif not image.is_file():
-                error("image", f"image file not found: {image}")
-            elif check_files:
-                try:
-                    check_image(image)
-                    phi = phi_fields(image)
-                except InputError as exc:
-                    error("image", exc.describe())
-                else:
-                    if phi:
-                        error("image", f"identifying DICOM tags are filled in {image.name}: {', '.join(phi)}",
+            try:
+                image = resolve_site_path(raw["image"], roots)
+            except ValueError as exc:
+                error("image", f"image path {exc}")
+            else:
+                missing = _not_a_regular_file(image, "image file")
+                if missing:
+                    error("image", missing)
+                elif check_files:
+                    findings = _image_findings(image, cfg, file_checks)
+                    if findings["error"]:
+                        error("image", f"{image.name}: {findings['error']}")
+                    elif findings["phi"]:
+                        error("image", f"identifying data in {image.name} (DICOM PS3.15 Annex E): "
+                              f"{', '.join(findings['phi'])}",
                               "error" if cfg.data.require_deidentified else "warning")
 
         note = None
@@ -235,9 +400,10 @@ def read_manifest(path: str | Path, cfg: Config, *, check_files: bool = True) ->
             if raw["note"] and note is None:
                 error("note", "note is empty; counted as a missing note", "warning")
         elif "note_path" in frame.columns and raw["note_path"].strip():
-            note_file = (base / raw["note_path"].strip()).resolve()
-            if not note_file.is_file():
-                error("note_path", f"note file not found: {note_file}")
+            try:
+                note_file = resolve_site_path(raw["note_path"], roots)
+            except ValueError as exc:
+                error("note_path", f"note path {exc}")
             else:
                 try:
                     note = normalize_note(_read_note_file(note_file))
@@ -287,7 +453,7 @@ def _drop_inconsistent_patients(records: list[Record], data: SiteData, file: str
         by_patient[record.patient_id].append(record)
     keep = []
     for patient, rows in by_patient.items():
-        labels = sorted({cfg.data.labels[r.label] for r in rows})
+        labels = sorted({cfg.data.labels[r.label] for r in rows if r.label is not None})
         splits = sorted({r.split for r in rows})
         if len(labels) > 1:
             for r in rows:

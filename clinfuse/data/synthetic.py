@@ -1,6 +1,8 @@
 """The embedded demo cohort: synthetic chest radiographs (real DICOM files), notes and tabular data.
 
-``write_demo_cohort(out, sites=3, patients=200, seed=0)`` writes one folder per hospital site::
+``write_demo_cohort(out, sites=3, patients=200, seed=0)`` writes one folder per hospital site
+(``ensure_demo_cohort`` with the same arguments writes it only where ``out`` does not already
+hold it: its marker file ``out/cohort.json`` records the arguments)::
 
     out/site-0/manifest.csv              one row per image; columns below
     out/site-0/images/site0-0007-1.dcm   CR DICOM, ExplicitVRLittleEndian, 256x256 uint16, MONOCHROME2
@@ -53,8 +55,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import uuid
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -62,7 +63,7 @@ from statistics import NormalDist
 import numpy as np
 
 from clinfuse.errors import InputError
-from clinfuse.fileio import atomic_write_text
+from clinfuse.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 LABELS = ("negative", "positive")
 MANIFEST_COLUMNS = ("patient_id", "label", "image", "note_path", "age", "sex", "temperature", "spo2", "wbc")
@@ -386,21 +387,6 @@ def _tabular(rng: np.random.Generator, v: float, site: _Site) -> dict[str, str]:
 # Writer
 # ----------------------------------------------------------------------------------------------
 
-def _write_bulk(path: Path, data: bytes) -> None:
-    """Atomic (temp + rename) like :mod:`clinfuse.fileio`, without its fsync: an fsync per image
-    costs ~10x the write itself. The manifest, written last through ``clinfuse.fileio``, is what
-    makes a site usable, so a crash leaves at worst unreferenced or rewritable files."""
-    # open(..., "xb") rather than mkstemp: mkstemp makes 0600 files, ignoring the user's umask
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"must be an integer >= {minimum}, got {value!r}", key=name)
@@ -432,7 +418,8 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
         ``out/site-<k>/manifest.csv`` for ``k = 0 .. sites-1``.
     """
     from pydicom.uid import generate_uid
-    from tqdm import tqdm
+
+    from clinfuse.progress import Progress
 
     sites = _check_int(sites, "sites", 1)
     patients = _check_int(patients, "patients", 1)
@@ -444,7 +431,7 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
     vcode = _variant_code(variant)
     out = Path(out)
     manifests = []
-    progress = tqdm(total=sites * patients, desc="synthetic cohort", unit="patient", disable=None)
+    progress = Progress(sites * patients, "synthetic cohort", "patient")
     for s in range(sites):
         site = _site(s, sites, seed, variant)
         site_dir = out / f"site-{s}"
@@ -471,7 +458,10 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
             if has_note:
                 grade = int(np.searchsorted(params.text_cuts, v_txt))
                 note_rel = f"notes/{pid}.txt"
-                _write_bulk(site_dir / note_rel, _note(rng, grade, site.style).encode("utf-8"))
+                # Images and notes are not durable (an fsync each costs ~10x the write): the manifest,
+                # written last and durably, is what makes a site usable.
+                atomic_write_bytes(site_dir / note_rel, _note(rng, grade, site.style).encode("utf-8"),
+                                   durable=False)
 
             images = []
             study_uid = generate_uid(entropy_srcs=["clinfuse-synth", str(seed), variant, pid, "study"])
@@ -482,7 +472,8 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
                 uids = (study_uid, generate_uid(entropy_srcs=src + ["series"]),
                         generate_uid(entropy_srcs=src + ["instance"]))
                 rel = f"images/{pid}-{k}.dcm"
-                _write_bulk(site_dir / rel, _dicom_bytes(template, _phantom(rng, v, site), site, uids, k))
+                atomic_write_bytes(site_dir / rel, _dicom_bytes(template, _phantom(rng, v, site), site, uids, k),
+                                   durable=False)
                 images.append(rel)
 
             for rel in images or [""]:
@@ -497,4 +488,37 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
         atomic_write_text(manifest, buf.getvalue())
         manifests.append(manifest)
     progress.close()
+    return manifests
+
+
+COHORT_MARKER = "cohort.json"
+
+
+def ensure_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, seed: int = 0,
+                       variant: str = "default", log=None) -> list[Path]:
+    """The per-site manifests of the demo cohort under ``out``, written only when needed.
+
+    Used as it is: a cohort whose marker ``out/cohort.json`` records these arguments, or a
+    complete one without a marker (written by ``clinfuse synth`` or by hand: its size is unknown,
+    and it is not ours to replace). Written, over the old files: when a site's manifest is
+    missing, or the marker records other arguments or a write cut short (it says ``complete:
+    false`` until the last manifest is written). ``log(line)`` is told when the cohort is written.
+    """
+    out = Path(out)
+    marker = out / COHORT_MARKER
+    stamp = {"sites": sites, "patients": patients, "seed": seed, "variant": variant, "complete": True}
+    manifests = [out / f"site-{k}" / "manifest.csv" for k in range(sites)]
+    try:
+        recorded = json.loads(marker.read_text())
+    except FileNotFoundError:
+        recorded = None
+    except (OSError, ValueError):
+        recorded = {}
+    if recorded in (None, stamp) and all(m.is_file() for m in manifests):
+        return manifests
+    if log is not None:
+        log(f"writing the demo cohort: {sites} sites x {patients} patients -> {out}")
+    atomic_write_json(marker, {**stamp, "complete": False})
+    manifests = write_demo_cohort(out, sites=sites, patients=patients, seed=seed, variant=variant)
+    atomic_write_json(marker, stamp)
     return manifests

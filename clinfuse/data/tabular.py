@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from clinfuse.config import CategoricalColumn, NumericColumn
+from clinfuse.config import CategoricalColumn, NumericColumn, canonical_value
 
 Column = NumericColumn | CategoricalColumn
 
@@ -38,6 +38,9 @@ def is_missing(value: object) -> bool:
 def parse_value(column: Column, value: object) -> float | str | None:
     """Check one raw cell against its declaration; return the clean value or ``None`` if missing.
 
+    Empty cells and the column's declared ``missing`` codes (compared by value: ``0``, ``0.0``)
+    are missing. Categories compare by :func:`~clinfuse.config.canonical_value` (``1.0`` is the
+    category ``1``) and come back in their declared spelling.
     Raises ``ValueError`` with a message fit for the user when the value breaks the declaration.
     """
     if is_missing(value):
@@ -45,14 +48,20 @@ def parse_value(column: Column, value: object) -> float | str | None:
     if column.type == "numeric":
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"'{value}' is not a number") from None
         if not math.isfinite(number):
             raise ValueError(f"'{value}' is not a finite number")
+        if number in column.missing:
+            return None
         if not column.min <= number <= column.max:
-            raise ValueError(f"{number:g} is outside the declared range [{column.min:g}, {column.max:g}]")
+            hint = (f"; if {number:g} means 'not measured', declare missing: [{number:g}] for this column"
+                    if number <= 0 < column.min else "")
+            raise ValueError(f"{number:g} is outside the declared range [{column.min:g}, {column.max:g}]{hint}")
         return number
-    text = str(value).strip()
+    text = canonical_value(value)
+    if text in column.missing:
+        return None
     if text not in column.categories:
         raise ValueError(f"'{text}' is not a declared category {column.categories}")
     return text

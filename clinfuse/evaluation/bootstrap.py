@@ -18,7 +18,6 @@ of undefined resamples is reported beside them.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
@@ -84,10 +83,9 @@ def bootstrap_draws(probs_list, labels, groups, thresholds_list, *, subsets: dic
     if chunk_size is None:
         # Bound the [chunk, N] work arrays to a few tens of MB whatever the cohort size.
         chunk_size = int(np.clip(2_000_000 // max(n, 1), 10, 250))
-    from tqdm.auto import tqdm
+    from clinfuse.progress import Progress
 
-    with tqdm(total=n_resamples, desc=desc, unit="resample", file=sys.stderr,
-              disable=None if progress else True, leave=False) as bar:
+    with Progress(n_resamples, desc, "resample", enabled=progress) as bar:
         start = 0
         while start < n_resamples:
             stop = min(start + chunk_size, n_resamples)
@@ -135,21 +133,44 @@ def interval_entry(value, draws, level: float = 0.95) -> dict:
     return entry
 
 
+# A subgroup smaller than this (or missing a class) gives intervals too wide or metrics too
+# partial to read: it is flagged, not hidden.
+MIN_RELIABLE_PATIENTS = 20
+
+
+def unreliable_because(n_patients: int, class_counts: dict[str, int]) -> list[str]:
+    """Why a subset's metrics should not be read on their own (empty list: no reason)."""
+    reasons = []
+    if n_patients < MIN_RELIABLE_PATIENTS:
+        reasons.append(f"{n_patients} patient{'s' if n_patients != 1 else ''} (fewer than {MIN_RELIABLE_PATIENTS})")
+    absent = [name for name, count in class_counts.items() if count == 0]
+    if absent:
+        reasons.append(f"class{'es' if len(absent) > 1 else ''} {', '.join(absent)} absent")
+    return reasons
+
+
 def subset_summary(probs, labels, groups, thresholds, draws, *, label_names: list[str],
                    ece_bins: int = 10, level: float = 0.95) -> dict:
     """Point estimates with intervals for one subset.
 
     ``draws`` is this subset's ``[B, K, M]`` from :func:`bootstrap_draws`. Returns
-    ``{"n_rows", "n_patients", "class_counts", "metrics": {m: {"value", "ci"}},
-    "per_class": {label: {m: {...}}} (multi-class only), "notes": [...]}``.
+    ``{"n_rows", "n_patients", "class_counts", "reliable", "unreliable_because": [...],
+    "metrics": {m: {"value", "ci"}}, "per_class": {label: {m: {...}}} (multi-class only),
+    "notes": [...]}``; ``reliable`` is false with fewer than :data:`MIN_RELIABLE_PATIENTS`
+    patients or a class absent.
     """
     labels = np.asarray(labels)
     point = classification_metrics(probs, labels, thresholds, ece_bins=ece_bins, label_names=label_names)
     macro = macro_draws(draws)
+    n_patients = int(np.unique(np.asarray(groups)).size)
+    class_counts = {name: int((labels == c).sum()) for c, name in enumerate(label_names)}
+    reasons = unreliable_because(n_patients, class_counts)
     entry = {
         "n_rows": int(labels.shape[0]),
-        "n_patients": int(np.unique(np.asarray(groups)).size),
-        "class_counts": {name: int((labels == c).sum()) for c, name in enumerate(label_names)},
+        "n_patients": n_patients,
+        "class_counts": class_counts,
+        "reliable": not reasons,
+        "unreliable_because": reasons,
         "metrics": {m: interval_entry(point["metrics"][m], macro[:, j], level)
                     for j, m in enumerate(METRICS)},
         "per_class": {},
@@ -163,8 +184,10 @@ def subset_summary(probs, labels, groups, thresholds, draws, *, label_names: lis
     return entry
 
 
-def _difference_entry(point_a: dict, point_b: dict, draws_a, draws_b, level: float) -> dict:
-    # b - a, paired: the same resample index in both arrays drew the same patients.
+def difference_entry(point_a: dict, point_b: dict, draws_a, draws_b, level: float) -> dict:
+    """``b - a`` for every metric: ``point_*`` are subset summaries' ``metrics`` and ``draws_*``
+    their ``[B, K, M]`` draws from one :func:`bootstrap_draws` call (paired: the same resample
+    index drew the same patients). Returns ``{metric: {"value", "ci"}}``."""
     diff = macro_draws(draws_b) - macro_draws(draws_a)
     out = {}
     for j, m in enumerate(METRICS):
@@ -191,25 +214,26 @@ def paired_bootstrap(probs_a, probs_b, labels, groups, thresholds_a, thresholds_
                         ece_bins=ece_bins, level=level)["metrics"]
     pb = subset_summary(probs_b, labels, groups, thresholds_b, draws_b["overall"], label_names=names,
                         ece_bins=ece_bins, level=level)["metrics"]
-    return _difference_entry(pa, pb, draws_a["overall"], draws_b["overall"], level)
+    return difference_entry(pa, pb, draws_a["overall"], draws_b["overall"], level)
 
 
 def evaluate_runs(runs: dict[str, np.ndarray], labels, groups, *, label_names: list[str],
                   sites=None, patterns=None, val_runs: dict[str, np.ndarray] | None = None,
                   val_labels=None, method: str = "youden", target_sensitivity: float = 0.9,
                   n_resamples: int = 1000, seed: int = 0, ece_bins: int = 10, level: float = 0.95,
-                  progress: bool = True) -> dict:
+                  fixed_thresholds: dict[str, np.ndarray] | None = None, progress: bool = True) -> dict:
     """Evaluate one or several runs (checkpoints) on the same rows.
 
     ``runs``: ``{name: probs [N, C]}`` in display order (the first is the reference for
     comparisons); ``labels [N]``; ``groups [N]`` patient keys; ``sites`` / ``patterns`` ``[N]``
     strings for the breakdowns (optional). Thresholds are chosen per run on
-    ``val_runs[name]`` against ``val_labels`` with ``method``; without validation rows they are
-    fixed at 0.5 and a note says so.
+    ``val_runs[name]`` against ``val_labels`` with ``method``, except for runs named in
+    ``fixed_thresholds`` (``{name: thresholds [K]}``, e.g. a calibrated checkpoint's own), which
+    keep theirs; without validation rows they are fixed at 0.5 and a note says so.
 
     Returns a JSON-ready dict (NaN-free except where noted)::
 
-        {"runs": {name: {"thresholds": {label: t}, "threshold_source": "val"|"fixed",
+        {"runs": {name: {"thresholds": {label: t}, "threshold_source": "val"|"fixed"|"checkpoint",
                          "overall": subset, "per_site": {site: subset},
                          "per_pattern": {pattern: subset},
                          "curves": {"roc": {label: {...}|None}, "reliability": {label: {...}}}}},
@@ -231,11 +255,18 @@ def evaluate_runs(runs: dict[str, np.ndarray], labels, groups, *, label_names: l
 
     thresholds, sources = {}, {}
     have_val = val_runs is not None and val_labels is not None and len(val_labels) > 0
-    if not have_val:
+    fixed_thresholds = fixed_thresholds or {}
+    if not have_val and any(k not in fixed_thresholds for k in names):
         notes.append("no validation rows: thresholds fixed at 0.5 (sensitivity, specificity, PPV "
                       "and NPV are at that threshold, not at one chosen on validation data)")
     for k in names:
-        if have_val:
+        if k in fixed_thresholds:
+            thresholds[k] = np.asarray(fixed_thresholds[k], dtype=np.float64).reshape(-1)
+            if thresholds[k].shape != (len(evaluated_classes(n_classes)),):
+                raise InputError(f"run '{k}': {thresholds[k].size} fixed threshold(s) for "
+                                 f"{len(evaluated_classes(n_classes))} evaluated class(es)")
+            sources[k] = "checkpoint"
+        elif have_val:
             if k not in val_runs:
                 raise InputError(f"no validation predictions for run '{k}'")
             thresholds[k], th_notes = choose_thresholds(
@@ -293,7 +324,7 @@ def evaluate_runs(runs: dict[str, np.ndarray], labels, groups, *, label_names: l
             key = f"{kind}\x1f{v}"
             point_a = (result_runs[ref]["overall"] if kind == "overall" else result_runs[ref][kind][v])["metrics"]
             point_b = (result_runs[k]["overall"] if kind == "overall" else result_runs[k][kind][v])["metrics"]
-            diff = _difference_entry(point_a, point_b, draws[0][key], draws[r][key], level)
+            diff = difference_entry(point_a, point_b, draws[0][key], draws[r][key], level)
             if kind == "overall":
                 comp["overall"] = diff
             else:

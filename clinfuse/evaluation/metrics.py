@@ -15,7 +15,12 @@ Conventions
   Multi-class (C > 2): every metric is computed one-vs-rest per class and the headline value is
   the macro average over the classes where it is defined. This includes the Brier score and the
   ECE, so for multi-class they are per-class (one-vs-rest) quantities averaged, not the
-  multi-class Brier sum or the top-label ECE.
+  multi-class Brier sum or the top-label ECE. Accuracy and balanced accuracy are the exception:
+  for multi-class they are those of the top-label (argmax) prediction, as published benchmarks
+  report them; a class's own entry holds the top-label accuracy (the same for every class) and
+  the class's recall under the argmax prediction, so their macro averages are the accuracy and
+  the balanced accuracy (mean recall over the classes present).
+* Binary accuracy and balanced accuracy ((sensitivity + specificity) / 2) are at the threshold.
 * A row is predicted positive for a class when its probability is ``>= threshold``.
 * A metric that is undefined on a subset (AUROC with a single class, PPV with no predicted
   positives, ...) is ``None`` with a note, never an exception.
@@ -30,7 +35,9 @@ import numpy as np
 from clinfuse.config import MODALITIES
 from clinfuse.errors import InputError
 
-METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "brier", "ece")
+METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
+           "brier", "ece")
+_COLUMN = {m: j for j, m in enumerate(METRICS)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +137,15 @@ def choose_thresholds(probs, labels, *, method: str = "youden", target_sensitivi
     return np.asarray(thresholds, dtype=np.float64), notes
 
 
+def predicted_classes(probs, thresholds: dict[str, float], label_names: list[str]) -> np.ndarray:
+    """The decision rule: binary, the positive class when its probability is ``>= thresholds[positive]``;
+    multi-class, the class of highest probability. Returns ``[N]`` class indices."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(label_names) == 2:
+        return (probs[:, 1] >= thresholds[label_names[1]]).astype(np.int64)
+    return probs.argmax(axis=1).astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------
 # Calibration
 
@@ -214,6 +230,11 @@ def binary_metrics(y, score, threshold: float, *, ece_bins: int = 10) -> tuple[d
                 out[name] = float(num / den)
             else:
                 notes.append(f"{name} undefined: {why}")
+        out["accuracy"] = float((tp + tn) / y.size)
+        if out["sensitivity"] is not None and out["specificity"] is not None:
+            out["balanced_accuracy"] = (out["sensitivity"] + out["specificity"]) / 2.0
+        else:
+            notes.append("balanced_accuracy undefined: needs both classes")
         out["brier"] = float(brier_score_loss(y, score, labels=[0, 1]))
     out["ece"] = expected_calibration_error(y, score, ece_bins)
     return out, notes
@@ -242,7 +263,20 @@ def classification_metrics(probs, labels, thresholds, *, ece_bins: int = 10,
         values, class_notes = binary_metrics(labels == c, probs[:, c], t, ece_bins=ece_bins)
         per_class[names[c]] = values
         prefix = "" if n_classes == 2 else f"class {names[c]}: "
+        if n_classes > 2:  # balanced accuracy is the argmax recall here, defined when the class is present
+            class_notes = [n for n in class_notes if not n.startswith("balanced_accuracy")]
+            if not (labels == c).any():
+                class_notes.append("balanced_accuracy (recall) undefined: class absent")
         notes.extend(prefix + n for n in class_notes)
+    if n_classes > 2 and labels.size:
+        # Top-label accuracy and per-class recall of the argmax prediction (see the module notes).
+        top = probs.argmax(axis=1)
+        accuracy = float(np.mean(top == labels))
+        for c in classes:
+            values = per_class[names[c]]
+            values["accuracy"] = accuracy
+            present = labels == c
+            values["balanced_accuracy"] = float(np.mean(top[present] == c)) if present.any() else None
     if n_classes == 2:
         return {"metrics": per_class[names[1]], "per_class": {}, "notes": notes}
     macro = {}
@@ -308,11 +342,11 @@ def weighted_metrics(weights, probs, labels, thresholds, *, ece_bins: int = 10) 
             tpr = np.concatenate([np.zeros((w.shape[0], 1)), tps / pos[:, None]], axis=1)
             fpr = np.concatenate([np.zeros((w.shape[0], 1)), fps / neg[:, None]], axis=1)
             auroc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) * 0.5, axis=1)
-            out[:, k, 0] = np.where((pos > 0) & (neg > 0), auroc, np.nan)
+            out[:, k, _COLUMN["auroc"]] = np.where((pos > 0) & (neg > 0), auroc, np.nan)
             called = tps + fps
             precision = np.where(called > 0, tps / np.where(called > 0, called, 1.0), 0.0)
             ap = np.sum(np.diff(tpr, axis=1) * precision, axis=1)
-            out[:, k, 1] = np.where(pos > 0, np.maximum(ap, 0.0), np.nan)
+            out[:, k, _COLUMN["auprc"]] = np.where(pos > 0, np.maximum(ap, 0.0), np.nan)
 
             # Threshold metrics from weighted confusion counts.
             pred = (s >= t).astype(np.float64)
@@ -320,15 +354,26 @@ def weighted_metrics(weights, probs, labels, thresholds, *, ece_bins: int = 10) 
             fp = w @ ((1.0 - y) * pred)
             fn = w @ (y * (1.0 - pred))
             tn = w @ ((1.0 - y) * (1.0 - pred))
-            for j, (num, den) in enumerate(((tp, tp + fn), (tn, tn + fp), (tp, tp + fp), (tn, tn + fn))):
-                out[:, k, 2 + j] = np.where(den > 0, num / den, np.nan)
-
+            for m, num, den in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
+                                ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+                out[:, k, _COLUMN[m]] = np.where(den > 0, num / den, np.nan)
             has_rows = total > 0
-            out[:, k, 6] = np.where(has_rows, (w @ (s - y) ** 2) / total, np.nan)
+            if len(classes) == 1:
+                out[:, k, _COLUMN["accuracy"]] = np.where(has_rows, (tp + tn) / total, np.nan)
+                out[:, k, _COLUMN["balanced_accuracy"]] = (out[:, k, _COLUMN["sensitivity"]]
+                                                           + out[:, k, _COLUMN["specificity"]]) / 2.0
+            else:  # top-label accuracy and this class's recall under the argmax prediction
+                top = probs.argmax(axis=1)
+                out[:, k, _COLUMN["accuracy"]] = np.where(has_rows, (w @ (top == labels)) / total, np.nan)
+                pos_w = w @ y
+                out[:, k, _COLUMN["balanced_accuracy"]] = np.where(
+                    pos_w > 0, (w @ (y * (top == c))) / pos_w, np.nan)
+
+            out[:, k, _COLUMN["brier"]] = np.where(has_rows, (w @ (s - y) ** 2) / total, np.nan)
             onehot = np.zeros((n, ece_bins))
             onehot[np.arange(n), _bin_index(s, ece_bins)] = 1.0
             gap = w @ (onehot * (y - s)[:, None])
-            out[:, k, 7] = np.where(has_rows, np.abs(gap).sum(axis=1) / total, np.nan)
+            out[:, k, _COLUMN["ece"]] = np.where(has_rows, np.abs(gap).sum(axis=1) / total, np.nan)
     return out
 
 

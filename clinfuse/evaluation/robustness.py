@@ -19,7 +19,6 @@ and the model is scored again. Choices, so the curves can be read:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -78,12 +77,11 @@ def robustness_sweep(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], ma
     if labels.shape[0] != mask.shape[0] or groups.shape[0] != mask.shape[0]:
         raise InputError(f"robustness: {mask.shape[0]} masks, {labels.shape[0]} labels and "
                          f"{groups.shape[0]} patient ids must match")
-    from tqdm.auto import tqdm
+    from clinfuse.progress import Progress
 
     cells = []
     cache: dict[bytes, np.ndarray] = {}
-    with tqdm(total=len(modalities) * len(rates), desc="robustness", unit="cell", file=sys.stderr,
-              disable=None if progress else True, leave=False) as bar:
+    with Progress(len(modalities) * len(rates), "robustness", "cell", enabled=progress) as bar:
         for modality in modalities:
             for rate, new in zip(rates, removal_masks(mask, modality, rates, seed=seed)):
                 # Only rows the removal emptied are dropped; a row that had no modality to begin
@@ -115,7 +113,8 @@ def robustness_sweep(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], ma
                     notes = [f"{dropped} row(s) left with no modality were not scored", *notes]
                 cells.append({"modality": modality, "rate": float(rate), "n_rows": int(rows.size),
                               "n_removed": removed, "n_dropped": int(dropped),
-                              "n_patients": summary["n_patients"], "metrics": summary["metrics"],
+                              "n_patients": summary["n_patients"], "reliable": summary["reliable"],
+                              "unreliable_because": summary["unreliable_because"], "metrics": summary["metrics"],
                               "notes": notes})
                 bar.update(1)
     return cells

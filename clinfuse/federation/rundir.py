@@ -182,7 +182,7 @@ class RunDir:
         if doc is None:
             doc = {"format": HISTORY_FORMAT, "study": cfg.study, "config_hash": cfg.digest(),
                    "config": cfg.model_dump(mode="json"), "runs": [], "rounds": []}
-        from clinfuse.training.checkpoint import versions
+        from clinfuse.environment import versions
 
         doc["runs"].append({"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "first_round": done + 1,
                             "num_rounds": num_rounds, "resumed": bool(resume and done), "settings": settings,

@@ -6,6 +6,8 @@ noise plan and its ledger, all under the site's state directory:
 ``state_dir/accountant.json``  the one accountant of this site, across rounds, processes and runs
 ``state_dir/plan.json``        the DP-SGD mechanism planned once for the whole study horizon
 ``state_dir/ledger.jsonl``     every release and refusal
+``state_dir/file-checks.json`` what validation found in each image file (unchanged files are not
+                               re-opened by the next round's process, and keep their verdict)
 
 Before each round the site computes the epsilon it would reach after the round; if that passes
 ``max_epsilon`` it declines, trains nothing and says why. What it returns (``RoundResult``) is
@@ -15,6 +17,7 @@ only weights, counts and metrics.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,8 @@ import torch
 from clinfuse.config import MODALITIES, Config
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_json
+
+_log = logging.getLogger("clinfuse.site")
 
 
 @dataclass
@@ -59,12 +64,12 @@ class SiteRuntime:
     site_id: the site's name in ledgers and reports.
     state_dir: persistent, private directory of this site (created if absent; must be writable).
     max_epsilon: the site's cap, set by its privacy officer; training never takes it past the cap.
+    data_roots: folders of this site, besides the manifest's, that its paths may point into.
     """
 
     def __init__(self, cfg: Config, manifest: str | Path, *, site_id: str, state_dir: str | Path,
-                 max_epsilon: float, progress: bool = False):
+                 max_epsilon: float, progress: bool = False, data_roots=()):
         from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
-        from clinfuse.data.manifest import read_manifest
         from clinfuse.privacy.accountant import SiteAccountant
         from clinfuse.privacy.ledger import Ledger
 
@@ -73,11 +78,10 @@ class SiteRuntime:
         self.cfg, self.site_id, self.max_epsilon, self.progress = cfg, site_id, float(max_epsilon), progress
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # The ClientApp is a fresh process every round: skip re-opening every image when this
-        # manifest was already checked in full by an earlier round (the cache makes decoding cheap).
-        self.data = read_manifest(manifest, cfg, check_files=not self._validated_before(manifest))
-        if not self.data.records:
-            raise InputError("no usable rows (run 'clinfuse validate' to see why)", file=manifest)
+        self.data = self._read_manifest(manifest, data_roots)
+        self.data.require_records()
+        for line in self.data.skip_report():
+            _log.warning("%s: %s", site_id, line)
         cache = default_cache_dir(manifest, cfg)
         self.train_set = MultimodalDataset([r for r in self.data.records if r.split == "train"], cfg, cache)
         self.val_set = MultimodalDataset([r for r in self.data.records if r.split == "val"], cfg, cache)
@@ -86,21 +90,30 @@ class SiteRuntime:
         self.accountant = SiteAccountant(self.state_dir / "accountant.json", mechanism=cfg.privacy.accountant)
         self.ledger = Ledger(self.state_dir / "ledger.jsonl")
 
-    # -- facts about the site that are released (counts only) ----------------------------------
-    def _validated_before(self, manifest) -> bool:
-        marker = self.state_dir / "validated.json"
-        path = Path(manifest).resolve()
-        stamp = {"manifest": str(path), "mtime_ns": path.stat().st_mtime_ns if path.exists() else None,
-                 "config": self.cfg.digest()}
-        if marker.exists() and json.loads(marker.read_text()) == stamp:
-            return True
-        self._validation_stamp = (marker, stamp)
-        return False
+    def _read_manifest(self, manifest, data_roots):
+        """Validate the manifest in full, every round: the ClientApp is a fresh process each time,
+        and an image that was refused (undecodable, identifying) must stay refused. Image findings
+        are kept in the state dir, so an unchanged file is not decoded again."""
+        from collections import ChainMap
 
-    def _mark_validated(self) -> None:
-        stamp = getattr(self, "_validation_stamp", None)
-        if stamp:
-            atomic_write_json(*stamp)
+        from clinfuse.data.manifest import read_manifest
+
+        path = self.state_dir / "file-checks.json"
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+            before = before if isinstance(before, dict) else {}
+        except (OSError, ValueError):
+            before = {}  # none yet, or unreadable: check every file again
+        if not before:
+            _log.info("%s: validating %s (every file is decoded once)", self.site_id, manifest)
+        used: dict = {}
+        data = read_manifest(manifest, self.cfg, data_roots=data_roots, file_checks=ChainMap(used, before),
+                             progress=self.progress)
+        if used != before:
+            atomic_write_json(path, used)
+        return data
+
+    # -- facts about the site that are released (counts only) ----------------------------------
 
     @property
     def n_patients(self) -> int:
@@ -158,6 +171,8 @@ class SiteRuntime:
         from clinfuse.training.trainer import LocalTrainer, seed_everything
 
         counts = self.modality_examples()
+        _log.info("%s: round %d: training %d patients (%d local epoch%s)", self.site_id, server_round,
+                  self.n_patients, local_epochs, "" if local_epochs == 1 else "s")
         dp = self.cfg.privacy.enabled
         plan = self.plan(rounds, local_epochs) if dp else None
         epsilon_before = self.accountant.epsilon(plan.delta) if dp else None
@@ -175,7 +190,6 @@ class SiteRuntime:
 
         seed_everything(self.cfg.train.seed + 1000 * server_round)
         self.train_set.warm(self.progress)
-        self._mark_validated()
         frozen = [m for m in MODALITIES if counts[m] == 0] if modality_aware else []
         anchor = numpy_to_state(global_state) if proximal_mu > 0 else None
         trainer = LocalTrainer(self.cfg, self._model(global_state), self.train_set, plan=plan,

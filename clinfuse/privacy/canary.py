@@ -287,7 +287,8 @@ def _shadow_dp_sgd(features: np.ndarray, *, noise_multiplier: float, max_grad_no
     from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizer
     from torch.utils.data import TensorDataset
-    from tqdm.auto import tqdm
+
+    from clinfuse.progress import Progress
 
     _n, d = features.shape
     gen = torch.Generator().manual_seed(seed)
@@ -300,8 +301,7 @@ def _shadow_dp_sgd(features: np.ndarray, *, noise_multiplier: float, max_grad_no
     loader = DPDataLoader(TensorDataset(torch.from_numpy(features)), sample_rate=sample_rate,
                           generator=torch.Generator().manual_seed(seed + 1))
     done = 0
-    bar = tqdm(total=steps, desc="shadow DP-SGD", unit="step", leave=False,
-               disable=None if progress is None else not progress)
+    bar = Progress(steps, "shadow DP-SGD", "step", enabled=progress is not False)
     try:
         with warnings.catch_warnings():
             # Opacus' hooks warn that no *input* needs a gradient; only the parameters do here.

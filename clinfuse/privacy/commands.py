@@ -58,9 +58,9 @@ def register(subparsers) -> None:
     e = sub.add_parser("empirical", help="one-run canary audit of the site's DP-SGD settings",
                        description="Shadow DP-SGD run (Opacus, the site's noise multiplier, clipping norm and "
                                    "sample rate) with white-box canaries, each included with probability 1/2; "
-                                   "the epsilon lower bound at 95%% confidence (Steinke, Nasr & Jagielski 2023) "
+                                   "the epsilon lower bound at 95% confidence (Steinke, Nasr & Jagielski 2023) "
                                    "is compared with the epsilon the settings claim. Exit 0 pass, 1 violation.")
-    e.add_argument("--config", type=Path, default=None, help="study configuration (default configs/demo.yaml)")
+    e.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
     e.add_argument("--manifest", type=Path, required=True, help="the site's manifest")
     e.add_argument("--epochs", type=positive_int, default=None,
                    help="training horizon in epochs the noise is planned for (default: federation.rounds x "
@@ -69,14 +69,15 @@ def register(subparsers) -> None:
                    help="steps to audit at the site's sample rate (default: the horizon when one run can "
                         "refute its claim, else a shorter run chosen so that it can; see the printed note)")
     e.add_argument("--canaries", type=positive_int, default=2000, help="number of canaries (default 2000)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0,
+                   help="seed of the shadow run: canaries, their inclusion, sampling, noise, background patients "
+                        "(default 0)")
     e.add_argument("--applied-noise-multiplier", type=nonneg_float, default=None, metavar="S",
                    help="noise actually applied in the shadow run (default: what training applies); set it "
                         "below the planned value, e.g. 0, to see that the audit catches a broken run")
     e.add_argument("--background", type=int, default=256, metavar="N",
                    help="patients whose real per-sample gradients join the shadow run (0: none; default 256)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(handler=_empirical)
 
 

@@ -27,9 +27,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
+from clinfuse.environment import versions
 from clinfuse.errors import InputError
 
 try:  # POSIX only; elsewhere appends are still single writes, without the inter-process lock
@@ -133,16 +133,6 @@ def array_digest(arrays: Mapping[str, object] | Sequence[object]) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _versions() -> dict:
-    out = {}
-    for dist in ("clinfuse", "torch", "opacus", "flwr", "dp-accounting"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def mechanism_params(*, noise_multiplier: float, sample_rate: float, steps: int,
@@ -369,7 +359,7 @@ class Ledger:
             "time": datetime.now(UTC).isoformat(timespec="microseconds"),
             "study": study, "run_id": run_id, "round": round, "kind": kind,
             "mechanism": mechanism, "epsilon": epsilon, "delta": delta,
-            "versions": _versions(), "config_hash": config_hash, "model_hash": model_hash,
+            "versions": versions(), "config_hash": config_hash, "model_hash": model_hash,
             **extra,
         }
         entry = _jsonable(entry)

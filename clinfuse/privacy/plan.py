@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass
 
 from clinfuse.config import Config
 
+#: Where DP-SGD's noise comes from, said once per command that trains (SECURITY.md, "Randomness").
+NOISE_SOURCE = ("DP noise: PyTorch's generator seeded from OS entropy, not from the config seed "
+                "(Opacus' secure mode needs torchcsprng, not available; see SECURITY.md)")
+
 
 def default_delta(n_patients: int) -> float:
     """delta well below 1/n (the probability of failure must be small for every patient)."""

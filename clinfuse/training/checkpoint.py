@@ -5,33 +5,27 @@ A checkpoint is a ``torch.save`` dict with ``format``, ``state_dict`` (clean nam
 ``preprocessing`` (what the inputs must look like), ``metrics``, ``privacy`` (epsilon spent,
 delta, noise, sample rate, steps) and ``versions``. Written to a temporary file and renamed, so
 a crash never leaves a truncated checkpoint under the final name.
+
+A checkpoint may also carry a ``calibration`` block (see :func:`write_calibrated_checkpoint`): the
+temperature and decision threshold ``clinfuse predict`` applies, with where they were fitted.
+Checkpoints without one (every training and federation output) load as before.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import io
+import warnings
 from pathlib import Path
 
 import torch
 
 from clinfuse.config import Config, config_from_dict
+from clinfuse.environment import versions
 from clinfuse.errors import InputError
 from clinfuse.fileio import atomic_write_bytes
 
 FORMAT = "clinfuse-checkpoint/1"
-
-
-def versions() -> dict[str, str | None]:
-    """Installed versions of the packages that determine a result."""
-    out = {}
-    for name in ("clinfuse", "torch", "monai", "opacus", "flwr", "pydicom", "numpy"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,7 +89,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError("checkpoint not found", file=path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt or foreign file
         raise InputError(f"not a readable checkpoint ({type(exc).__name__}: {exc})", file=path) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -127,3 +123,47 @@ def load_checkpoint(path: str | Path):
     meta["label_names"] = list(cfg.data.labels)
     meta["epsilon"] = (payload.get("privacy") or {}).get("epsilon")
     return model, cfg, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration block: temperature + decision threshold, added after training by `clinfuse evaluate`
+
+CALIBRATION_FORMAT = "clinfuse-calibration/1"
+
+
+def write_calibrated_checkpoint(source: str | Path, dest: str | Path, calibration: dict) -> Path:
+    """Copy checkpoint ``source`` to ``dest`` with ``calibration`` as its calibration block.
+
+    ``calibration`` needs ``method`` ("temperature"), ``temperature`` (> 0) and ``thresholds``
+    ({class label: threshold}); everything else in it (where it was fitted, what that means for
+    privacy) is kept as given. The weights, their hash and the rest of the checkpoint are
+    unchanged, and ``source`` is never modified: a federated ``global.pt`` stays what the
+    federation released.
+    """
+    payload = read_checkpoint(source)
+    block = {"format": CALIBRATION_FORMAT, **calibration}
+    checkpoint_calibration({"calibration": block}, path=source)  # refuse a block predict cannot use
+    payload["calibration"] = block
+    atomic_torch_save(payload, dest)
+    return Path(dest)
+
+
+def checkpoint_calibration(meta: dict, *, path: str | Path | None = None) -> dict | None:
+    """The checkpoint's calibration block, checked; ``None`` for an uncalibrated checkpoint."""
+    import math
+
+    block = (meta or {}).get("calibration")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or block.get("format") != CALIBRATION_FORMAT:
+        raise InputError(f"calibration block is not of format {CALIBRATION_FORMAT}", file=path, key="calibration")
+    temperature = block.get("temperature")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise InputError(f"calibration temperature must be a positive number, got {temperature!r}",
+                         file=path, key="calibration.temperature")
+    thresholds = block.get("thresholds")
+    if not isinstance(thresholds, dict) or not all(
+            isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in thresholds.values()):
+        raise InputError("calibration thresholds must map class labels to numbers in [0, 1]",
+                         file=path, key="calibration.thresholds")
+    return block

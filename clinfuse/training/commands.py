@@ -1,12 +1,18 @@
-"""``clinfuse train``: local (pooled or single-site) training, DP-SGD by default."""
+"""``clinfuse train``: local (pooled or single-site) training, DP-SGD by default.
+
+It prints one table row per epoch as the epoch ends (loss, epsilon so far, validation AUROC when
+there are validation rows, seconds), or with ``--json`` one JSON object at the end.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 
-from clinfuse.cli import positive_int
+from clinfuse.cli import add_data_root_option, positive_int
 
 
 def register(subparsers) -> None:
@@ -15,26 +21,59 @@ def register(subparsers) -> None:
         description="Train locally on the given manifests (pooled). Differential privacy is on unless "
                     "--no-dp is given; the accountant lives in --state-dir (default OUT/privacy) and a "
                     "second run with the same state dir continues it, within the same target epsilon.")
-    p.add_argument("--config", type=Path, default=None, help="study config (default: configs/demo.yaml)")
-    p.add_argument("--manifest", type=Path, nargs="+", required=True)
+    p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
+    p.add_argument("--manifest", type=Path, nargs="+", required=True,
+                   help="site manifest(s) (CSV or Parquet); several are pooled into one training set")
     p.add_argument("--out", type=Path, required=True, help="run directory for checkpoint and reports")
     p.add_argument("--no-dp", action="store_true", help="explicitly train WITHOUT differential privacy")
     p.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
     p.add_argument("--state-dir", type=Path, default=None, help="where the privacy accountant and ledger live")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object at the end (history, checkpoint, privacy) instead of the table")
+    add_data_root_option(p)
     p.set_defaults(handler=_train)
 
 
-def load_split_datasets(manifests, cfg):
-    """Read and validate manifests; return ``{split: MultimodalDataset}`` pooled over them and the SiteData list."""
+class EpochTable:
+    """The epoch table ``clinfuse train`` prints, one row per :meth:`LocalTrainer.fit` record.
+
+    Columns: epoch, training loss, epsilon spent so far (``dp``), validation AUROC (``val``), and
+    the seconds the epoch took (``record["seconds"]``). ``n/a``: AUROC undefined (one class).
+    """
+
+    def __init__(self, *, dp: bool, val: bool):
+        self.columns = [("epoch", 5), ("train loss", 10)]
+        if dp:
+            self.columns.append(("epsilon", 8))
+        if val:
+            self.columns.append(("val AUROC", 9))
+        self.columns.append(("seconds", 7))
+
+    def header(self) -> str:
+        return "  ".join(f"{name:>{width}}" for name, width in self.columns)
+
+    def row(self, record: dict) -> str:
+        cells = {"epoch": str(record["epoch"]), "train loss": f"{record['train_loss']:.4f}",
+                 "epsilon": f"{record['epsilon']:.3f}" if record.get("epsilon") is not None else "",
+                 "val AUROC": f"{record['val_auroc']:.3f}" if record.get("val_auroc") is not None else "n/a",
+                 "seconds": f"{record['seconds']:.1f}"}
+        return "  ".join(f"{cells[name]:>{width}}" for name, width in self.columns)
+
+
+def load_split_datasets(manifests, cfg, *, data_roots=(), report=None):
+    """Read and validate manifests; return ``{split: MultimodalDataset}`` pooled over them and the SiteData list.
+
+    ``report(line)`` (e.g. ``print``) is given the skipped-row report of every site that skipped rows.
+    A site without a usable row is an :class:`InputError` that says why.
+    """
     from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
     from clinfuse.data.manifest import SPLITS, read_manifest
-    from clinfuse.errors import InputError
 
-    sites = [read_manifest(m, cfg) for m in manifests]
+    sites = [read_manifest(m, cfg, data_roots=data_roots) for m in manifests]
     for site in sites:
-        if not site.records:
-            raise InputError("no usable rows (run 'clinfuse validate' to see why)", file=site.manifest)
+        site.require_records()
+        for line in site.skip_report() if report else ():
+            report(line)
     datasets = {}
     for split in SPLITS:
         parts = []
@@ -54,17 +93,17 @@ def _train(args) -> int:
     import torch
 
     from clinfuse.config import load_config
+    from clinfuse.environment import versions
     from clinfuse.errors import BudgetExceededError, InputError
-    from clinfuse.fileio import atomic_write_json
+    from clinfuse.fileio import atomic_write_json, to_jsonable
     from clinfuse.privacy.accountant import SiteAccountant
     from clinfuse.privacy.ledger import Ledger
-    from clinfuse.privacy.plan import plan_privacy
+    from clinfuse.privacy.plan import NOISE_SOURCE, plan_privacy
     from clinfuse.training.checkpoint import (
         build_model_for,
         clean_state_dict,
         save_checkpoint,
         state_dict_hash,
-        versions,
     )
     from clinfuse.training.trainer import LocalTrainer, seed_everything
 
@@ -76,7 +115,13 @@ def _train(args) -> int:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
     progress = not args.quiet
-    datasets, _ = load_split_datasets(args.manifest, cfg)
+
+    def say(line: str) -> None:  # the human-readable output; under --json stdout is the JSON only
+        if not args.json:
+            print(line, flush=True)
+
+    datasets, _ = load_split_datasets(args.manifest, cfg, data_roots=args.data_roots,
+                                      report=lambda line: print(line, file=sys.stderr))
     train_set = datasets["train"]
     if len(train_set) == 0:
         raise InputError("the manifests have no training rows", file=args.manifest[0])
@@ -99,19 +144,27 @@ def _train(args) -> int:
         ledger = Ledger(state_dir / "ledger.jsonl")
         ledger.append("config", study=cfg.study, config_hash=cfg.digest(),
                       max_epsilon=cfg.privacy.target_epsilon, delta=plan.delta, plan=plan.to_dict())
-        print(f"DP-SGD: {n_patients} patients, q={plan.sample_rate:.4f}, noise multiplier "
-              f"{plan.noise_multiplier:.3f}, {plan.horizon_steps} steps, target epsilon "
-              f"{plan.target_epsilon:g} at delta {plan.delta:.2e}")
+        say(f"DP-SGD: {n_patients} patients, q={plan.sample_rate:.4f}, noise multiplier "
+            f"{plan.noise_multiplier:.3f}, {plan.horizon_steps} steps, target epsilon "
+            f"{plan.target_epsilon:g} at delta {plan.delta:.2e}")
+        logging.getLogger(__name__).info(NOISE_SOURCE)
     else:
-        print("training WITHOUT differential privacy (--no-dp or privacy.enabled: false)")
+        say("training WITHOUT differential privacy (--no-dp or privacy.enabled: false)")
 
-    trainer = LocalTrainer(cfg, model, train_set, val_set=datasets["val"] or None, plan=plan,
+    val_set = datasets["val"] or None
+    trainer = LocalTrainer(cfg, model, train_set, val_set=val_set, plan=plan,
                            accountant=accountant, progress=progress)
-    started = time.time()
-    history = trainer.fit(epochs)
-    for record in history:
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()}
-        print(json.dumps(shown))
+    table = EpochTable(dp=dp, val=val_set is not None)
+    say(table.header())
+    started = last = time.time()
+
+    def on_epoch(record: dict) -> None:
+        nonlocal last
+        now = time.time()
+        record["seconds"], last = now - last, now
+        say(table.row(record))
+
+    history = trainer.fit(epochs, on_epoch=on_epoch)
     privacy = trainer.privacy_summary()
     state = clean_state_dict(trainer.model)
     if dp:
@@ -124,6 +177,11 @@ def _train(args) -> int:
     atomic_write_json(out / "run.json", {
         "command": "train", "manifests": [str(m) for m in args.manifest], "config": cfg.model_dump(mode="json"),
         "seed": cfg.train.seed, "privacy": privacy, "versions": versions()})
+    if args.json:
+        print(json.dumps(to_jsonable({"checkpoint": path, "history": history, "privacy": privacy,
+                                      "plan": plan.to_dict() if plan else None,
+                                      "train_seconds": metrics["train_seconds"]}), indent=2))
+        return 0
     print(f"checkpoint: {path}")
     if dp:
         print(f"epsilon spent: {privacy['epsilon']:.3f} (delta {plan.delta:.2e}, target {plan.target_epsilon:g})")

@@ -23,6 +23,7 @@ the expected batch size; the accountant counts every step, empty batches include
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from opacus import PrivacyEngine
@@ -253,7 +254,17 @@ class FlatDPOptimizer(DPOptimizer):
 
 class DPEngine(PrivacyEngine):
     """``opacus.PrivacyEngine`` using :class:`ExpandedWeightsGradSampleModule` for ``ew`` and
-    :class:`FlatDPOptimizer` for flat clipping; ``make_private`` is Opacus' own."""
+    :class:`FlatDPOptimizer` for flat clipping; ``make_private`` is Opacus' own.
+
+    Opacus warns "Secure RNG turned off" on every engine built without secure mode (every round of
+    every site); the trainer seeds its noise generator from OS entropy instead, and commands say
+    so once (:data:`clinfuse.privacy.plan.NOISE_SOURCE`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            super().__init__(*args, **kwargs)
 
     def _prepare_model(self, module: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
                        grad_sample_mode: str = "hooks", wrap_model: bool = True, **kwargs):

@@ -28,16 +28,8 @@ from torch.utils.data import DataLoader
 
 from clinfuse.config import MODALITIES, Config
 from clinfuse.data.dataset import MultimodalDataset, PatientSampledDataset
+from clinfuse.environment import resolve_device
 from clinfuse.privacy.plan import PrivacyPlan
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            from clinfuse.errors import InputError
-            raise InputError("CUDA was requested but no GPU is available", key="train.device")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -277,10 +269,10 @@ class LocalTrainer:
                 if p.requires_grad and name in self.prox_anchor:
                     p.sub_(lr * self.prox_mu * (p - self.prox_anchor[name]))
 
-    def fit(self, epochs: int, *, desc: str = "training") -> list[dict]:
-        """Train for ``epochs`` epochs; returns one metrics dict per epoch (also kept in ``history``)."""
-        from tqdm.auto import tqdm
-
+    def fit(self, epochs: int, *, desc: str = "training", on_epoch=None) -> list[dict]:
+        """Train for ``epochs`` epochs; returns one metrics dict per epoch (also kept in ``history``).
+        ``on_epoch(record)``, if given, is called with each epoch's dict as soon as it is complete."""
+        from clinfuse.progress import Progress
         from clinfuse.training.balance import HeadLossMeter, multimodal_loss
 
         self._prepare()
@@ -292,9 +284,9 @@ class LocalTrainer:
             if self.plan is not None:
                 # Written before the first step: a crash mid-epoch still counts the epoch's steps.
                 self.accountant.reserve(self.plan.noise_multiplier, self.plan.sample_rate, len(self.loader))
-            bar = tqdm(self.loader, desc=f"{desc} epoch {len(self.history) + 1}", unit="batch",
-                       leave=False, disable=not self.progress or None)
-            for batch in bar:
+            bar = Progress(len(self.loader), f"{desc} epoch {len(self.history) + 1}", "batch",
+                           enabled=self.progress)
+            for batch in bar.track(self.loader):
                 image, text, tabular, mask, label = (t.to(self.device) for t in batch)
                 mask = self.modality_dropout(mask)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -329,6 +321,8 @@ class LocalTrainer:
                     self._update_gblend(head_losses.means(), record["val_head_losses"])
             self.history.append(record)
             records.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
         return records
 
     def _update_gblend(self, train_losses: dict, val_losses: dict) -> None:

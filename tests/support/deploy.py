@@ -639,7 +639,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     (``clinfuse site check``), as a site does before joining, so decoding is not counted.
     """
     from clinfuse.config import load_config
-    from clinfuse.data.synthetic import write_demo_cohort
+    from clinfuse.data.synthetic import ensure_demo_cohort
     from clinfuse.site_check import check_site, format_checklist, ready
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -648,13 +648,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     workdir = Path(workdir).resolve()
     cfg = load_config(config)
     cap = float(max_epsilon if max_epsilon is not None else cfg.privacy.target_epsilon)
-    cohort = workdir / "cohort"
-    manifests = [cohort / f"site-{k}" / "manifest.csv" for k in range(sites)]
-    marker = cohort / f".complete-{sites}x{patients}"
-    if not marker.exists():
-        log(f"writing the demo cohort: {sites} sites x {patients} patients -> {cohort}")
-        manifests = write_demo_cohort(cohort, sites=sites, patients=patients)
-        marker.write_text("")
+    manifests = ensure_demo_cohort(workdir / "cohort", sites=sites, patients=patients, log=log)
     for name in ("state", "run", "deploy"):
         shutil.rmtree(workdir / name, ignore_errors=True)
     nodes = {}

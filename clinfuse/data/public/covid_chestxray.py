@@ -16,7 +16,9 @@ Output: one folder per site, ``out/<site>/manifest.csv``, to use with ``configs/
   config (:data:`TABULAR_RANGES`; e.g. pO2 entries of 20-40 that are partial pressures, not
   saturations) are written empty, i.e. missing, rather than clipped into a wrong value.
 - ``image``: the path of ``root/images/<filename>`` relative to the manifest's folder. Images are
-  never copied. Rows whose image is missing on disk are kept; validation reports them.
+  never copied, so they lie outside the site folders: give ``root/images`` as a data root
+  (``--data-root`` or ``data.roots``, see :mod:`clinfuse.data.paths`) when reading the manifests.
+  Rows whose image is missing on disk are kept; validation reports them.
 - ``patient_id`` is ``patientid``; a patient can have several rows (images). The collection labels
   each image, and a few patients have ``No Finding`` films taken weeks before their COVID-19 films.
   clinfuse labels patients, not images (validation rejects a patient with two labels), so for a
