@@ -106,11 +106,11 @@ def register(subparsers) -> None:
 
 def _trusted_keys(args):
     from clinfuse.privacy.audit import TrustedKeys
-    from clinfuse.privacy.site_key import read_roster
+    from clinfuse.privacy.roster import Roster
 
     by_site, sources, default = {}, {}, None
     if args.roster:
-        by_site = read_roster(args.roster)
+        by_site = {site: entry.fingerprint for site, entry in Roster.load(args.roster).entries.items()}
         sources = dict.fromkeys(by_site, f"the roster {args.roster}")
     for value in args.public_key:
         site, _, key = value.partition("=")
