@@ -1,16 +1,7 @@
 """Which node may speak for which site: the study's roster and the server's check of each reply.
 
-The roster (run config ``roster=/path/roster.yaml``) declares the study's sites and the public
-key, or its fingerprint, of each site's signing key (``clinfuse site key --state-dir D`` prints
-both, and the entry to paste)::
-
-    # roster.yaml
-    study: my-study            # optional; must then match the study config's `study`
-    sites:
-      - site-id: hospital-a
-        public-key: "q0v3...="                 # base64 of the raw Ed25519 key
-      - site-id: hospital-b
-        fingerprint: "SHA256:5f1c...e9"        # or its fingerprint
+The roster (run config ``roster=/path/roster.yaml``; its format in :mod:`clinfuse.privacy.roster`)
+declares the study's sites and the key of each.
 
 :class:`SiteIdentities` is the server's record, for one run, of which node holds which site id.
 A reply is accepted as its site's only if its signature verifies (see
