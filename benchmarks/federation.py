@@ -3,11 +3,11 @@
 Round overhead is ``(round wall - slowest site's training) / round wall``: the share of a round
 not spent training at the site that holds everyone up (messages, process and Ray start-up,
 imports, data loading, evaluation, aggregation, checkpoint). It is computed from the run's
-``history.json`` by :func:`federated.deploy.round_overheads`, the same for both engines:
+``history.json`` by :func:`support.deploy.round_overheads` (``tests/support/deploy.py``), the same for both engines:
 
 - simulation (this module): ``flwr.simulation.run_simulation`` with the demo config;
 - deployment (``--engine deployment|both``): a real SuperLink and one SuperNode per site on
-  loopback, through :func:`federated.deploy.measure_deployment_round_overhead`.
+  loopback, through :func:`support.deploy.measure_deployment_round_overhead`.
 
 ClientApp start-up: in deployment every message starts a new ``flwr-clientapp`` process, which
 imports the app and then, in the handler, torch, Opacus and clinfuse, and opens the site
@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # support.deploy: the deployment helpers (not installed)
 
 STARTUP_STEPS = [
     ("python interpreter", "pass"),
@@ -75,8 +76,9 @@ def time_site_open(manifest: Path, state_dir: Path, repeats: int) -> dict:
 
 def simulation_overhead(workdir: Path, *, rounds: int, patients: int, sites: int = 3) -> dict:
     """The demo study in the simulation engine; per-round overhead from its history."""
+    from support.deploy import round_overheads
+
     from clinfuse.data.synthetic import ensure_demo_cohort
-    from federated.deploy import round_overheads
     from federated.simulation import simulate
 
     ensure_demo_cohort(workdir / "cohort", sites=sites, patients=patients)
@@ -139,7 +141,7 @@ def main() -> None:
                                                        patients=args.patients)
             print_rounds(report["simulation"])
         if args.engine in ("deployment", "both"):
-            from federated.deploy import measure_deployment_round_overhead
+            from support.deploy import measure_deployment_round_overhead
 
             report["deployment"] = measure_deployment_round_overhead(workdir / "deployment", rounds=args.rounds,
                                                                      patients=args.patients)

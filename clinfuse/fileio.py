@@ -7,9 +7,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-
-import numpy as np
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -58,18 +57,38 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def to_jsonable(obj):
-    """Plain JSON types: numpy scalars/arrays converted, NaN and infinities become ``None``."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+def to_jsonable(obj, *, strict: bool = False, key: str = ""):
+    """The plain-JSON form of ``obj``: the one sanitiser for results, run history and ledgers.
+
+    Mappings (keys as strings), lists and tuples are converted recursively; numpy and torch
+    scalars and arrays become numbers and lists; paths become strings. Infinities become the
+    strings ``"inf"`` / ``"-inf"``: an infinite epsilon must stay infinite, never read as unknown
+    (:func:`clinfuse.privacy.ledger.as_float` reads them back). NaN becomes ``None``; with
+    ``strict`` (ledger entries) NaN and values of any other type raise :class:`ValueError` naming
+    the field (``key`` is the dotted path so far).
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, strict=strict, key=f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+        return [to_jsonable(v, strict=strict, key=key) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            if strict:
+                raise ValueError(f"field '{key}' is NaN")
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return float(obj)
+    for convert in ("item", "tolist"):  # numpy / torch scalars, then arrays
+        method = getattr(obj, convert, None)
+        if callable(method) and (convert == "tolist" or getattr(obj, "ndim", 0) == 0):
+            return to_jsonable(method(), strict=strict, key=key)
+    if strict:
+        raise ValueError(f"field '{key}' has a value of type {type(obj).__name__} that is not JSON")
     return obj

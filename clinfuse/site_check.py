@@ -72,13 +72,14 @@ def register(subparsers) -> None:
     c.add_argument("--no-cache", action="store_true", help="skip decoding images into the cache")
     add_data_root_option(c)
     c.set_defaults(handler=_check_command)
-
     k = sub.add_parser(
-        "key", help="create (first time) or show the site's signing key",
-        description="Print the site's public key and fingerprint (creating the key in the state dir the first "
-                    "time): the study's roster declares them, and 'clinfuse audit verify --public-key' checks "
-                    "the site's ledger against them. The private key never leaves the state dir.")
+        "key", help="print this site's public key and fingerprint (for the study's roster)",
+        description="Print the public key and fingerprint of this site's signing key (created in the state "
+                    "dir on first use) and the entry for the study's roster file. The private key never "
+                    "leaves the state dir; the coordinator accepts replies for this site id only when "
+                    "signed with it, and 'clinfuse audit verify --roster' checks the site's ledger against it.")
     k.add_argument("--state-dir", type=Path, required=True, help="the site's private state directory")
+    k.add_argument("--site-id", default=None, help="this site's id (as in the SuperNode's --node-config)")
     k.set_defaults(handler=_key_command)
 
     r = sub.add_parser(
@@ -125,13 +126,9 @@ def _check_command(args) -> int:
 
 
 def _key_command(args) -> int:
-    from clinfuse.privacy.site_state import SitePrivacyState
+    from clinfuse.privacy.roster import site_key_summary
 
-    state = SitePrivacyState(args.state_dir)
-    print(f"site key: {state.key.path}")
-    print(f"fingerprint: {state.key.fingerprint}")
-    print(f"public key: {state.key.public_key}")
-    print("declare the public key (or its fingerprint) for this site in the study's roster")
+    print(site_key_summary(args.state_dir, args.site_id))
     return 0
 
 

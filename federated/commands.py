@@ -6,7 +6,11 @@ final validation AUROC; the global checkpoint is ``<workdir>/run/global.pt``. ``
 runs the five-modality study of ``configs/rich.yaml`` (chest film, CT series, note, tabular, ECG;
 one site without volumes).
 
-``clinfuse federate`` runs the same simulation over manifests you name (one per site).
+``clinfuse federate`` runs the same simulation over manifests you name (one per site; each site
+is named after its manifest's folder unless ``--site-id`` names them).
+
+A study that stops early (too few sites trained, every site failed) prints why and exits 1; bad
+input exits 2.
 """
 
 from __future__ import annotations
@@ -42,11 +46,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "federate", help="simulate a federated study over site manifests (one Flower site per manifest)",
         description="Run a federated study in Flower's simulation engine, one site per manifest. Each "
-                    "site's accountant and ledger live in <state-root>/site-k and persist across runs.")
+                    "site's accountant and ledger live in <state-root>/<site id> and persist across runs; a "
+                    "site is named after its manifest's folder unless --site-id names it.")
     p.add_argument("--manifest", type=Path, nargs="+", required=True, help="one manifest per site")
+    p.add_argument("--site-id", nargs="+", default=None, metavar="ID",
+                   help="the sites' ids, one per manifest (default: each manifest's folder name)")
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, global.pt and history.json")
-    p.add_argument("--state-root", type=Path, required=True, help="one private state dir per site below it")
+    p.add_argument("--state-root", type=Path, required=True,
+                   help="one private state dir per site below it (<state-root>/<site id>)")
     p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds)")
+    p.add_argument("--no-dp", action="store_true",
+                   help="train without DP-SGD (privacy.enabled: false): no privacy guarantee at all")
+    p.add_argument("--seed", type=int, default=None,
+                   help="fixes the initial model and the data order (train.seed); DP noise and DP's "
+                        "sampling still come from the OS's entropy")
     _common(p)
     p.set_defaults(handler=_federate)
 
@@ -63,7 +76,9 @@ def _common(p) -> None:
     p.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
     p.add_argument("--parallel", type=int, default=None, help="sites training at once (default: min(sites, cpus))")
     p.add_argument("--run-config", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="more server run-config keys (see federated/server_app.py)")
+                   help="more run-config keys (docs/federation.md, 'Run config')")
+    p.add_argument("--roster", type=Path, default=None,
+                   help="the study's roster of site ids and public keys (clinfuse site key prints an entry)")
 
 
 def _parse_value(text: str):
@@ -95,6 +110,14 @@ def _run_config(args) -> dict:
         rc["client-dp"] = True
     if args.secagg:
         rc["secagg"] = True
+    if args.roster is not None:
+        rc["roster"] = str(args.roster.resolve())
+    if getattr(args, "no_dp", False):
+        rc["dp"] = False
+    if getattr(args, "seed", None) is not None:
+        if args.seed < 0:
+            raise InputError("--seed must be a non-negative integer", key="--seed")
+        rc["seed"] = args.seed
     rc["resume"] = bool(args.resume)
     for item in args.run_config:
         key, sep, value = item.partition("=")
@@ -105,7 +128,7 @@ def _run_config(args) -> dict:
 
 
 def _print_round(record: dict) -> None:
-    from federated.server_app import format_round
+    from federated.rounds import format_round
 
     print(format_round(record), flush=True)
 
@@ -129,17 +152,37 @@ def _report(summary: dict, started: float) -> None:
     print(f"wall time: {time.time() - started:.1f} s")
 
 
+def _privacy_line(run_config: dict) -> str:
+    """How the run is protected, in words: DP or not, and what its seed fixes (never DP noise, whose
+    source :data:`clinfuse.privacy.plan.NOISE_SOURCE` names)."""
+    from clinfuse.federation.run_config import RunConfig
+
+    cfg = RunConfig.parse(run_config).study_config()
+    seed = f"seed {cfg.train.seed} fixes the initial model and the data order"
+    if not cfg.privacy.enabled:
+        return f"privacy: DP-SGD is OFF (--no-dp / privacy.enabled: false): no privacy guarantee; {seed}"
+    return (f"privacy: DP-SGD at every site (target epsilon {cfg.privacy.target_epsilon:g}); {seed}, "
+            "not DP's noise or sampling, so DP runs do not repeat bit for bit")
+
+
 def _simulate(args, run_config: dict, num_sites: int) -> int:
-    from clinfuse.config import load_config
     from clinfuse.privacy.plan import NOISE_SOURCE
+    from federated.rounds import StudyStopped
     from federated.simulation import simulate
 
     started = time.time()
     _log.info("starting %d simulated sites (Ray actors); each says when it starts a round", num_sites)
-    if load_config(args.config).privacy.enabled:
+    privacy = _privacy_line(run_config)
+    _log.info(privacy)
+    if not privacy.startswith("privacy: DP-SGD is OFF"):
         _log.info(NOISE_SOURCE)
-    summary = simulate(run_config, num_sites=num_sites, cpus=args.cpus, parallel=args.parallel,
-                       on_round=_print_round, verbose=args.verbose)
+    try:
+        summary = simulate(run_config, num_sites=num_sites, cpus=args.cpus, parallel=args.parallel,
+                           on_round=_print_round, verbose=args.verbose)
+    except StudyStopped as stopped:
+        print(f"clinfuse {args.command}: study stopped: {stopped}", file=sys.stderr)
+        print(f"history: {Path(stopped.summary.get('run_dir', '?')) / 'history.json'}", file=sys.stderr)
+        return 1
     _report(summary, started)
     return 0
 
@@ -171,14 +214,42 @@ def _demo(args) -> int:
     return code
 
 
+def site_ids_for(manifests: list[Path], given: list[str] | None) -> list[str]:
+    """The sites' ids: ``given`` (one per manifest), else each manifest's folder name.
+
+    Raises :class:`InputError` when the counts differ, an id is repeated or is not a plain name
+    (it names the site's state dir).
+    """
+    import re
+
+    from clinfuse.errors import InputError
+    from clinfuse.federation.run_config import SITE_ID_PATTERN
+
+    if given is not None and len(given) != len(manifests):
+        raise InputError(f"--site-id gives {len(given)} ids for {len(manifests)} manifests", key="--site-id")
+    ids = list(given) if given is not None else [m.resolve().parent.name for m in manifests]
+    for site_id, manifest in zip(ids, manifests):
+        if not re.match(SITE_ID_PATTERN, site_id):
+            raise InputError(f"site id {site_id!r} must be letters, digits, '.', '_' or '-' (it names the "
+                             "site's state dir); name the sites with --site-id", file=manifest, key="--site-id")
+    repeated = sorted({s for s in ids if ids.count(s) > 1})
+    if repeated:
+        where = "given twice" if given is not None else "the folder name of two manifests"
+        raise InputError(f"site id {repeated[0]!r} is {where}: name the sites with --site-id", key="--site-id")
+    return ids
+
+
 def _federate(args) -> int:
     from clinfuse.errors import InputError
 
     for m in args.manifest:
         if not m.is_file():
             raise InputError("manifest not found", file=m)
+    site_ids = site_ids_for(args.manifest, args.site_id)
     run_config = {"run-dir": str(args.run_dir.resolve()), "sites-dir": str(args.state_root.resolve()),
                   "workdir": str(args.run_dir.resolve().parent), **_run_config(args)}
-    for k, m in enumerate(args.manifest):
+    for k, (m, site_id) in enumerate(zip(args.manifest, site_ids)):
         run_config[f"manifest-{k}"] = str(m.resolve())
+        run_config[f"site-id-{k}"] = site_id
+    _log.info("sites: %s", ", ".join(f"{s} ({m})" for s, m in zip(site_ids, args.manifest)))
     return _simulate(args, run_config, len(args.manifest))

@@ -6,9 +6,9 @@ SuperLink, no process per message: Ray actors live for the whole run and keep to
 and it lets the caller hand the apps their settings directly; ``run_simulation`` itself gives
 apps an empty run config.
 
-Sites are partitions: partition ``k`` is ``<cohort>/site-k/manifest.csv`` (or run config
-``manifest-k``) with its private state in ``<workdir>/sites/site-k``; see
-:mod:`federated.client_app`.
+Sites are partitions: partition ``k`` is site ``site-id-k`` (default ``site-k``) with manifest
+``<cohort>/site-k/manifest.csv`` (or run config ``manifest-k``) and its private state in
+``<sites-dir>/<site id>``; see :func:`clinfuse.federation.protocol.site_spec`.
 
 Console: Flower's deprecation banner for ``run_simulation`` (a log record of the ``flwr``
 logger, not a Python warning) and the "Manually terminating ClientAppActor" line each actor
@@ -81,8 +81,8 @@ def simulate(run_config: dict, *, num_sites: int, cpus: int | None = None, paral
 
     ``client_mods`` are Flower mods added to every site's ClientApp (tests use one to record what
     sites send). ``on_round(record)`` is called after each round. Returns the server's run summary;
-    raises what the server raised (e.g. :class:`InputError`, a ``RuntimeError`` when too many
-    sites failed).
+    raises what the server raised (e.g. :class:`InputError`, :class:`federated.rounds.StudyStopped`
+    when the study ended early).
     """
     from flwr.simulation import run_simulation
 

@@ -9,9 +9,7 @@ Class layout (Flower 1.42 Message API, ``flwr.serverapp.strategy``)::
                  └── ClientDPFedProx(FedProx, ...)  (idem)
 
 ``_SiteRounds`` sends every round to every connected site (after waiting for the expected
-number), and averages evaluation metrics per key over the sites that report it (a site whose
-validation split has one class reports no AUROC). ``_ModalityAware`` replaces Flower's array
-averaging with :func:`clinfuse.federation.aggregation.aggregate`; FedProx and FedAdam keep their
+number). ``_ModalityAware`` replaces Flower's array averaging with :func:`clinfuse.federation.aggregation.aggregate`; FedProx and FedAdam keep their
 own behaviour around it (FedAdam applies its server optimiser to the modality-aware average).
 
 Client-level DP wraps ``ClientDP*`` in Flower's ``DifferentialPrivacyClientSideFixedClipping`` with
@@ -20,14 +18,16 @@ that mode updates are averaged uniformly over all sampled sites and modality-awa
 off; a site that declined or failed counts as a zero update (the fixed-denominator DP-FedAvg
 estimator), which keeps the noise calibrated to the number of sampled sites.
 
-The round loop that drives these (checkpoints, resume, history) is in :mod:`federated.server_app`.
+The round loop that drives these (identity checks, checkpoints, resume, history, evaluation) is
+:func:`federated.rounds.run_study`; :func:`weighted_means` averages the sites' metrics there (per
+key over the sites that report it: a site whose validation split has one class reports no AUROC).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.supercore import log
 
 from clinfuse.errors import InputError
-from federated.client_app import ARRAYS, CONFIG, DECLINED, METRICS, NUM_EXAMPLES, REASON, SITE, SITE_ID
+from clinfuse.federation.protocol import ARRAYS, CONFIG, DECLINED, METRICS, NUM_EXAMPLES, SERVER_ROUND
 
 CLIENT_DP_WEIGHT = "client-dp-weight"
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -48,62 +48,8 @@ class SitesUnavailable(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Reading replies
+# Averaging metrics
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class SiteReply:
-    """One site's answer to a round, classified. ``message`` is ``None`` for a site that never replied."""
-    node_id: int
-    site_id: str
-    status: str  # "trained" | "declined" | "failed"
-    metrics: dict = field(default_factory=dict)
-    reason: str | None = None
-    message: Message | None = None
-
-    def summary(self) -> dict:
-        out = {"node": self.node_id, "status": self.status, **self.metrics}
-        if self.reason:
-            out["reason"] = self.reason
-        return out
-
-
-def read_replies(replies: Iterable[Message], sent: Sequence[Message] = (),
-                 names: dict[int, str] | None = None) -> list[SiteReply]:
-    """Classify replies as trained, declined or failed; sites sent a message but absent from
-    ``replies`` (timed out, dead) are reported as failed.
-
-    ``names`` maps node ids to the site ids they reported before (a failed site sends none);
-    it is updated with the names seen here.
-    """
-    names = names if names is not None else {}
-    out = []
-    seen = set()
-    for msg in replies:
-        node = int(msg.metadata.src_node_id)
-        seen.add(node)
-        if msg.has_error():
-            out.append(SiteReply(node, names.get(node, f"node-{node}"), "failed",
-                                 reason=str(msg.error.reason)[:500], message=msg))
-            continue
-        content = msg.content
-        metrics = dict(content[METRICS]) if METRICS in content.metric_records else {}
-        site = content[SITE] if SITE in content.config_records else {}
-        site_id = str(site.get(SITE_ID, names.get(node, f"node-{node}")))
-        names[node] = site_id
-        if metrics.get(DECLINED):
-            out.append(SiteReply(node, site_id, "declined", metrics, str(site.get(REASON, "")), msg))
-        elif ARRAYS in content.array_records and NUM_EXAMPLES in metrics:
-            out.append(SiteReply(node, site_id, "trained", metrics, None, msg))
-        else:
-            out.append(SiteReply(node, site_id, "failed", metrics, "reply without weights or sample count", msg))
-    for msg in sent:
-        node = int(msg.metadata.dst_node_id)
-        if node not in seen:
-            out.append(SiteReply(node, names.get(node, f"node-{node}"), "failed",
-                                 reason="no reply (timed out or site down)"))
-    return sorted(out, key=lambda r: r.site_id)
-
 
 def weighted_means(rows: Sequence[Mapping[str, float]], weight_key: str = NUM_EXAMPLES) -> dict[str, float]:
     """Per key, the mean weighted by ``weight_key`` over the rows that have that key.
@@ -184,7 +130,7 @@ class _SiteRounds(FedAvg):
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                   message_type: str) -> list[Message]:
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
         return [Message(content=record, message_type=message_type, dst_node_id=node)
                 for node in self.connected_sites(grid)]
@@ -194,16 +140,6 @@ class _SiteRounds(FedAvg):
         messages = self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
         log(INFO, "configure_train: round %d sent to %d sites", server_round, len(messages))
         return messages
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = [dict(m.content[METRICS]) for m in replies
-                if not m.has_error() and METRICS in m.content.metric_records]
-        means = weighted_means(rows, NUM_EXAMPLES)
-        return MetricRecord(means) if means else None
 
 
 class _ModalityAware(_SiteRounds):
@@ -229,13 +165,14 @@ class _ModalityAware(_SiteRounds):
 
         if self._previous is None:
             raise RuntimeError("configure_train must run before aggregate_train")
-        trained = [r for r in read_replies(replies) if r.status == "trained"]
+        trained = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records
+                   and METRICS in m.content.metric_records and not m.content[METRICS].get(DECLINED)]
         if not trained:
             return None, None
         updates = []
         for reply in trained:
-            m = reply.metrics
-            arrays = reply.message.content[ARRAYS]
+            m = dict(reply.content[METRICS])
+            arrays = reply.content[ARRAYS]
             updates.append(SiteUpdate(state={k: a.numpy() for k, a in arrays.items()},
                                       num_examples=int(m[NUM_EXAMPLES]),
                                       modality_examples={mod: int(m.get(f"examples-{mod}", 0))
@@ -244,7 +181,7 @@ class _ModalityAware(_SiteRounds):
         if missing:
             raise InputError(f"a site's reply lacks parameter {missing[0]!r}: sites run different models?")
         new = aggregate(updates, self._previous, groups=self.groups, modality_aware=self.modality_aware)
-        metrics = weighted_means([r.metrics for r in trained])
+        metrics = weighted_means([dict(r.content[METRICS]) for r in trained])
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), MetricRecord(metrics)
 
 
@@ -345,7 +282,7 @@ def inner_strategy(strategy: Strategy) -> Strategy:
     return getattr(strategy, "strategy", strategy)
 
 
-def client_dp_replies(site_replies: Sequence[SiteReply], sent: Sequence[Message],
+def client_dp_replies(site_replies: Sequence, sent: Sequence[Message],
                       arrays: ArrayRecord) -> list[Message]:
     """Replies for Flower's accounted client-DP FedAvg: one per sampled site, uniform weight.
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from federated.deploy import LocalDeployment, format_config, make_credentials, stop_process
+from support.deploy import LocalDeployment, format_config, make_credentials, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,19 +104,25 @@ def small_study(demo_cfg, path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
-    from clinfuse.config import load_config
+def two_sites(demo_cfg, tmp_path: Path) -> tuple[Path, dict]:
+    """The small study and the node configs of two sites of a 30-patient demo cohort."""
     from clinfuse.data.synthetic import write_demo_cohort
-    from clinfuse.privacy.ledger import read_entries
-    from clinfuse.training.checkpoint import load_checkpoint, read_checkpoint
 
     manifests = write_demo_cohort(tmp_path / "cohort", sites=2, patients=30)
     config = small_study(demo_cfg, tmp_path / "study.yaml")
+    return config, {f"site-{k}": {"manifest": str(m), "site-id": f"site-{k}", "max-epsilon": 50.0,
+                                  "state-dir": str(tmp_path / "state" / f"site-{k}"), "config": str(config)}
+                    for k, m in enumerate(manifests)}
+
+
+@pytest.mark.slow
+def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
+    from clinfuse.config import load_config
+    from clinfuse.privacy.ledger import read_entries
+    from clinfuse.training.checkpoint import load_checkpoint, read_checkpoint
+
+    config, sites = two_sites(demo_cfg, tmp_path)
     run_dir = tmp_path / "run"
-    sites = {f"site-{k}": {"manifest": str(m), "site-id": f"site-{k}", "state-dir": str(tmp_path / "state" / f"site-{k}"),
-                           "max-epsilon": 50.0, "config": str(config)}
-             for k, m in enumerate(manifests)}
     deployment = LocalDeployment(REPO, tmp_path / "deploy", sites)
     started = time.monotonic()
     pids: list[int] = []
@@ -164,3 +169,68 @@ def test_two_authenticated_sites_train_two_rounds_over_tls(demo_cfg, tmp_path):
             rounds = {e.get("round") for e in entries if e["kind"] == kind}
             assert {1, 2} <= rounds, (name, kind, rounds)
         assert all(e.get("site") == name for e in entries if e["kind"] == "dp-training")
+
+
+@pytest.mark.slow
+def test_an_impostor_is_refused_and_a_killed_site_costs_one_wait(demo_cfg, tmp_path):
+    """Issue #11, items 5 and 9, in the deployment engine (TLS, SuperNode authentication): a node
+    that registered its own key and claims site-0 is refused by the roster; a SuperNode killed
+    after round 1 costs each later round at most round-timeout, and the others go on."""
+    import threading
+
+    from clinfuse.privacy.site_key import SiteKey
+
+    config, sites = two_sites(demo_cfg, tmp_path)
+    run_dir = tmp_path / "run"
+    roster = tmp_path / "roster.yaml"  # what each site's `clinfuse site key` printed
+    roster.write_text(yaml.safe_dump({"sites": [
+        {"site-id": name, "public-key": SiteKey.load_or_create(node["state-dir"]).public_key}
+        for name, node in sites.items()]}))
+    impostor = {**sites["site-0"], "state-dir": str(tmp_path / "state" / "impostor")}
+    timeout = 90.0
+    deployment = LocalDeployment(REPO, tmp_path / "deploy", {**sites, "impostor": impostor})
+    outcome: dict = {}
+    try:
+        deployment.start()
+
+        def run():
+            try:
+                outcome["result"] = deployment.run({"config": str(config), "run-dir": str(run_dir), "num-rounds": 3,
+                                                    "local-epochs": 1, "min-sites": 1, "roster": str(roster),
+                                                    "round-timeout": timeout}, timeout=900)
+            except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+                outcome["error"] = exc
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        deadline = time.monotonic() + 600
+        while runner.is_alive() and time.monotonic() < deadline:
+            history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else {}
+            if history.get("rounds"):
+                deployment.kill("site-1")
+                break
+            time.sleep(0.5)
+        runner.join(timeout=900)
+    finally:
+        deployment.stop()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].ok
+
+    doc = json.loads((run_dir / "history.json").read_text())
+    rounds = doc["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["aggregated"] for r in rounds)
+    first = rounds[0]
+    assert {s: v["status"] for s, v in first["sites"].items()} == {"site-0": "trained", "site-1": "trained"}
+    assert [r["claimed_site_id"] for r in first["refused"]] == ["site-0"]
+    assert "roster's key for 'site-0'" in first["refused"][0]["reason"]
+    assert first["refused"][0]["node"] != first["sites"]["site-0"]["node"]
+    assert first["sites"]["site-0"]["public_key"] == SiteKey.load_or_create(sites["site-0"]["state-dir"]).public_key
+    assert all(r["refused"] == [] for r in rounds[1:])  # the impostor is asked nothing more
+    assert "REFUSED" in outcome["result"].log and doc["runs"][-1]["summary"]["identity"]["verified"]
+    # After the kill: site-1 fails (no reply, or Flower's "node unavailable"), site-0 trains on.
+    later = rounds[1:]
+    assert all(r["sites"]["site-0"]["status"] == "trained" for r in later)
+    assert any(r["sites"].get("site-1", {}).get("status") == "failed" for r in later)
+    for r in later:
+        assert r["train_wall_s"] <= timeout + 20 and r["eval_wall_s"] <= timeout + 20, r
+    print("round walls:", [round(r["round_wall_s"], 1) for r in rounds])

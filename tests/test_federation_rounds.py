@@ -30,15 +30,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class LocalGrid(Grid):
-    """Delivers messages in-process to ``client_app``; node ``1000 + k`` is partition ``k``."""
+    """Delivers messages in-process to ``client_app``; node ``1000 + k`` is partition ``k``.
 
-    def __init__(self, client_app, num_sites: int, run_id: int = 4242):
+    ``extra_nodes``: node id -> node config of more nodes (e.g. a deployment-style node claiming a
+    site). ``dead``: node ids that never reply (a killed SuperNode); ``unavailable``: node ids the
+    SuperLink answers for, as Flower does once a node missed its heartbeats (an error from the
+    SuperLink's own node id, 1). ``simulated``: the sites are
+    simulated (as in Flower's in-memory grid), so the run config may change their study.
+    """
+
+    simulated = True
+
+    def __init__(self, client_app, num_sites: int, run_id: int = 4242, *, extra_nodes: dict | None = None,
+                 dead=(), unavailable=()):
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
-        self.contexts = {1000 + k: Context(run_id=run_id, node_id=1000 + k, node_config={
-            "partition-id": k, "num-partitions": num_sites}, state=RecordDict(), run_config={})
-            for k in range(num_sites)}
+        configs = {1000 + k: {"partition-id": k, "num-partitions": num_sites} for k in range(num_sites)}
+        configs.update(extra_nodes or {})
+        self.contexts = {node: Context(run_id=run_id, node_id=node, node_config=config, state=RecordDict(),
+                                       run_config={}) for node, config in configs.items()}
+        self.dead, self.unavailable = set(dead), set(unavailable)
+        self.timeouts: list = []
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -66,11 +79,19 @@ class LocalGrid(Grid):
         return message_from_proto(message_to_proto(msg))
 
     def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
         out = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             delivered = self.wire(msg)
             self.sent.append(delivered)
+            if msg.metadata.dst_node_id in self.dead:
+                continue
+            if msg.metadata.dst_node_id in self.unavailable:
+                reply = Message(Error(code=0, reason="Error: Node Unavailable"), reply_to=delivered)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                out.append(self.wire(reply))
+                continue
             try:
                 reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - what Flower's runtime does with a ClientApp error
@@ -111,12 +132,12 @@ def crash_mod(partition: int, rounds: set[int]):
     return mod
 
 
-def run_rounds(run_config: dict, num_sites: int, mods=()):
+def run_rounds(run_config: dict, num_sites: int, mods=(), **grid_options):
     from federated.client_app import make_client_app
-    from federated.server_app import run_federation
+    from federated.rounds import run_study
 
-    grid = LocalGrid(make_client_app(run_config, mods=list(mods)), num_sites)
-    summary = run_federation(grid, {"expected-sites": num_sites, "wait-seconds": 1, **run_config})
+    grid = LocalGrid(make_client_app(run_config, mods=list(mods)), num_sites, **grid_options)
+    summary = run_study(grid, {"expected-sites": num_sites, "wait-seconds": 1, **run_config})
     return summary, grid
 
 
@@ -172,7 +193,8 @@ def check_reply(reply: Message, model_shapes: dict, cfg, sentences: list[str]) -
             assert METRIC_KEYS.match(key), key
             assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
         site = dict(content["site"])
-        assert set(site) <= {"site-id", "reason"}
+        assert {"site-id", "public-key", "signature"} <= set(site) <= {
+            "site-id", "reason", "public-key", "ledger-seq", "ledger-hash", "signature"}
         assert re.fullmatch(r"site-\d+", site["site-id"])
         if "reason" in site:
             assert re.fullmatch(r"round \d+ would raise epsilon from [\d.]+ to [\d.]+, past this site's cap "
@@ -254,19 +276,11 @@ def test_server_restart_with_resume_continues_model_and_epsilon(tmp_path, cohort
 
 
 def test_without_accept_failures_a_failed_site_stops_the_run(tmp_path, cohort):
+    from federated.rounds import StudyStopped
+
     run_config = base_config(tmp_path, cohort, **{"num-rounds": 2, "accept-failures": False})
-    with pytest.raises(RuntimeError, match="accept-failures"):
+    with pytest.raises(StudyStopped, match="accept-failures"):
         run_rounds(run_config, 2, mods=[crash_mod(1, {1})])
-
-
-def test_fewer_trained_sites_than_min_sites_leave_the_model_unchanged(tmp_path, cohort):
-    run_config = base_config(tmp_path, cohort, **{"num-rounds": 1, "min-sites": 2})
-    summary, grid = run_rounds(run_config, 2, mods=[crash_mod(1, {1})])
-    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
-    assert history[0]["aggregated"] is False
-    sent = grid.sent[0].content["arrays"]
-    evaluated = next(m for m in grid.sent if m.metadata.message_type == "evaluate").content["arrays"]
-    assert all(np.array_equal(sent[k].numpy(), evaluated[k].numpy()) for k in sent)
 
 
 def test_client_level_dp_clips_updates_and_reports_flowers_epsilon(tmp_path, cohort):
@@ -285,3 +299,143 @@ def test_client_level_dp_clips_updates_and_reports_flowers_epsilon(tmp_path, coh
         norm = np.sqrt(sum(float(np.sum((reply.content["arrays"][k].numpy().astype(np.float64)
                                          - original[k].numpy()) ** 2)) for k in original))
         assert norm <= clip * (1 + 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Site identity, lost sites, failed studies (issue #11 items 5, 9, 10)
+# --------------------------------------------------------------------------------------------
+
+def write_roster(path: Path, state_dirs: dict[str, Path]) -> Path:
+    """The study's roster: each site's public key, as `clinfuse site key` prints it."""
+    from clinfuse.privacy.site_key import SiteKey
+
+    sites = [{"site-id": name, "public-key": SiteKey.load_or_create(d).public_key} for name, d in state_dirs.items()]
+    path.write_text(yaml.safe_dump({"sites": sites}))
+    return path
+
+
+def ledger_has(state_dir: Path, head: dict) -> dict:
+    from clinfuse.privacy.ledger import read_entries
+
+    entry = next(e for e in read_entries(state_dir / "ledger.jsonl") if e["seq"] == head["seq"])
+    assert entry["hash"] == head["hash"]
+    return entry
+
+
+@pytest.mark.parametrize("secagg", [False, True], ids=["message-api", "secagg"])
+def test_an_impostor_claiming_a_roster_site_is_refused_on_both_paths(tmp_path, cohort, secagg):
+    """One loop for both executors: the same identity check, history and ledger heads."""
+    from clinfuse.privacy.site_key import SiteKey
+
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 1, "secagg": secagg})
+    sites = {f"site-{k}": tmp_path / "work" / "sites" / f"site-{k}" for k in range(3)}
+    run_config["roster"] = str(write_roster(tmp_path / "roster.yaml", sites))
+    impostor = {"manifest": str(cohort / "site-0" / "manifest.csv"), "site-id": "site-0",
+                "state-dir": str(tmp_path / "impostor"), "max-epsilon": 100.0, "config": run_config["config"]}
+    summary, grid = run_rounds(run_config, 3, extra_nodes={2000: impostor})
+
+    doc = json.loads((Path(summary["run_dir"]) / "history.json").read_text())
+    record = doc["rounds"][0]
+    assert record["aggregated"] and record.get("secagg", False) == secagg
+    assert set(record["sites"]) == set(sites) and record["unidentified"] == []
+    assert record["sites"]["site-0"]["node"] == 1000  # the real site-0, not the impostor
+    assert [(r["node"], r["claimed_site_id"]) for r in record["refused"]] == [(2000, "site-0")]
+    assert "the roster's key for 'site-0'" in record["refused"][0]["reason"]
+    assert record["refused"][0]["public_key"] == SiteKey.load_or_create(tmp_path / "impostor").public_key
+    assert doc["runs"][-1]["summary"]["identity"]["verified"] is True
+    for name, state_dir in sites.items():
+        site = record["sites"][name]
+        assert site["status"] == "trained"
+        assert site["public_key"] == SiteKey.load_or_create(state_dir).public_key
+        assert ledger_has(state_dir, site["ledger_head"])["kind"] == "release"
+        assert ledger_has(state_dir, site["val"]["ledger_head"])["kind_detail"] == "evaluation"
+    # The impostor is asked nothing after its refusal.
+    to_impostor = [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 2000]
+    assert to_impostor == (["evaluate"] if secagg else ["train"])
+
+
+@pytest.mark.parametrize("lost", ["dead", "unavailable"])
+def test_a_lost_site_costs_one_timeout_and_the_round_completes_with_the_others(tmp_path, cohort, lost):
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 2, "round-timeout": 7.5})
+    summary, grid = run_rounds(run_config, 3, **{lost: {1002}})
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
+    assert [r["aggregated"] for r in history] == [True, True]
+    reason = ("no reply within round-timeout (7.5 s): site down or too slow" if lost == "dead"
+              else "Error: Node Unavailable")
+    for record in history:
+        assert {s: v["status"] for s, v in record["sites"].items()} == {"site-0": "trained", "site-1": "trained"}
+        assert record["unidentified"] == [{"node": 1002, "phase": phase, "status": "failed", "reason": reason}
+                                          for phase in ("train", "evaluate")]
+    assert set(grid.timeouts) == {7.5}  # every exchange waits at most round-timeout
+    assert {m.metadata.ttl for m in grid.sent} == {7.5}  # and its messages expire then
+
+
+def test_fewer_trained_sites_than_min_sites_stop_the_study_clearly(tmp_path, cohort):
+    from federated.rounds import StudyStopped
+
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 3, "min-sites": 2})
+    with pytest.raises(StudyStopped, match=r"round 2: 1 site\(s\) trained, fewer than min-sites=2 \(1 failed\)"
+                                           r".*global model is round 1's") as stopped:
+        run_rounds(run_config, 2, mods=[crash_mod(1, {2})])
+    doc = json.loads((Path(stopped.value.summary["run_dir"]) / "history.json").read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1]  # round 2 aggregated nothing: no checkpoint
+    assert sorted(p.name for p in (Path(stopped.value.summary["run_dir"]) / "checkpoints").iterdir()) == [
+        "round-0001.pt"]
+    record = doc["runs"][-1]["summary"]["stopped"]["record"]
+    assert record["sites"]["site-1"]["status"] == "failed" and record["sites"]["site-0"]["status"] == "trained"
+    assert stopped.value.summary["epsilon"]["site-0"] == record["sites"]["site-0"]["epsilon"]
+
+
+def crash_everywhere_mod(partitions: set[int]):
+    """Sites whose ClientApp dies on every message (train and evaluate)."""
+
+    def mod(msg, ctx, call_next):
+        if ctx.node_config.get("partition-id") in partitions:
+            raise RuntimeError("simulated crash of the site's ClientApp")
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def test_a_study_where_every_site_failed_writes_no_global_checkpoint(tmp_path, cohort):
+    from federated.rounds import StudyStopped
+
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 2, "min-sites": 1})
+    with pytest.raises(StudyStopped, match=r"round 1: 0 site\(s\) trained.*no global checkpoint was written"):
+        run_rounds(run_config, 2, mods=[crash_everywhere_mod({0, 1})])
+    run_dir = tmp_path / "work" / "run"
+    assert not (run_dir / "global.pt").exists() and not (run_dir / "checkpoints").exists()
+    doc = json.loads((run_dir / "history.json").read_text())
+    assert doc["rounds"] == [] and doc["runs"][-1]["summary"]["global_checkpoint"] is None
+    # Nodes that never said which site they are: by node id, apart from the sites.
+    record = doc["runs"][-1]["summary"]["stopped"]["record"]
+    assert record["sites"] == {} and [u["node"] for u in record["unidentified"]] == [1000, 1001]
+
+
+def test_history_names_sites_by_site_id_only(tmp_path, cohort):
+    run_config = base_config(tmp_path, cohort, **{"num-rounds": 1, "min-sites": 1})
+    summary, _ = run_rounds(run_config, 2, mods=[crash_everywhere_mod({1})])
+    record = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"][0]
+    assert list(record["sites"]) == ["site-0"]
+    assert [(u["node"], u["phase"]) for u in record["unidentified"]] == [(1001, "train"), (1001, "evaluate")]
+
+
+def test_named_sites_without_dp_and_a_seed_that_fixes_the_initial_model(tmp_path, cohort):
+    """What `clinfuse federate --site-id ... --no-dp --seed S` hands the loop."""
+    from clinfuse.privacy.ledger import read_entries
+
+    def first_model(seed, name):
+        (tmp_path / name).mkdir()
+        run_config = base_config(tmp_path / name, cohort, **{"num-rounds": 1, "dp": False, "seed": seed,
+                                                             "site-id-0": "hospital-a", "site-id-1": "hospital-b"})
+        summary, grid = run_rounds(run_config, 2)
+        record = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"][0]
+        assert set(record["sites"]) == {"hospital-a", "hospital-b"}
+        assert all("epsilon" not in s for s in record["sites"].values())
+        kinds = {e["kind"] for e in read_entries(tmp_path / name / "work" / "sites" / "hospital-a" / "ledger.jsonl")}
+        assert "dp-training" not in kinds and "release" in kinds
+        return {k: a.numpy() for k, a in grid.sent[0].content["arrays"].items()}
+
+    a, b, c = first_model(7, "a"), first_model(7, "b"), first_model(8, "c")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)

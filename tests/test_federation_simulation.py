@@ -162,5 +162,27 @@ def test_clinfuse_demo_prints_rounds_epsilon_per_site_and_auroc(tmp_path):
     assert sum(line.startswith("round ") for line in lines) == 2
     assert {f"epsilon site-{k}" for k in range(3)} <= {line.split(":")[0] for line in lines}
     assert any(line.startswith("final validation AUROC") for line in lines)
+    console = (out.stdout + out.stderr).splitlines()
+    assert any(line.startswith("privacy: DP-SGD at every site") and "seed 0 fixes" in line for line in console)
     assert (tmp_path / "demo" / "run" / "global.pt").exists()
     assert json.loads((tmp_path / "demo" / "cohort" / "cohort.json").read_text())["patients"] == 40
+
+
+def test_a_demo_where_every_site_fails_exits_1_without_a_global_checkpoint(tmp_path):
+    """Issue #11 item 10: `demo --patients 1` leaves every site without training rows."""
+    import subprocess
+
+    from test_federation_rounds import tiny_config
+
+    cmd = [sys.executable, "-m", "clinfuse.cli", "demo", "--workdir", str(tmp_path / "demo"), "--patients", "1",
+           "--rounds", "2", "--config", str(tiny_config(tmp_path)), "--cpus", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "study stopped: round 1: 0 site(s) trained" in out.stderr and "no global checkpoint" in out.stderr
+    assert "global checkpoint:" not in out.stdout
+    run_dir = tmp_path / "demo" / "run"
+    assert not (run_dir / "global.pt").exists() and not (run_dir / "checkpoints").exists()
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history["rounds"] == []
+    record = history["runs"][-1]["summary"]["stopped"]["record"]
+    assert not any(name.startswith("node") for name in record["sites"])  # sites by site id only

@@ -17,7 +17,6 @@ from federated.strategy import (
     build_strategy,
     client_dp_replies,
     export_state,
-    read_replies,
     restore_state,
     weighted_means,
 )
@@ -84,17 +83,6 @@ def test_modality_aware_average_ignores_declines_failures_and_sites_without_a_mo
     assert float(new["txt.w"].numpy()[0]) == pytest.approx(3.25)  # FedAvg drags text towards b's copy
 
 
-def test_read_replies_names_failed_and_silent_sites():
-    strategy = build_strategy("fedavg", groups=GROUPS, min_sites=1)
-    sent = send(strategy)
-    names = {13: "c"}
-    replies = [trained(sent[0], "a", 1.0, 5, 5, 5, 5), Message(Error(code=2, reason="x"), reply_to=sent[2])]
-    out = {r.site_id: r for r in read_replies(replies, sent, names)}
-    assert out["a"].status == "trained" and out["c"].status == "failed"
-    assert out["node-12"].status == "failed" and "no reply" in out["node-12"].reason
-    assert names[11] == "a"
-
-
 def test_fedadam_and_fedprox_wrap_the_modality_aware_average_and_fedadam_resumes():
     prox = build_strategy("fedprox", groups=GROUPS, proximal_mu=0.5, min_sites=1)
     sent = send(prox)
@@ -122,8 +110,12 @@ def test_client_level_dp_counts_declines_as_zero_updates_and_accounts_each_relea
     strategy = build_strategy("fedavg", groups=GROUPS, min_sites=2, expected_sites=3, client_dp=dp)
     sent = send(strategy, value=0.0)
     assert all(m.content["config"]["clipping_norm"] == 0.5 for m in sent)
-    site_replies = read_replies([trained(sent[0], "a", 0.1, 10, 10, 10, 10),
-                                 trained(sent[1], "b", 0.1, 99, 99, 0, 99), declined(sent[2], "c")], sent)
+    from federated.rounds import SiteReply
+
+    replies = [trained(sent[0], "a", 0.1, 10, 10, 10, 10), trained(sent[1], "b", 0.1, 99, 99, 0, 99),
+               declined(sent[2], "c")]
+    site_replies = [SiteReply(node, site, status, message=reply) for node, site, status, reply in
+                    zip(NODES, "abc", ("trained", "trained", "declined"), replies)]
     usable = client_dp_replies(site_replies, sent, arrays(0.0))
     assert len(usable) == 3 and all(dict(m.content["metrics"]) == {"client-dp-weight": 1.0} for m in usable)
     new, _ = strategy.aggregate_train(1, usable)

@@ -436,7 +436,7 @@ def test_roster_keys_are_trusted_and_a_wrong_key_is_an_error(config, manifest, t
     train(site, 1)
     ledger = str(state / "ledger.jsonl")
     roster = tmp_path / "roster.yaml"
-    roster.write_text(yaml.safe_dump({"sites": {"site-x": {"fingerprint": site.key.fingerprint}}}))
+    roster.write_text(yaml.safe_dump({"sites": [{"site-id": "site-x", "fingerprint": site.key.fingerprint}]}))
     assert main(["audit", "verify", ledger, "--roster", str(roster)]) == 0
     assert "authorship verified" in capsys.readouterr().out
 

@@ -106,11 +106,11 @@ def register(subparsers) -> None:
 
 def _trusted_keys(args):
     from clinfuse.privacy.audit import TrustedKeys
-    from clinfuse.privacy.site_key import read_roster
+    from clinfuse.privacy.roster import Roster
 
     by_site, sources, default = {}, {}, None
     if args.roster:
-        by_site = read_roster(args.roster)
+        by_site = {site: entry.fingerprint for site, entry in Roster.load(args.roster).entries.items()}
         sources = dict.fromkeys(by_site, f"the roster {args.roster}")
     for value in args.public_key:
         site, _, key = value.partition("=")
@@ -242,9 +242,9 @@ def _site_plan(args) -> int:
     spent_epsilon = spent.epsilon(plan.delta)
     agrees = worst <= 1e-6
     if args.json:
-        from clinfuse.privacy.ledger import _jsonable
+        from clinfuse.fileio import to_jsonable
 
-        print(json.dumps(_jsonable({"state_dir": str(args.state_dir), "ledger_seq": entry.get("seq"),
+        print(json.dumps(to_jsonable({"state_dir": str(args.state_dir), "ledger_seq": entry.get("seq"),
                                     "replan": bool(entry.get("replan")), "plan": plan.to_dict(), "table": rows,
                                     "table_agrees": agrees, "spent_epsilon": spent_epsilon,
                                     "spent_steps": spent.steps}), indent=2))
@@ -334,9 +334,9 @@ def _empirical(args) -> int:
                                  progress=False if args.quiet else None)
     result.notes[:0] = notes
     if args.json:
-        from clinfuse.privacy.ledger import _jsonable
+        from clinfuse.fileio import to_jsonable
 
-        print(json.dumps(_jsonable({"site_manifest": str(args.manifest), "patients": n_patients,
+        print(json.dumps(to_jsonable({"site_manifest": str(args.manifest), "patients": n_patients,
                                     "target_epsilon": plan.target_epsilon, "signed_plan": args.state_dir is not None,
                                     "site_sample_rate": plan.sample_rate, "horizon_steps": plan.horizon_steps,
                                     **result.to_dict()}), indent=2))

@@ -240,7 +240,8 @@ def predictions_table(result: dict):
 
 def run_predict(args) -> int:
     """The ``clinfuse predict`` handler (parser in :mod:`clinfuse.evaluation.commands`)."""
-    from clinfuse.evaluation.report import to_jsonable, write_predictions_csv
+    from clinfuse.evaluation.report import write_predictions_csv
+    from clinfuse.fileio import to_jsonable
 
     if args.out is None and not args.json:
         raise InputError("give --out predictions.csv (or --json to print the predictions)", key="--out")

@@ -19,7 +19,6 @@ This module knows nothing of Flower: it stores numpy state dicts, JSON records a
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 from clinfuse.config import Config
 from clinfuse.errors import InputError
-from clinfuse.fileio import atomic_write_bytes, atomic_write_json
+from clinfuse.fileio import atomic_write_bytes, atomic_write_json, to_jsonable
 
 HISTORY_FORMAT = "clinfuse-federated-history/1"
 
@@ -41,20 +40,6 @@ class RoundCheckpoint:
     state: dict[str, np.ndarray]
     strategy_state: dict[str, Any]
     path: Path
-
-
-def _jsonable(value):
-    """Floats that JSON can hold (NaN/inf become None), recursively."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _to_tensors(obj):
@@ -124,7 +109,7 @@ class RunDir:
         return doc
 
     def _write(self, doc: dict) -> None:
-        atomic_write_json(self.history_path, _jsonable(doc))
+        atomic_write_json(self.history_path, to_jsonable(doc))
 
     # -- queries --------------------------------------------------------------------------------
     def history(self) -> list[dict]:
@@ -217,8 +202,8 @@ class RunDir:
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {"federation": {"round": server_round, "study": cfg.study},
                  "strategy_state": _to_tensors(strategy_state or {})}
-        save_checkpoint(path, model, cfg, metrics=_jsonable(record.get("val") or {}),
-                        privacy=_jsonable(privacy or {"enabled": cfg.privacy.enabled, "epsilon": None}),
+        save_checkpoint(path, model, cfg, metrics=to_jsonable(record.get("val") or {}),
+                        privacy=to_jsonable(privacy or {"enabled": cfg.privacy.enabled, "epsilon": None}),
                         extra=extra)
         atomic_write_bytes(self.global_path, path.read_bytes())
         doc["rounds"].append({**record, "round": server_round, "model_hash": state_dict_hash(clean_state_dict(model)),

@@ -44,10 +44,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clinfuse.errors import InputError
-from clinfuse.fileio import atomic_write_text
+from clinfuse.fileio import atomic_write_text, to_jsonable
 from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, compute_epsilon, epsilon_series
 from clinfuse.privacy.ledger import (
-    _jsonable,
     as_float,
     dp_history,
     ledger_signer,
@@ -566,7 +565,7 @@ def verify_ledgers(paths: Sequence[str | Path], *, timeout_s: float = DEFAULT_TI
 
 def to_json(report: dict) -> str:
     """The report as JSON text (infinite epsilons written as ``"inf"``)."""
-    return json.dumps(_jsonable(report), indent=2, sort_keys=False)
+    return json.dumps(to_jsonable(report, strict=True), indent=2, sort_keys=False)
 
 
 def format_text(report: dict) -> str:

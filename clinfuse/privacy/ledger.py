@@ -44,6 +44,7 @@ from pathlib import Path
 
 from clinfuse.environment import versions
 from clinfuse.errors import InputError
+from clinfuse.fileio import to_jsonable
 
 try:  # POSIX only; elsewhere appends are still single writes, without the inter-process lock
     import fcntl
@@ -83,33 +84,6 @@ class LedgerProblem:
 # --------------------------------------------------------------------------------------------
 # Canonical form and hashing
 # --------------------------------------------------------------------------------------------
-
-def _jsonable(value, key: str = ""):
-    """Plain JSON types only; infinite floats become the string ``"inf"`` (epsilon without noise)."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            raise ValueError(f"ledger field '{key}' is NaN")
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, key) for v in value]
-    item = getattr(value, "item", None)  # numpy / torch scalars
-    if callable(item):
-        return _jsonable(item(), key)
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return _jsonable(tolist(), key)
-    raise ValueError(f"ledger field '{key}' has a value of type {type(value).__name__} that is not JSON")
-
 
 def canonical_json(entry: Mapping) -> str:
     """The canonical serialisation that is hashed and written (one line, no newline)."""
@@ -496,7 +470,7 @@ class Ledger:
         }
         if self.key is not None:
             entry["signer"] = self.key.public_key
-        entry = _jsonable(entry)
+        entry = to_jsonable(entry, strict=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)

@@ -173,9 +173,9 @@ def _show(value) -> str:
 
 def _normalized(doc: Mapping) -> dict:
     """Plain JSON types (tuples as lists, inf as "inf"): the form that is hashed and signed."""
-    from clinfuse.privacy.ledger import _jsonable
+    from clinfuse.fileio import to_jsonable
 
-    return json.loads(json.dumps(_jsonable(doc)))
+    return json.loads(json.dumps(to_jsonable(doc, strict=True)))
 
 
 def plan_digest(doc: Mapping) -> str:

@@ -11,8 +11,8 @@ parameters to get wrong.
 - :meth:`SiteKey.create` / :meth:`SiteKey.load` / :meth:`SiteKey.load_or_create`
 - :meth:`SiteKey.sign` -> base64 signature; :func:`verify_signature` with a public key
 - :attr:`SiteKey.public_key` (base64 of the raw 32 bytes) and :func:`fingerprint`
-- :func:`key_matches` (a trusted key *or* fingerprint against a public key) and
-  :func:`read_roster` (a study roster's trusted key per site id)
+- :func:`key_matches` (a trusted key *or* fingerprint against a public key); a study's roster
+  is read by :mod:`clinfuse.privacy.roster`
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 from clinfuse.errors import InputError
@@ -67,52 +66,6 @@ def key_matches(trusted: str, public_key: str | None) -> bool:
         except InputError:
             return False
     return trusted == public_key
-
-
-def read_roster(path: str | Path) -> dict[str, str]:
-    """Trusted key (base64 public key or ``SHA256:`` fingerprint) per site id, from a roster file.
-
-    YAML or JSON. The sites are ``sites:`` (or the top level itself), either a mapping
-    ``site-id: KEY`` / ``site-id: {public_key: KEY}`` / ``site-id: {fingerprint: FP}``, or a list
-    of ``{site_id: ..., public_key: ...}`` / ``{site_id: ..., fingerprint: ...}`` (``-`` or ``_``
-    in the key names). Raises :class:`InputError` naming the file and site for anything else.
-    """
-    import yaml
-
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("roster file not found", file=path) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"unreadable roster ({exc})", file=path) from None
-    sites = doc.get("sites", doc) if isinstance(doc, Mapping) else doc
-    if isinstance(sites, Mapping):
-        items = [(str(k), v) for k, v in sites.items()]
-    elif isinstance(sites, list):
-        items = []
-        for i, item in enumerate(sites):
-            if not isinstance(item, Mapping):
-                raise InputError(f"roster entry {i + 1} is not a mapping", file=path)
-            site = item.get("site_id", item.get("site-id", item.get("site")))
-            if not isinstance(site, str) or not site:
-                raise InputError(f"roster entry {i + 1} names no site_id", file=path)
-            items.append((site, item))
-    else:
-        raise InputError("a roster lists sites: a mapping of site id to key, or a list of entries", file=path)
-    out = {}
-    for site, value in items:
-        if isinstance(value, Mapping):
-            value = next((value[k] for k in ("public_key", "public-key", "fingerprint") if value.get(k)), None)
-        if not isinstance(value, str) or not value:
-            raise InputError(f"site {site}: no public_key or fingerprint", file=path)
-        if not value.startswith(FINGERPRINT_PREFIX):
-            try:
-                _public_key_from(value)
-            except InputError as exc:
-                raise InputError(f"site {site}: {exc.message}", file=path) from None
-        out[site] = value
-    return out
 
 
 def verify_signature(public_key: str, data: bytes, signature: str) -> bool:

@@ -1,5 +1,8 @@
 """A real Flower deployment on this machine: certificates, SuperLink, SuperNodes, ``flwr run``.
 
+Test and benchmark support, not part of the installed package (``tests/support/deploy.py``;
+tests import it as ``support.deploy``, ``benchmarks/federation.py`` puts ``tests/`` on its path).
+
 A consortium runs one SuperLink at the coordinator and one SuperNode per hospital. This module
 starts the same processes, with the same flags, on loopback so the test suite and the benchmark
 exercise the deployment engine itself rather than the simulation:
@@ -479,6 +482,21 @@ class LocalDeployment:
         return self._spawn(f"supernode-{name}", argv, self.workdir / f"supernode-{name}",
                            OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
+    def kill(self, name: str) -> int:
+        """SIGKILL one SuperNode and what it started (a site that dies without saying goodbye: the
+        SuperLink keeps it online until its heartbeats are missed). It is no longer watched by
+        :meth:`run`; returns its PID."""
+        proc = next((p for p in self.processes if p.name == f"supernode-{name}"), None)
+        if proc is None:
+            raise DeploymentError(f"no running SuperNode named {name!r}")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.popen.wait(timeout=10)
+        self.processes.remove(proc)
+        return proc.pid
+
     def check_alive(self) -> None:
         """Raise DeploymentError naming any started process that has exited."""
         for proc in self.processes:
@@ -625,7 +643,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     from clinfuse.site_check import check_site, format_checklist, ready
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    app_dir = Path(app_dir or Path(__file__).resolve().parent.parent).resolve()
+    app_dir = Path(app_dir or Path(__file__).resolve().parents[2]).resolve()
     config = Path(config or app_dir / "configs" / "demo.yaml").resolve()
     workdir = Path(workdir).resolve()
     cfg = load_config(config)
