@@ -37,7 +37,8 @@ def register(subparsers) -> None:
                    help="folder for the cohort, the sites' state and the run (default .clinfuse-demo)")
     p.add_argument("--rounds", type=positive_int, default=None, help="rounds (default: federation.rounds, 5)")
     p.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
-    p.add_argument("--patients", type=int, default=200, help="patients per site in the demo cohort")
+    p.add_argument("--patients", type=int, default=None,
+                   help="patients per site in the demo cohort (default 200; with --resume, the cohort's own)")
     p.add_argument("--variant", choices=["default", "rich"], default="default",
                    help="rich: five modalities (chest film, CT series, note, tabular, ECG), configs/rich.yaml")
     _common(p)
@@ -188,7 +189,7 @@ def _simulate(args, run_config: dict, num_sites: int) -> int:
 
 
 def _demo(args) -> int:
-    from clinfuse.data.synthetic import ensure_demo_cohort
+    from clinfuse.data.synthetic import ensure_demo_cohort, recorded_demo_cohort
     from clinfuse.errors import InputError
 
     if args.sites < 2:
@@ -201,6 +202,11 @@ def _demo(args) -> int:
     run_config = {"workdir": str(workdir), "min-sites": 2, **_run_config(args)}  # validates first
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if args.patients is None:
+        # A resumed study keeps its cohort: rewriting it at another size would change every
+        # site's patients, which their signed plans then (rightly) refuse.
+        recorded = recorded_demo_cohort(workdir / "cohort") if args.resume else None
+        args.patients = recorded["patients"] if recorded else 200
     ensure_demo_cohort(workdir / "cohort", sites=args.sites, patients=args.patients, variant=args.variant,
                        log=lambda line: print(line, file=sys.stderr))
     if not args.resume:

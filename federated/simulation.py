@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -108,6 +109,10 @@ def simulate(run_config: dict, *, num_sites: int, cpus: int | None = None, paral
     # Opacus calls logging.basicConfig() on import: a root handler that would print every Flower
     # record a second time (the doubled "Manually terminating ClientAppActor" lines).
     flwr_logger.propagate = False
+    # Flower colours its level names even when stderr is a log file.
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(colored=sys.stderr.isatty())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -646,6 +646,15 @@ def write_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, s
 COHORT_MARKER = "cohort.json"
 
 
+def recorded_demo_cohort(out: str | Path) -> dict | None:
+    """The arguments a complete demo cohort under ``out`` was written with (its marker), or ``None``."""
+    try:
+        recorded = json.loads((Path(out) / COHORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and recorded.get("complete") else None
+
+
 def ensure_demo_cohort(out: str | Path, *, sites: int = 3, patients: int = 200, seed: int = 0,
                        variant: str = "default", log=None) -> list[Path]:
     """The per-site manifests of the demo cohort under ``out``, written only when needed.
