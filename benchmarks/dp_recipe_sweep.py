@@ -164,7 +164,12 @@ def main(argv=None) -> int:
     ap.add_argument("--clip", type=float, nargs="+", default=[1.0])
     ap.add_argument("--momentum", type=float, nargs="+", default=[0.0, 0.9])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--library", action="store_true",
+                    help="run the library's federation with the plan's defaults instead (eps 0 = non-DP)")
     args = ap.parse_args(argv)
+    if args.library:
+        library_run(args.dataset, [e or None for e in args.eps], args.seeds, args.rounds[0])
+        return 0
     from clinfuse.privacy.accountant import plan_noise_multiplier
     from clinfuse.privacy.plan import default_delta
 
@@ -245,6 +250,60 @@ def federate_sites(sites, n_classes, rounds, k_of, sig, clip, lr, mom, rng):
             new += wl * n / total
         w = new
     return w
+
+
+
+def library_run(dataset: str, epsilons, seeds: int, rounds: int = 5) -> None:
+    """The same federation through the library (SiteRuntime + aggregate) with the plan's defaults."""
+    import shutil
+
+    from clinfuse.config import config_from_dict
+    from clinfuse.federation.aggregation import SiteUpdate, aggregate
+    from clinfuse.federation.site_runtime import SiteRuntime, numpy_to_state, state_to_numpy
+    from clinfuse.models.fusion import parameter_groups
+    from clinfuse.training.checkpoint import build_model_for
+    from clinfuse.training.trainer import predict_proba, seed_everything
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg, manifests = (breast_cancer_sites(tmp) if dataset == "breast"
+                          else synth_sites(tmp, int(dataset.removeprefix("synth"))))
+        raw = cfg.model_dump(mode="json")
+        raw["federation"].update(rounds=rounds, min_site_patients=30)
+        for key in ("batch_size", "lr"):
+            raw["train"].pop(key, None)
+        raw["privacy"].pop("max_grad_norm", None)
+        raw["balance"] = {}
+        from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
+        from clinfuse.data.manifest import read_manifest
+
+        for eps in epsilons:
+            raw["privacy"].update(enabled=eps is not None, target_epsilon=eps or 8.0)
+            c = config_from_dict(raw, source="library_run")
+            test = [r for m in manifests for r in read_manifest(m, c).records if r.split == "test"]
+            test = MultimodalDataset(test, c, default_cache_dir(manifests[0], c))
+            aucs, single = [], 0
+            for seed in range(seeds):
+                shutil.rmtree(tmp / "state", ignore_errors=True)
+                seed_everything(seed)
+                model = build_model_for(c)
+                groups = parameter_groups(model)
+                state = state_to_numpy(model.state_dict())
+                sites = [SiteRuntime(c, m, site_id=f"s{k}", state_dir=tmp / "state" / f"s{k}", max_epsilon=1e9)
+                         for k, m in enumerate(manifests)]
+                for r in range(1, rounds + 1):
+                    ups = []
+                    for s in sites:
+                        res = s.train_round(state, server_round=r, rounds=rounds, local_epochs=1)
+                        ups.append(SiteUpdate(res.state, res.num_examples, res.modality_examples))
+                    state = aggregate(ups, state, groups=groups, modality_aware=True)
+                model.load_state_dict(numpy_to_state(state))
+                p = predict_proba(model, test)
+                y = np.array([test[i]["label"].item() for i in range(len(test))])
+                single += len(np.unique(p.argmax(1))) < 2
+                aucs.append(auroc(y, p))
+            print(f"library {dataset} eps {eps}: AUROC {np.mean(aucs):.4f} (seeds {[round(a, 4) for a in aucs]}), "
+                  f"single-class seeds {single}", flush=True)
 
 
 if __name__ == "__main__":

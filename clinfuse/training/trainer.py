@@ -174,6 +174,59 @@ class LocalTrainer:
         self.history: list[dict] = []
         self.steps = 0
         self._prepared = False
+        self.settings = self._settings()
+        self._ema: dict[str, torch.Tensor] | None = None
+        self._ema_steps = 0
+
+    def _settings(self) -> dict:
+        """Optimiser, lr, momentum, batch size and EMA decay: the user's config values where set,
+        else the plan's (DP) or the head's non-DP defaults (:mod:`clinfuse.privacy.recipe`)."""
+        from clinfuse.privacy.recipe import non_dp_settings
+
+        if self.plan is None:
+            return non_dp_settings(self.cfg)
+        t, p = self.cfg.train, self.plan
+        return {"head": p.head, "optimizer": t.optimizer or p.optimizer, "lr": t.lr if t.lr is not None else p.lr,
+                "momentum": t.momentum if t.momentum is not None else p.momentum, "batch_size": p.batch_size,
+                "ema_decay": t.ema_decay if t.ema_decay is not None else p.ema_decay}
+
+    # -- iterate averaging ---------------------------------------------------------------------
+    def _trainable_named(self):
+        module = getattr(self.model, "_module", self.model)
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """EMA of the iterates with De et al.'s warm-up: decay ``min(d, (1 + t) / (10 + t))``."""
+        decay = self.settings["ema_decay"]
+        if not decay:
+            return
+        self._ema_steps += 1
+        t = self._ema_steps
+        d = min(decay, t / (9.0 + t))
+        if self._ema is None:
+            self._ema = {n: p.detach().clone() for n, p in self._trainable_named()}
+            return
+        for n, p in self._trainable_named():
+            self._ema[n].mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the model holds the averaged iterates (no-op without averaging)."""
+        if self._ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self._trainable_named()}
+        self._swap(self._ema)
+        try:
+            yield
+        finally:
+            self._swap(saved)
+
+    @torch.no_grad()
+    def _swap(self, values: dict) -> None:
+        for n, p in self._trainable_named():
+            p.copy_(values[n])
 
     # -- setup ---------------------------------------------------------------------------------
     def _trainable(self):
@@ -181,9 +234,9 @@ class LocalTrainer:
 
     def _clipping(self):
         if not self.cfg.balance.clip_groups.enabled:
-            return "flat", self.cfg.privacy.max_grad_norm
+            return "flat", self.plan.max_grad_norm
         from clinfuse.training.balance import clip_group_norms
-        return "per_layer", clip_group_norms(self.model, self.cfg.privacy.max_grad_norm,
+        return "per_layer", clip_group_norms(self.model, self.plan.max_grad_norm,
                                              self.cfg.balance.clip_groups.shares(self.cfg.modalities))
 
     def _grad_sample_mode(self) -> str:
@@ -204,10 +257,11 @@ class LocalTrainer:
             from clinfuse.training.cpu_memory import keep_freed_memory_for_reuse
 
             keep_freed_memory_for_reuse()
-        if self.cfg.train.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+        s = self.settings
+        if s["optimizer"] == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=s["lr"], weight_decay=self.cfg.train.weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=self.cfg.train.lr, momentum=0.9,
+            self.optimizer = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"],
                                              weight_decay=self.cfg.train.weight_decay)
         if self.plan is None:
             generator = torch.Generator().manual_seed(self.cfg.train.seed)
@@ -216,7 +270,7 @@ class LocalTrainer:
             # shared with the server and every site, so both draw from OS entropy instead.
             generator = torch.Generator().manual_seed(secrets.randbits(63))
         if self.plan is None:
-            self.loader = DataLoader(self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True,
+            self.loader = DataLoader(self.train_set, batch_size=self.settings["batch_size"], shuffle=True,
                                      generator=generator, drop_last=False, collate_fn=self.train_set.collate)
             self.clipping, self.norms = None, None
         else:
@@ -272,7 +326,7 @@ class LocalTrainer:
     def _prox_step(self) -> None:
         if self.prox_anchor is None:
             return
-        lr = self.cfg.train.lr
+        lr = self.settings["lr"]
         module = getattr(self.model, "_module", self.model)
         with torch.no_grad():
             for name, p in module.named_parameters():
@@ -312,6 +366,7 @@ class LocalTrainer:
                         group_norms[group] += value
                 self.optimizer.step()
                 self._prox_step()
+                self._update_ema()
                 self.steps += 1
                 head_losses.update(parts, mask)
                 total_loss += float(per_sample.detach().sum())
@@ -327,13 +382,17 @@ class LocalTrainer:
                 record["epsilon"] = self.accountant.epsilon(self.plan.delta)
             record.update({f"aux_weight_{h}": w for h, w in self.aux_weights.current().items()})
             if self.val_set is not None and len(self.val_set):
-                record.update(validation_metrics(self.model, self.val_set, device=self.device))
+                with self.averaged_weights():
+                    record.update(validation_metrics(self.model, self.val_set, device=self.device))
                 if self.aux_weights.mode == "gblend":
                     self._update_gblend(head_losses.means(), record["val_head_losses"])
             self.history.append(record)
             records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
+        if self._ema is not None:
+            # What is evaluated, checkpointed and released is the average; the next fit goes on from it.
+            self._swap(self._ema)
         return records
 
     def _update_gblend(self, train_losses: dict, val_losses: dict) -> None:
