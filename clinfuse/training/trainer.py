@@ -115,7 +115,34 @@ def validation_metrics(model, dataset, *, device="cpu") -> dict:
         picked = out["aux"][m][has][np.arange(int(has.sum())), labels[has]]
         head_losses[m] = float(-np.log(picked + eps).mean()) if has.any() else float("nan")
     metrics["val_head_losses"] = head_losses
+    metrics["val_predicted_classes"] = int(len(np.unique(out["probs"].argmax(1))))
     return metrics
+
+
+#: A training loss at or above this share of ln(number of classes) is "at chance".
+CHANCE_LOSS_SHARE = 0.98
+
+
+def collapse_flags(train_main_loss: float | None, predicted_classes: int | None, n_classes: int) -> dict:
+    """Signs of a model that learned nothing: ``{"val_single_class", "loss_at_chance", "collapsed"}``
+    (0/1 each). ``train_main_loss``: the fused head's mean training cross-entropy (``None``/NaN:
+    unknown); ``predicted_classes``: how many classes the model predicts on the validation rows
+    (``None``: no validation rows). Either sign sets ``collapsed``."""
+    single = int(predicted_classes is not None and predicted_classes < 2)
+    chance = int(train_main_loss is not None and math.isfinite(train_main_loss)
+                 and train_main_loss >= CHANCE_LOSS_SHARE * math.log(n_classes))
+    return {"val_single_class": single, "loss_at_chance": chance, "collapsed": int(single or chance)}
+
+
+def describe_collapse(flags: dict) -> str | None:
+    """A warning line for :func:`collapse_flags` output, ``None`` when nothing collapsed."""
+    if not flags.get("collapsed"):
+        return None
+    why = [w for k, w in (("val_single_class", "it predicts a single class on the validation rows"),
+                          ("loss_at_chance", "its training loss stays at chance (about ln of the number "
+                                             "of classes)")) if flags.get(k)]
+    return ("WARNING: the model collapsed: " + " and ".join(why) + ". Under DP this usually means the noise "
+            "drowns the signal; see the plan's utility forecast (clinfuse site check / audit plan)")
 
 
 class LocalTrainer:
@@ -373,7 +400,7 @@ class LocalTrainer:
                 total_items += len(label)
                 bar.set_postfix(loss=f"{total_loss / max(total_items, 1):.3f}")
             record = {"epoch": len(self.history) + 1, "train_loss": total_loss / max(total_items, 1),
-                      "steps": self.steps}
+                      "train_main_loss": head_losses.means().get("main", math.nan), "steps": self.steps}
             norm_total = sum(group_norms.values()) or 1.0
             record.update({f"grad_share_{g}": v / norm_total for g, v in group_norms.items()})
             if self.plan is not None:
