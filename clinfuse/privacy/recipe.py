@@ -129,6 +129,11 @@ def non_dp_settings(cfg) -> dict:
             "ema_decay": t.ema_decay if t.ema_decay is not None else 0.0}
 
 
+def too_small(plan) -> bool:
+    """Whether the plan's noise ratio passes :data:`NOISE_RATIO_WARN` (the site is too small)."""
+    return plan.noise_multiplier / max(plan.expected_batch_size, 1e-12) > NOISE_RATIO_WARN
+
+
 def forecast_lines(plan) -> list[str]:
     """The utility forecast of a plan for ``site check`` and ``audit plan``, warning included."""
     ratio = plan.noise_multiplier / max(plan.expected_batch_size, 1e-12)
@@ -136,7 +141,7 @@ def forecast_lines(plan) -> list[str]:
              f"{ratio:.3g} x C (sigma {plan.noise_multiplier:.3g} / expected batch "
              f"{plan.expected_batch_size:.3g}), against a clipped mean update of norm at most C = "
              f"{plan.max_grad_norm:g}"]
-    if ratio > NOISE_RATIO_WARN:
+    if too_small(plan):
         lines.append(
             f"WARNING: this site is too small for its epsilon: {plan.n_patients} patients at target epsilon "
             f"{plan.target_epsilon:g} over {plan.horizon_steps} steps give noise {ratio:.2g} x C per coordinate "
