@@ -123,7 +123,8 @@ def test_linear_head_per_sample_grads_equal_one_at_a_time(small_cfg, mode):
         model.zero_grad()
         loss_of(model, {k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
         expected.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    wrapped = GradSampleModule(model) if mode == "hooks" else ExpandedWeightsGradSampleModule(model)
+    wrapped = (GradSampleModule(model, loss_reduction="sum") if mode == "hooks"
+               else ExpandedWeightsGradSampleModule(model, loss_reduction="sum"))
     loss_of(wrapped, batch).sum().backward()
     for name, p in model.named_parameters():
         for i, e in enumerate(expected):
