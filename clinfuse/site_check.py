@@ -356,7 +356,6 @@ def _check_cap(cfg, data, state_dir: Path | None, max_epsilon: float | None, *, 
             from clinfuse.privacy.plan import plan_privacy
             from clinfuse.privacy.recipe import too_small
 
-            details.append("no privacy plan yet: the site plans its noise for the whole study at its first round")
             fed = cfg.federation
             from clinfuse.errors import BudgetExceededError
 
@@ -365,8 +364,12 @@ def _check_cap(cfg, data, state_dir: Path | None, max_epsilon: float | None, *, 
                                        epochs_per_round=fed.local_epochs, rounds=fed.rounds, tabulate=False)
             except BudgetExceededError as exc:
                 details.append(f"plan preview: {exc}")
+                preview = None
+            if preview is not None:
+                details += [f"plan preview (not signed): {line}" for line in describe_plan(preview)]
+            details.append("no privacy plan yet: the site plans its noise for the whole study at its first round")
+            if preview is None:
                 return Check("cap", WARN, head, tuple(details))
-            details += [f"plan preview (not signed): {line}" for line in describe_plan(preview)]
             return Check("cap", WARN if warned or too_small(preview) else OK, head, tuple(details))
         steps = plan.steps_per_epoch * cfg.federation.local_epochs
         after = accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta)
