@@ -164,11 +164,12 @@ def main(argv=None) -> int:
     ap.add_argument("--clip", type=float, nargs="+", default=[1.0])
     ap.add_argument("--momentum", type=float, nargs="+", default=[0.0, 0.9])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--set", nargs="*", default=[], help="with --library: config overrides section.key=value")
     ap.add_argument("--library", action="store_true",
                     help="run the library's federation with the plan's defaults instead (eps 0 = non-DP)")
     args = ap.parse_args(argv)
     if args.library:
-        library_run(args.dataset, [e or None for e in args.eps], args.seeds, args.rounds[0])
+        library_run(args.dataset, [e or None for e in args.eps], args.seeds, args.rounds[0], args.set)
         return 0
     from clinfuse.privacy.accountant import plan_noise_multiplier
     from clinfuse.privacy.plan import default_delta
@@ -253,7 +254,7 @@ def federate_sites(sites, n_classes, rounds, k_of, sig, clip, lr, mom, rng):
 
 
 
-def library_run(dataset: str, epsilons, seeds: int, rounds: int = 5) -> None:
+def library_run(dataset: str, epsilons, seeds: int, rounds: int = 5, overrides=()) -> None:
     """The same federation through the library (SiteRuntime + aggregate) with the plan's defaults."""
     import shutil
 
@@ -274,6 +275,12 @@ def library_run(dataset: str, epsilons, seeds: int, rounds: int = 5) -> None:
             raw["train"].pop(key, None)
         raw["privacy"].pop("max_grad_norm", None)
         raw["balance"] = {}
+        for item in overrides:  # section.key=value (YAML value)
+            import yaml
+
+            key, value = item.split("=", 1)
+            section, name = key.split(".", 1)
+            raw[section][name] = yaml.safe_load(value)
         from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
         from clinfuse.data.manifest import read_manifest
 

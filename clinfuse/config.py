@@ -483,7 +483,7 @@ class FederationConfig(_Strict):
     client_dp_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
     # The smallest site's training patients, as the consortium declares it (a study-level fact,
-    # the same at every site): model.head auto picks the linear head under DP below 5000.
+    # the same at every site): model.head auto picks the linear head below 5000.
     min_site_patients: int | None = Field(None, ge=2)
 
 

@@ -73,7 +73,8 @@ def test_tabulated_epsilon_equals_a_fresh_accountant(small_cfg):
 def test_head_auto_is_a_study_level_choice(small_cfg):
     assert resolve_head(_cfg(small_cfg)) == "fusion"  # nothing declared: the fusion model
     assert resolve_head(_cfg(small_cfg, federation={"min_site_patients": 100})) == "linear"
-    assert resolve_head(_cfg(small_cfg, federation={"min_site_patients": 100}, privacy={"enabled": False})) == "fusion"
+    assert resolve_head(_cfg(small_cfg, federation={"min_site_patients": 100}, privacy={"enabled": False})) == "linear"
+    assert resolve_head(_cfg(small_cfg, federation={"min_site_patients": 20000})) == "fusion"
     assert resolve_head(_cfg(small_cfg, model={"head": "linear"})) == "linear"
 
 

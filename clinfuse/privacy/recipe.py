@@ -48,25 +48,26 @@ EMA_DECAY = 0.999
 #: Noise ratio ``sigma / B`` above which a site is told it is too small for its epsilon.
 NOISE_RATIO_WARN = 0.1
 #: Declared smallest site (``federation.min_site_patients``) below which ``model.head: auto``
-#: picks the linear head under DP.
+#: picks the linear head.
 LINEAR_HEAD_BELOW = 5000
 #: Without DP: the trainer's defaults per head.
 NON_DP = {"fusion": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "batch_size": 32},
-          "linear": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.9, "batch_size": 32}}
+          "linear": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "batch_size": 32}}
 
 
 def resolve_head(cfg) -> str:
     """``"linear"`` or ``"fusion"``: ``model.head``, or for ``auto`` the study-level rule.
 
-    ``auto`` is the linear head over fixed features when DP-SGD is on and the study declares its
-    smallest site (``federation.min_site_patients``) below :data:`LINEAR_HEAD_BELOW` patients;
-    otherwise the fusion model. Only study-level inputs: every site builds the same model.
+    ``auto`` is the linear head over fixed features when the study declares its smallest site
+    (``federation.min_site_patients``) below :data:`LINEAR_HEAD_BELOW` patients, with or without
+    DP (so a non-DP baseline trains the same model); otherwise the fusion model. Only
+    study-level inputs: every site builds the same model.
     """
     head = cfg.model.head
     if head != "auto":
         return head
     small = cfg.federation.min_site_patients
-    return "linear" if cfg.privacy.enabled and small is not None and small < LINEAR_HEAD_BELOW else "fusion"
+    return "linear" if small is not None and small < LINEAR_HEAD_BELOW else "fusion"
 
 
 #: Under DP, the fusion model keeps the trainer's earlier defaults (Adam, lr 1e-3, batch 32,
