@@ -377,7 +377,7 @@ class FusionConfig(_Strict):
 
 class ModelConfig(_Strict):
     # "linear": a linear head over fixed, data-independent features (clinfuse.models.linear);
-    # "fusion": encoders + fusion operator; "auto": linear under DP when the study declares
+    # "fusion": encoders + fusion operator; "auto": linear when the study declares
     # federation.min_site_patients below 5000, else fusion (clinfuse.privacy.recipe.resolve_head)
     head: Literal["auto", "linear", "fusion"] = "auto"
     # default: follows the inputs — 64 when any modality is an image, volume, signal or note;
