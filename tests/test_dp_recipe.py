@@ -196,6 +196,9 @@ def test_collapse_flags():
     assert collapse_flags(0.3, 1, 2) == {"val_single_class": 1, "loss_at_chance": 0, "collapsed": 1}
     assert collapse_flags(0.3, 2, 2)["collapsed"] == 0
     assert collapse_flags(None, None, 2)["collapsed"] == 0
+    # a model that ranks the validation rows well is slow, not collapsed
+    assert collapse_flags(math.log(2), 1, 2, 0.8) == {"val_single_class": 1, "loss_at_chance": 1, "collapsed": 0}
+    assert collapse_flags(math.log(2), 1, 2, 0.5)["collapsed"] == 1
 
 
 def test_a_round_forced_to_one_class_is_flagged(federation_cohort, small_cfg, tmp_path, caplog):
@@ -205,7 +208,7 @@ def test_a_round_forced_to_one_class_is_flagged(federation_cohort, small_cfg, tm
     from clinfuse.federation.site_runtime import SiteRuntime, state_to_numpy
     from clinfuse.training.checkpoint import build_model_for
 
-    cfg = _cfg(small_cfg, federation={"min_site_patients": 20}, train={"lr": 1e-9})
+    cfg = _cfg(small_cfg, federation={"min_site_patients": 20}, train={"lr": 1e-12})
     site = SiteRuntime(cfg, federation_cohort / "site-0" / "manifest.csv", site_id="s0", state_dir=tmp_path / "s",
                        max_epsilon=100)
     assert len(site.val_set) > 0
@@ -220,7 +223,7 @@ def test_a_round_forced_to_one_class_is_flagged(federation_cohort, small_cfg, tm
     # An untrained (all-zero) linear head sits exactly at chance: flagged by its loss.
     zero = build_model_for(cfg)
     again = site.train_round(state_to_numpy(zero.state_dict()), server_round=2, rounds=2, local_epochs=1)
-    assert again.metrics["loss_at_chance"] == 1
+    assert again.metrics["loss_at_chance"] == 1 and again.metrics["collapsed"] == 1
 
 
 def test_collapse_shows_in_the_round_line():

@@ -284,13 +284,15 @@ class SiteRuntime:
         """Flags of a round whose model learned nothing (:func:`~clinfuse.training.trainer.collapse_flags`):
         one class predicted on the site's validation rows, or a training loss at chance. Logged
         as a warning; returned for the round's metrics."""
-        from clinfuse.training.trainer import collapse_flags, describe_collapse, predict_proba
+        from clinfuse.training.trainer import _auroc, collapse_flags, describe_collapse, predict_outputs
 
-        predicted = None
+        predicted = auroc = None
         if len(self.val_set):
             self.val_set.warm(self.progress)
-            predicted = int(len(np.unique(predict_proba(trainer.model, self.val_set).argmax(1))))
-        flags = collapse_flags(record.get("train_main_loss"), predicted, self.cfg.n_classes)
+            out = predict_outputs(trainer.model, self.val_set)
+            predicted = int(len(np.unique(out["probs"].argmax(1))))
+            auroc = _auroc(out["labels"], out["probs"])
+        flags = collapse_flags(record.get("train_main_loss"), predicted, self.cfg.n_classes, auroc)
         line = describe_collapse(flags)
         if line:
             _log.warning("%s: round %d: %s", self.site_id, server_round, line)

@@ -196,7 +196,7 @@ def _train(args) -> int:
         from clinfuse.training.trainer import collapse_flags, describe_collapse
 
         flags = collapse_flags(history[-1].get("train_main_loss"), history[-1].get("val_predicted_classes"),
-                               cfg.n_classes)
+                               cfg.n_classes, history[-1].get("val_auroc"))
         history[-1].update(flags)
         if describe_collapse(flags):
             print(describe_collapse(flags), file=sys.stderr, flush=True)

@@ -121,17 +121,27 @@ def validation_metrics(model, dataset, *, device="cpu") -> dict:
 
 #: A training loss at or above this share of ln(number of classes) is "at chance".
 CHANCE_LOSS_SHARE = 0.98
+#: A validation AUROC above this says the model ranks patients: small logits (early DP rounds
+#: move slowly) then give a loss near chance and one predicted class without any collapse.
+INFORMATIVE_AUROC = 0.6
 
 
-def collapse_flags(train_main_loss: float | None, predicted_classes: int | None, n_classes: int) -> dict:
+def collapse_flags(train_main_loss: float | None, predicted_classes: int | None, n_classes: int,
+                   val_auroc: float | None = None) -> dict:
     """Signs of a model that learned nothing: ``{"val_single_class", "loss_at_chance", "collapsed"}``
-    (0/1 each). ``train_main_loss``: the fused head's mean training cross-entropy (``None``/NaN:
-    unknown); ``predicted_classes``: how many classes the model predicts on the validation rows
-    (``None``: no validation rows). Either sign sets ``collapsed``."""
+    (0/1 each).
+
+    ``train_main_loss``: the fused head's mean training cross-entropy (``None``/NaN: unknown);
+    ``predicted_classes``: how many classes the model predicts on the validation rows (``None``:
+    no validation rows); ``val_auroc``: its validation AUROC (``None``: undefined or no rows).
+    ``collapsed`` is set when either sign shows and the validation rows do not show the model
+    ranking patients (AUROC above :data:`INFORMATIVE_AUROC`).
+    """
     single = int(predicted_classes is not None and predicted_classes < 2)
     chance = int(train_main_loss is not None and math.isfinite(train_main_loss)
                  and train_main_loss >= CHANCE_LOSS_SHARE * math.log(n_classes))
-    return {"val_single_class": single, "loss_at_chance": chance, "collapsed": int(single or chance)}
+    ranks = val_auroc is not None and val_auroc > INFORMATIVE_AUROC
+    return {"val_single_class": single, "loss_at_chance": chance, "collapsed": int((single or chance) and not ranks)}
 
 
 def describe_collapse(flags: dict) -> str | None:
