@@ -18,7 +18,8 @@ one ``nn.Linear(features, n_classes, bias=False)``:
 ``{"logits": [B, C], "aux": {name: [B, C]}}``. A modality's contribution is multiplied by its
 exact 0/1 mask (an absent one sends an exactly-zero per-sample gradient into its weights); its
 learned "missing" logits (``missing.<name>``) are added instead. ``aux[name]`` is the modality's
-contribution plus the shared bias: what the modality says alone. Several inputs per patient
+contribution plus the shared bias: what the modality says alone (reported per modality; not
+trained on: ``trains_aux_heads`` is false, so the trainer uses no auxiliary losses). Several inputs per patient
 (``max_count`` > 1) are averaged over the filled slots.
 
 Parameter names, groups as in the fusion model: ``encoders.<name>.weight`` (the modality's
@@ -99,6 +100,10 @@ def fixed_features_for(spec) -> FixedFeatures:
 
 class LinearHeadModel(nn.Module):
     """Softmax regression over each modality's :class:`FixedFeatures` (see the module docstring)."""
+
+    #: The aux logits are parts of the fused logits, not separate heads: training each part to
+    #: predict alone would make their sum overconfident, so the trainer drops the aux losses.
+    trains_aux_heads = False
 
     def __init__(self, features: Mapping[str, FixedFeatures], *, n_classes: int,
                  max_counts: Mapping[str, int] | None = None, kinds: Mapping[str, str] | None = None):

@@ -52,7 +52,7 @@ NOISE_RATIO_WARN = 0.1
 LINEAR_HEAD_BELOW = 5000
 #: Without DP: the trainer's defaults per head.
 NON_DP = {"fusion": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "batch_size": 32},
-          "linear": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "batch_size": 32}}
+          "linear": {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "batch_size": 32}}
 
 
 def resolve_head(cfg) -> str:

@@ -196,7 +196,12 @@ class LocalTrainer:
                 if name in names:
                     p.requires_grad_(False)
         self.modality_dropout = ModalityDropout(cfg.balance.modality_dropout, cfg.modality_names)
-        self.aux_weights = AuxLossWeights(cfg.balance.aux_weights, cfg.modality_names)
+        aux_cfg = cfg.balance.aux_weights
+        if not getattr(model, "trains_aux_heads", True):
+            from clinfuse.config import AuxWeightsConfig
+
+            aux_cfg = AuxWeightsConfig(mode="none")
+        self.aux_weights = AuxLossWeights(aux_cfg, cfg.modality_names)
         if self.aux_weights.mode == "gblend" and plan is not None:
             from clinfuse.errors import InputError
             # G-Blend weights are fitted on train/validation losses that DP-SGD does not cover.
