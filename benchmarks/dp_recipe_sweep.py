@@ -61,6 +61,21 @@ def breast_cancer_sites(tmp: Path, seed: int = 0):
     return cfg, manifests
 
 
+def covid_sites(tmp: Path, image_size: int = 128):
+    """covid-chestxray's site manifests (countries) and its config (images stay where they are)."""
+    from clinfuse.config import config_from_dict, load_config
+    from clinfuse.data.public.covid_chestxray import prepare_covid_chestxray
+
+    repo = Path(__file__).resolve().parent.parent
+    root = repo.parent / "shared" / "data" / "covid-chestxray"
+    if not (root / "metadata.csv").is_file():
+        root = Path("/work/shared/data/covid-chestxray")
+    raw = load_config(repo / "configs" / "covid-chestxray.yaml").model_dump(mode="json")
+    raw["data"]["image"]["size"] = [image_size, image_size]
+    raw["data"]["roots"] = [str(root.resolve() / "images")]
+    return config_from_dict(raw, source="covid"), prepare_covid_chestxray(root, tmp / "sites")
+
+
 def synth_sites(tmp: Path, patients: int):
     from clinfuse.config import load_config
     from clinfuse.data.synthetic import write_demo_cohort
@@ -179,6 +194,8 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         if args.dataset == "breast":
             cfg, manifests = breast_cancer_sites(tmp)
+        elif args.dataset == "covid":
+            cfg, manifests = covid_sites(tmp)
         else:
             cfg, manifests = synth_sites(tmp, int(args.dataset.removeprefix("synth")))
         sites, (zt, yt) = features(cfg, manifests)
@@ -267,8 +284,8 @@ def library_run(dataset: str, epsilons, seeds: int, rounds: int = 5, overrides=(
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cfg, manifests = (breast_cancer_sites(tmp) if dataset == "breast"
-                          else synth_sites(tmp, int(dataset.removeprefix("synth"))))
+        cfg, manifests = (breast_cancer_sites(tmp) if dataset == "breast" else covid_sites(tmp)
+                          if dataset == "covid" else synth_sites(tmp, int(dataset.removeprefix("synth"))))
         raw = cfg.model_dump(mode="json")
         raw["federation"].update(rounds=rounds, min_site_patients=30)
         for key in ("batch_size", "lr"):

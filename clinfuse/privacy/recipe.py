@@ -148,5 +148,5 @@ def forecast_lines(plan) -> list[str]:
             f"{plan.target_epsilon:g} over {plan.horizon_steps} steps give noise {ratio:.2g} x C per coordinate "
             f"(above {NOISE_RATIO_WARN:g}); the model it trains may learn little or nothing. Options: raise "
             f"the cap (privacy.target_epsilon / --max-epsilon, if the privacy officer agrees), fewer rounds "
-            f"(federation.rounds), merge with another site, or take part for evaluation only")
+            f"or epochs (federation.rounds, train.epochs), merge with another site, or take part for evaluation only")
     return lines
