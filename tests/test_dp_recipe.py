@@ -193,8 +193,9 @@ def test_collapse_flags():
     from clinfuse.training.trainer import collapse_flags
 
     assert collapse_flags(math.log(2), 2, 2) == {"val_single_class": 0, "loss_at_chance": 1, "collapsed": 1}
-    assert collapse_flags(0.3, 1, 2) == {"val_single_class": 1, "loss_at_chance": 0, "collapsed": 1}
-    assert collapse_flags(0.3, 2, 2)["collapsed"] == 0
+    assert collapse_flags(0.3, 1, 2, 0.5) == {"val_single_class": 1, "loss_at_chance": 0, "collapsed": 1}
+    assert collapse_flags(0.3, 1, 2)["collapsed"] == 0  # validation rows of one label: cannot tell
+    assert collapse_flags(0.3, 2, 2, 0.5)["collapsed"] == 0
     assert collapse_flags(None, None, 2)["collapsed"] == 0
     # a model that ranks the validation rows well is slow, not collapsed
     assert collapse_flags(math.log(2), 1, 2, 0.8) == {"val_single_class": 1, "loss_at_chance": 1, "collapsed": 0}

@@ -135,9 +135,10 @@ def collapse_flags(train_main_loss: float | None, predicted_classes: int | None,
     ``predicted_classes``: how many classes the model predicts on the validation rows (``None``:
     no validation rows); ``val_auroc``: its validation AUROC (``None``: undefined or no rows).
     ``collapsed`` is set when either sign shows and the validation rows do not show the model
-    ranking patients (AUROC above :data:`INFORMATIVE_AUROC`).
+    ranking patients (AUROC above :data:`INFORMATIVE_AUROC`). One predicted class counts only
+    where the validation rows hold every class (AUROC defined): on rows of one label it may be right.
     """
-    single = int(predicted_classes is not None and predicted_classes < 2)
+    single = int(predicted_classes is not None and predicted_classes < 2 and val_auroc is not None)
     chance = int(train_main_loss is not None and math.isfinite(train_main_loss)
                  and train_main_loss >= CHANCE_LOSS_SHARE * math.log(n_classes))
     ranks = val_auroc is not None and val_auroc > INFORMATIVE_AUROC
