@@ -210,9 +210,13 @@ def test_a_round_forced_to_one_class_is_flagged(federation_cohort, small_cfg, tm
     from clinfuse.training.checkpoint import build_model_for
 
     cfg = _cfg(small_cfg, federation={"min_site_patients": 20}, train={"lr": 1e-12})
-    site = SiteRuntime(cfg, federation_cohort / "site-0" / "manifest.csv", site_id="s0", state_dir=tmp_path / "s",
-                       max_epsilon=100)
-    assert len(site.val_set) > 0
+    def open_site(k):
+        return SiteRuntime(cfg, federation_cohort / f"site-{k}" / "manifest.csv", site_id=f"s{k}",
+                           state_dir=tmp_path / f"s{k}", max_epsilon=100)
+
+    # a site whose validation rows hold both classes (one predicted class is then a sign)
+    site = next(s for s in map(open_site, range(3))
+                if len({int(s.val_set[i]["label"]) for i in range(len(s.val_set))}) == 2)
     model = build_model_for(cfg)
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[20.0], [-20.0]]))
