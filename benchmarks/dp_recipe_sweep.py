@@ -123,9 +123,8 @@ def auroc(y, p):
     return float(roc_auc_score(y, p[:, 1])) if p.shape[1] == 2 else float(roc_auc_score(y, p, multi_class="ovr"))
 
 
-def federate(sites, n_classes, *, rounds, steps, sigma, clip, lr, momentum, rng, dp=True, batch_nodp=32,
-             epochs_nodp=1, ema=0.0):
-    """FedAvg of local DP-SGD (or non-DP minibatch SGD/Adam-free) on softmax regression."""
+def federate(sites, n_classes, *, rounds, lr, momentum, rng, batch=32):
+    """FedAvg of non-DP minibatch SGD with momentum (one epoch per round): the reference rows."""
     d = sites[0][0].shape[1]
     w = np.zeros((d, n_classes))
     total = sum(len(y) for _, y in sites)
@@ -134,35 +133,14 @@ def federate(sites, n_classes, *, rounds, steps, sigma, clip, lr, momentum, rng,
         for z, y in sites:
             n = len(y)
             wl, v = w.copy(), np.zeros_like(w)
-            avg = None
             onehot = np.eye(n_classes)[y]
-            if dp:
-                k = steps(n)
-                q = 1.0 / k
-                for t in range(k):
-                    pick = rng.random(n) < q
-                    zb, yb = z[pick], onehot[pick]
-                    g = np.zeros_like(w)
-                    if len(zb):
-                        r = softmax(zb @ wl) - yb  # [b, C]
-                        norms = np.linalg.norm(r, axis=1) * np.linalg.norm(zb, axis=1)
-                        f = np.minimum(1.0, clip / (norms + 1e-6))
-                        g = zb.T @ (r * f[:, None])
-                    g = (g + rng.normal(0, sigma * clip, size=g.shape)) / (q * n)
-                    v = momentum * v + g
-                    wl = wl - lr * v
-                    if ema:
-                        dt = min(ema, (1 + t) / (10 + t))
-                        avg = wl.copy() if avg is None else dt * avg + (1 - dt) * wl
-            else:
-                for _ in range(epochs_nodp):
-                    order = rng.permutation(n)
-                    for s in range(0, n, batch_nodp):
-                        b = order[s:s + batch_nodp]
-                        g = z[b].T @ (softmax(z[b] @ wl) - onehot[b]) / len(b)
-                        v = momentum * v + g
-                        wl = wl - lr * v
-            new += (avg if avg is not None else wl) * n / total
+            order = rng.permutation(n)
+            for s in range(0, n, batch):
+                b = order[s:s + batch]
+                g = z[b].T @ (softmax(z[b] @ wl) - onehot[b]) / len(b)
+                v = momentum * v + g
+                wl = wl - lr * v
+            new += wl * n / total
         w = new
     return w
 
@@ -204,9 +182,8 @@ def main(argv=None) -> int:
     results = []
     for lr_nodp in (0.5, 2.0):
         for rounds in args.rounds:
-            aucs = [auroc(yt, softmax(zt @ federate(sites, cfg.n_classes, rounds=rounds, steps=None, sigma=0, clip=0,
-                                                    lr=lr_nodp, momentum=0.9, rng=np.random.default_rng(s),
-                                                    dp=False))) for s in range(args.seeds)]
+            aucs = [auroc(yt, softmax(zt @ federate(sites, cfg.n_classes, rounds=rounds, lr=lr_nodp, momentum=0.9,
+                                                    rng=np.random.default_rng(s)))) for s in range(args.seeds)]
             print(f"non-DP SGD(0.9) lr {lr_nodp} rounds {rounds}: AUROC {np.mean(aucs):.4f}", flush=True)
             results.append({"dp": False, "lr": lr_nodp, "rounds": rounds, "auroc": aucs})
     sigmas = {}

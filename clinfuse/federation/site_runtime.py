@@ -290,7 +290,7 @@ class SiteRuntime:
         if len(self.val_set):
             self.val_set.warm(self.progress)
             out = predict_outputs(trainer.model, self.val_set)
-            predicted = int(len(np.unique(out["probs"].argmax(1))))
+            predicted = len(np.unique(out["probs"].argmax(1)))
             auroc = _auroc(out["labels"], out["probs"])
         flags = collapse_flags(record.get("train_main_loss"), predicted, self.cfg.n_classes, auroc)
         line = describe_collapse(flags)

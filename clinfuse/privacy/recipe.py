@@ -138,10 +138,10 @@ def too_small(plan) -> bool:
 def forecast_lines(plan) -> list[str]:
     """The utility forecast of a plan for ``site check`` and ``audit plan``, warning included."""
     ratio = plan.noise_multiplier / max(plan.expected_batch_size, 1e-12)
-    lines = [f"utility forecast: per step, each coordinate of the averaged update carries noise of std "
+    lines = [(f"utility forecast: per step, each coordinate of the averaged update carries noise of std "
              f"{ratio:.3g} x C (sigma {plan.noise_multiplier:.3g} / expected batch "
              f"{plan.expected_batch_size:.3g}), against a clipped mean update of norm at most C = "
-             f"{plan.max_grad_norm:g}"]
+             f"{plan.max_grad_norm:g}")]
     if too_small(plan):
         lines.append(
             f"WARNING: this site is too small for its epsilon: {plan.n_patients} patients at target epsilon "

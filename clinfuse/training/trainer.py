@@ -115,7 +115,7 @@ def validation_metrics(model, dataset, *, device="cpu") -> dict:
         picked = out["aux"][m][has][np.arange(int(has.sum())), labels[has]]
         head_losses[m] = float(-np.log(picked + eps).mean()) if has.any() else float("nan")
     metrics["val_head_losses"] = head_losses
-    metrics["val_predicted_classes"] = int(len(np.unique(out["probs"].argmax(1))))
+    metrics["val_predicted_classes"] = len(np.unique(out["probs"].argmax(1)))
     return metrics
 
 
@@ -150,8 +150,8 @@ def describe_collapse(flags: dict) -> str | None:
     if not flags.get("collapsed"):
         return None
     why = [w for k, w in (("val_single_class", "it predicts a single class on the validation rows"),
-                          ("loss_at_chance", "its training loss stays at chance (about ln of the number "
-                                             "of classes)")) if flags.get(k)]
+                          ("loss_at_chance", ("its training loss stays at chance (about ln of the number "
+                                             "of classes)"))) if flags.get(k)]
     return ("WARNING: the model collapsed: " + " and ".join(why) + ". Under DP this usually means the noise "
             "drowns the signal; see the plan's utility forecast (clinfuse site check / audit plan)")
 
