@@ -474,6 +474,9 @@ class FederationConfig(_Strict):
     client_dp_noise: float = Field(0.5, ge=0.0)
     client_dp_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
+    # A `clinfuse pretrain` checkpoint (public data, no DP) the study starts from instead of a
+    # seeded initialisation; it must match the study's modalities, preprocessing and architecture.
+    initial_checkpoint: str | None = None
 
 
 class EvaluationConfig(_Strict):
