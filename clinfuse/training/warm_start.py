@@ -92,7 +92,12 @@ def pretrain(cfg: Config, manifests: Sequence[str | Path], out: str | Path, *, d
     read, and a manifest set without training rows.
     """
     from clinfuse.fileio import atomic_write_json
-    from clinfuse.training.checkpoint import build_model_for, clean_state_dict, save_checkpoint, state_dict_hash
+    from clinfuse.training.checkpoint import (
+        build_model_for,
+        clean_state_dict,
+        save_checkpoint,
+        state_dict_hash,
+    )
     from clinfuse.training.commands import load_split_datasets
     from clinfuse.training.trainer import LocalTrainer, seed_everything
 
