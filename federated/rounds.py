@@ -24,7 +24,8 @@ History (``history.json``), per round: ``sites`` (by site id only: status, metri
 ``unidentified`` (failed nodes whose site id is unknown, by node id), ``refused`` (node, claimed
 site id, reason), ``val``, ``train``, ``aggregated``, wall times, ``client_dp_epsilon`` or
 ``secagg``; per run: ``identity`` (roster, verified) and, when the study stopped early,
-``summary.stopped``.
+``summary.stopped``; per study: ``warm_start``, the provenance of ``federation.initial_checkpoint``
+(:mod:`clinfuse.training.warm_start`) or ``None``, also sent to the sites in every train config.
 """
 
 from __future__ import annotations

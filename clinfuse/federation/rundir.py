@@ -2,7 +2,8 @@
 
 Layout of ``run_dir``::
 
-    history.json               the study's runs and one record per completed round (rewritten atomically)
+    history.json               the study's runs, one record per completed round (rewritten atomically)
+                               and ``warm_start``: the public-data checkpoint round 1 started from
     checkpoints/round-0003.pt  the global model after round 3 (clinfuse checkpoint format)
     global.pt                  the latest global model (same format; what ``clinfuse evaluate`` reads)
 
