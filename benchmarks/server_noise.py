@@ -8,7 +8,8 @@ server does with the updates differs between rows:
   site's update relative to its signal, ``q n^2 / sigma^2``: sample rate q, patients n, noise
   multiplier sigma; n for a site without DP). Under patient-level DP rows are not a weight
   of their own: one patient is one sample whatever their rows, and these cohorts have one row each.
-- FedAvgM (server momentum beta 0.9 at a few server learning rates) and FedAdam (Flower's
+- FedAvg with a server learning rate above 1 (the step size momentum reaches, without momentum),
+  FedAvgM (server momentum beta 0.9 at a few server learning rates) and FedAdam (Flower's
   formulas: beta1 0.9, beta2 0.99, tau 1e-3) at a few learning rates, on top of patient weights.
 
 Datasets (tabular, so a grid of runs stays cheap on 2 CPU cores):
@@ -51,11 +52,13 @@ SERVERS = {
     "fedavg, uniform": ("avg", "uniform", 1.0, 0.0),
     "fedavg, patients": ("avg", "patients", 1.0, 0.0),
     "fedavg, snr": ("avg", "snr", 1.0, 0.0),
+    "fedavg, server lr 3": ("avg", "patients", 3.0, 0.0),
     "fedavgm lr 0.3": ("avgm", "patients", 0.3, 0.9),
     "fedavgm lr 1.0": ("avgm", "patients", 1.0, 0.9),
-    "fedadam lr 0.003": ("adam", "patients", 0.003, 0.0),
+    "fedavgm lr 1.0, snr": ("avgm", "snr", 1.0, 0.9),
     "fedadam lr 0.01": ("adam", "patients", 0.01, 0.0),
     "fedadam lr 0.03": ("adam", "patients", 0.03, 0.0),
+    "fedadam lr 0.1": ("adam", "patients", 0.1, 0.0),
 }
 
 
@@ -180,7 +183,7 @@ class Server:
         self.t += 1
         delta = {k: averaged[k].astype(np.float64) - previous[k] for k in previous}
         if self.kind == "avg":
-            return {k: (previous[k] + delta[k]).astype(previous[k].dtype) for k in previous}
+            return {k: (previous[k] + self.lr * delta[k]).astype(previous[k].dtype) for k in previous}
         if self.kind == "avgm":
             self.m = delta if self.m is None else {k: self.momentum * self.m[k] + delta[k] for k in delta}
             return {k: (previous[k] + self.lr * self.m[k]).astype(previous[k].dtype) for k in previous}

@@ -464,9 +464,11 @@ class PrivacyConfig(_Strict):
 class FederationConfig(_Strict):
     rounds: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedavgm", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0.0)
-    server_lr: float = Field(0.01, gt=0.0)
+    # FedAvgM's server learning rate or FedAdam's eta; default DEFAULT_SERVER_LR[strategy]
+    server_lr: float | None = Field(None, gt=0.0)
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)  # FedAvgM's momentum
     modality_aware: bool = True
     min_sites: int = Field(2, ge=1)
     accept_failures: bool = True
@@ -477,6 +479,11 @@ class FederationConfig(_Strict):
     # A `clinfuse pretrain` checkpoint (public data, no DP) the study starts from instead of a
     # seeded initialisation; it must match the study's modalities, preprocessing and architecture.
     initial_checkpoint: str | None = None
+
+
+#: The server learning rate of each strategy when ``federation.server_lr`` is unset
+#: (measured under DP noise: benchmarks/server_noise.py, docs/benchmarks/aggregation.md).
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0, "fedadam": 0.03}
 
 
 class EvaluationConfig(_Strict):

@@ -181,7 +181,8 @@ class MessageRounds:
         self.strategy = build_strategy(s.strategy, groups=parameter_groups(build_model_for(study.cfg)),
                                        modality_aware=s.modality_aware, min_sites=s.min_sites,
                                        expected_sites=s.expected_sites, proximal_mu=s.proximal_mu,
-                                       server_lr=s.server_lr, client_dp=self.client_dp, wait_s=s.wait_seconds)
+                                       server_lr=s.server_lr, server_momentum=s.server_momentum,
+                                       client_dp=self.client_dp, wait_s=s.wait_seconds)
         self._sent: list[Message] = []
         self._arrays: ArrayRecord | None = None
 
