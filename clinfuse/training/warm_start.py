@@ -83,10 +83,10 @@ def combined_sha256(digests: Sequence[str]) -> str:
 
 
 def pretrain(cfg: Config, manifests: Sequence[str | Path], out: str | Path, *, dataset_name: str | None = None,
-             epochs: int | None = None, data_roots=(), progress: bool = False,
+             epochs: int | None = None, data_roots=(), progress: bool = False, splits=("train",),
              say: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """Train without DP on public ``manifests`` (their training split, pooled); returns
-    ``(checkpoint path, provenance)``. The checkpoint is ``out/model.pt``.
+    """Train without DP on public ``manifests`` (the rows of ``splits``, pooled: the training split
+    unless told otherwise); returns ``(checkpoint path, provenance)``. The checkpoint is ``out/model.pt``.
 
     Refuses (:class:`InputError`) a manifest under or beside a site's state dir before anything is
     read, and a manifest set without training rows.
@@ -116,11 +116,20 @@ def pretrain(cfg: Config, manifests: Sequence[str | Path], out: str | Path, *, d
     seed_everything(cfg.train.seed)
     datasets, _ = load_split_datasets(manifests, cfg, data_roots=data_roots)
     train_set = datasets["train"]
+    if tuple(splits) != ("train",):
+        from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
+
+        unknown = sorted(set(splits) - set(datasets))
+        if unknown:
+            raise InputError(f"unknown split(s) {unknown}; the splits are {sorted(datasets)}", key="splits")
+        records = [r for split in splits for r in datasets[split].records]
+        train_set = MultimodalDataset(records, cfg, cache_dir=default_cache_dir(manifests[0], cfg))
     if len(train_set) == 0:
         raise InputError("the public manifests have no training rows", file=manifests[0])
     train_set.warm(progress)
     say(f"dataset {name!r}: {len(train_set.records)} training rows of {len(train_set)} patients, {epochs} epochs")
-    trainer = LocalTrainer(cfg, build_model_for(cfg), train_set, val_set=datasets["val"] or None, plan=None,
+    val_set = datasets["val"] if "val" not in splits and len(datasets["val"]) else None
+    trainer = LocalTrainer(cfg, build_model_for(cfg), train_set, val_set=val_set, plan=None,
                            progress=progress)
     history = trainer.fit(epochs)
     digests = [file_sha256(m) for m in manifests]
@@ -128,7 +137,7 @@ def pretrain(cfg: Config, manifests: Sequence[str | Path], out: str | Path, *, d
     provenance = {"format": PRETRAINING_FORMAT, "dataset": name, "public": PUBLIC_DECLARATION,
                   "manifests": [{"path": str(m), "sha256": d} for m, d in zip(manifests, digests)],
                   "manifest_sha256": combined_sha256(digests), "rows": len(train_set.records),
-                  "patients": len(train_set), "epochs": epochs, "seed": cfg.train.seed,
+                  "patients": len(train_set), "splits": list(splits), "epochs": epochs, "seed": cfg.train.seed,
                   "config_hash": cfg.digest(), "model_hash": state_dict_hash(clean_state_dict(trainer.model))}
     out = Path(out)
     path = save_checkpoint(out / "model.pt", trainer.model, cfg, metrics={"history": history},
