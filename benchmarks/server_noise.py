@@ -23,9 +23,11 @@ Datasets (tabular, so a grid of runs stays cheap on 2 CPU cores):
 
 The loop is clinfuse's own (``SiteRuntime.train_round`` + ``aggregate``, no Flower), as in
 benchmarks/covid_chestxray.py. AUROC is on the pooled test set at the coordinator (benchmark only).
-Writes docs/benchmarks/aggregation.md (``--write-md``) with the table and the command.
+Each run can write its results as JSON (``--json``); ``--merge A.json B.json ...`` writes
+docs/benchmarks/aggregation.md from those runs (and this one's), every run's command with it.
 
-    python benchmarks/server_noise.py [--datasets breast synth] [--eps 1 8] [--seeds 2] [--rounds 10]
+    python benchmarks/server_noise.py [--datasets breast synth] [--eps 1 8] [--lr 0.01] [--seeds 2]
+        [--rounds 10] [--json OUT] [--merge RUN.json ...] [--md-only]
 """
 
 from __future__ import annotations
@@ -238,38 +240,53 @@ def auroc(cfg, state, test_manifest) -> float:
     return float(_auroc(out["labels"], out["probs"]))
 
 
-def write_markdown(args, results: dict, info: dict, elapsed: float) -> None:
+def setting(epsilon: float, lr: float) -> str:
+    """The column a run belongs to: privacy and the sites' learning rate."""
+    return (f"epsilon {epsilon:g}" if epsilon else "no DP") + f", site lr {lr:g}"
+
+
+def write_markdown(runs: list[dict]) -> None:
+    """The table of every (dataset, column, server) over ``runs`` (each one invocation's JSON)."""
     from clinfuse.fileio import atomic_write_text
 
+    results: dict = {}
+    info: dict = {}
+    for run in runs:
+        for dataset, by_setting in run["results"].items():
+            for label, by_server in by_setting.items():
+                for server, values in by_server.items():
+                    results.setdefault(dataset, {}).setdefault(label, {}).setdefault(server, []).extend(values)
+        for dataset, about in run["info"].items():
+            info.setdefault(dataset, {}).update(about)
+    first = runs[0]["args"]
     lines = ["# Benchmark: the server side under DP noise (site weighting, server momentum, FedAdam)", "",
              ("Written by `benchmarks/server_noise.py`. Every site runs DP-SGD with its own plan (patient-level, "
-             "Poisson sampling, noise planned for the whole horizon); only the server's aggregation differs. "
-             f"{args.rounds} rounds x 1 local epoch, Adam lr {args.lr} at the sites, expected batch {args.batch}, "
-             "clipping norm 1, RDP accountant, tabular-only model. AUROC on a pooled held-out test set "
-             f"(coordinator-side, benchmark only), mean +/- sd over {args.seeds} seed(s) (model initialisation; DP "
-             "noise is never seeded)."), ""]
-    for dataset in args.datasets:
-        lines += [f"## {dataset}", "", info.get(dataset, {}).get("about", ""), ""]
-        header = "| server | " + " | ".join(f"epsilon {e:g}" for e in args.eps) + " |"
-        lines += [header, "| --- |" + " --- |" * len(args.eps)]
+              "Poisson sampling, noise planned for the whole horizon); only the server's aggregation differs. "
+              f"{first['rounds']} rounds x 1 local epoch, Adam at the sites (learning rate per column), expected "
+              f"batch {first['batch']}, clipping norm 1, RDP accountant, tabular-only model. AUROC on a pooled "
+              "held-out test set (coordinator-side, benchmark only): mean +/- sd over the runs (n in brackets; "
+              "the seed fixes the model initialisation, DP noise is never seeded, so runs of one seed differ)."), ""]
+    for dataset, by_setting in results.items():
+        labels = list(by_setting)
+        lines += [f"## {dataset}", "", info.get(dataset, {}).get("about", ""), "",
+                  "| server | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
         for server in SERVERS:
             cells = []
-            for e in args.eps:
-                vals = results.get(dataset, {}).get(f"{e:g}", {}).get(server, [])
-                cells.append(f"{np.mean(vals):.3f} +/- {np.std(vals):.3f}" if vals else "not run")
-            lines.append(f"| {server} | " + " | ".join(cells) + " |")
-        for e in args.eps:
-            sites = info.get(dataset, {}).get(f"{e:g}")
-            if sites:
-                lines.append("")
-                lines.append(f"epsilon {e:g}: " + ", ".join(
-                    f"{s}: {sites['patients'][s]} patients, noise {sites['noise'][s]:.2f}, rate {sites['sample_rate'][s]:.3f}"
-                    for s in sites["patients"]))
+            for label in labels:
+                vals = by_setting[label].get(server, [])
+                cells.append(f"{np.mean(vals):.3f} +/- {np.std(vals):.3f} ({len(vals)})" if vals else "")
+            if any(cells):
+                lines.append(f"| {server} | " + " | ".join(cells) + " |")
+        for label in labels:
+            sites = info.get(dataset, {}).get(label)
+            if sites and any(sites["noise"].values()):
+                lines += ["", f"{label}: " + ", ".join(
+                    f"{s}: {sites['patients'][s]} patients, noise multiplier {sites['noise'][s]:.2f}, sample rate "
+                    f"{sites['sample_rate'][s]:.3f}" for s in sites["patients"])]
         lines.append("")
-    lines += [f"Wall time {elapsed / 60:.1f} min on 1 torch thread.", "", "```",
-              (f"python benchmarks/server_noise.py --datasets {' '.join(args.datasets)} --eps "
-              f"{' '.join(f'{e:g}' for e in args.eps)} --seeds {args.seeds} --rounds {args.rounds} --lr {args.lr} "
-              f"--batch {args.batch} --write-md"), "```", ""]
+    lines += ["Runs (1 torch thread each):", "", "```"]
+    lines += [f"{r['command']}    # {r['elapsed'] / 60:.1f} min" for r in runs]
+    lines += ["```", ""]
     MD.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(MD, "\n".join(lines))
 
@@ -277,14 +294,17 @@ def write_markdown(args, results: dict, info: dict, elapsed: float) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["breast", "synth"], choices=["breast", "synth"])
-    p.add_argument("--eps", type=float, nargs="+", default=[1.0, 8.0])
+    p.add_argument("--eps", type=float, nargs="+", default=[1.0, 8.0], help="0: without DP")
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, nargs="+", default=[0.01], help="the sites' Adam learning rate(s)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--write-md", action="store_true")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write this run's results here")
+    p.add_argument("--merge", type=Path, nargs="*", default=None,
+                   help="write docs/benchmarks/aggregation.md from these runs' JSON files (and this run's)")
+    p.add_argument("--md-only", action="store_true", help="with --merge: train nothing")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     import logging
@@ -293,6 +313,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     logging.getLogger("clinfuse").setLevel(logging.WARNING)
+    runs = [json.loads(Path(f).read_text()) for f in args.merge or []]
+    if args.md_only:
+        write_markdown(runs)
+        print(f"wrote {MD}")
+        return 0
     started = time.time()
     results: dict = {}
     info: dict = {}
@@ -302,30 +327,36 @@ def main(argv=None) -> int:
             base, manifests, test = (breast_study if dataset == "breast" else synth_study)(tmp)
             info[dataset] = {"about": f"{len(manifests)} sites of " + ", ".join(
                 str(patients_in(m)) for m in manifests) + f" patients; test set {patients_in(test)} patients."}
-            for e in args.eps:
-                for server in args.servers:
-                    for seed in range(args.seeds):
-                        cfg = make_config(base, epsilon=e, seed=seed, rounds=args.rounds, lr=args.lr,
-                                          batch=args.batch)
-                        work = tmp / "runs" / dataset / f"{e:g}" / re.sub(r"\W+", "-", server) / str(seed)
-                        t0 = time.time()
-                        state, site_info = federate(cfg, manifests, work, server, rounds=args.rounds)
-                        value = auroc(cfg, state, test)
-                        results.setdefault(dataset, {}).setdefault(f"{e:g}", {}).setdefault(server, []).append(value)
-                        info[dataset][f"{e:g}"] = site_info
-                        print(f"{dataset} eps {e:g} {server:<18} seed {seed}: AUROC {value:.3f} "
-                              f"({time.time() - t0:.0f} s)", flush=True)
+            for lr in args.lr:
+                for e in args.eps:
+                    label = setting(e, lr)
+                    for server in args.servers:
+                        for seed in range(args.first_seed, args.first_seed + args.seeds):
+                            cfg = make_config(base, epsilon=e or None, seed=seed, rounds=args.rounds, lr=lr,
+                                              batch=args.batch)
+                            work = tmp / "runs" / dataset / re.sub(r"\W+", "-", f"{label}-{server}") / str(seed)
+                            t0 = time.time()
+                            state, site_info = federate(cfg, manifests, work, server, rounds=args.rounds)
+                            value = auroc(cfg, state, test)
+                            results.setdefault(dataset, {}).setdefault(label, {}).setdefault(server, []).append(value)
+                            info[dataset][label] = site_info
+                            print(f"{dataset} | {label} | {server:<20} seed {seed}: AUROC {value:.3f} "
+                                  f"({time.time() - t0:.0f} s)", flush=True)
     elapsed = time.time() - started
-    print(f"\n{'dataset':<8}{'eps':>5}  {'server':<18}{'AUROC mean':>11}{'sd':>7}")
-    for dataset, by_eps in results.items():
-        for e, by_server in by_eps.items():
+    for dataset, by_setting in results.items():
+        for label, by_server in by_setting.items():
             for server, vals in by_server.items():
-                print(f"{dataset:<8}{e:>5}  {server:<18}{np.mean(vals):>11.3f}{np.std(vals):>7.3f}")
+                print(f"{dataset:<8} {label:<24} {server:<20} AUROC {np.mean(vals):.3f} +/- {np.std(vals):.3f}")
     print(f"({elapsed:.0f} s)")
+    command = "python benchmarks/server_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    run = {"results": results, "info": info, "elapsed": elapsed, "command": command,
+           "args": {"rounds": args.rounds, "batch": args.batch}}
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "info": info}, indent=2))
-    if args.write_md:
-        write_markdown(args, results, info, elapsed)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(run, indent=2))
+    if args.merge is not None:
+        write_markdown([*runs, run])
+        print(f"wrote {MD}")
     return 0
 
 

@@ -464,7 +464,9 @@ class PrivacyConfig(_Strict):
 class FederationConfig(_Strict):
     rounds: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
-    strategy: Literal["fedavg", "fedavgm", "fedprox", "fedadam"] = "fedavg"
+    # fedavgm (server momentum over the patient-weighted average) measured best under DP noise:
+    # docs/benchmarks/aggregation.md. The bundled demo/rich/covid configs still name fedavg.
+    strategy: Literal["fedavg", "fedavgm", "fedprox", "fedadam"] = "fedavgm"
     proximal_mu: float = Field(0.01, ge=0.0)
     # FedAvgM's server learning rate or FedAdam's eta; default DEFAULT_SERVER_LR[strategy]
     server_lr: float | None = Field(None, gt=0.0)

@@ -163,3 +163,7 @@ def test_a_study_from_a_warm_start_records_it_in_history_checkpoint_and_every_le
         kinds = [e["kind"] for e in entries]
         assert kinds.index("warm-start") < kinds.index("reservation")
         assert warm[0]["mechanism"] is None and warm[0]["epsilon"] is None
+        # The audit takes the new entry in its stride: chain, signatures, recorded heads, epsilon.
+        history = Path(summary["run_dir"]) / "history.json"
+        assert main(["audit", "verify", str(state_dir / "ledger.jsonl"), f"--public-key={site}={key.public_key}",
+                     "--history", str(history), "--quiet"]) == 0
