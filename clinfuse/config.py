@@ -472,9 +472,15 @@ class PrivacyConfig(_Strict):
 class FederationConfig(_Strict):
     rounds: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    # fedavg: the patient-weighted average, with which the DP training plan was measured
+    # (docs/benchmarks/dp-utility.md). fedavgm helped sites trained with Adam under DP
+    # (docs/benchmarks/aggregation.md) but was not measured over the plan's SGD steps, whose larger
+    # updates a momentum-amplified server step could overshoot.
+    strategy: Literal["fedavg", "fedavgm", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0.0)
-    server_lr: float = Field(0.01, gt=0.0)
+    # FedAvgM's server learning rate or FedAdam's eta; default DEFAULT_SERVER_LR[strategy]
+    server_lr: float | None = Field(None, gt=0.0)
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)  # FedAvgM's momentum
     modality_aware: bool = True
     min_sites: int = Field(2, ge=1)
     accept_failures: bool = True
@@ -485,6 +491,14 @@ class FederationConfig(_Strict):
     # The smallest site's training patients, as the consortium declares it (a study-level fact,
     # the same at every site): model.head auto picks the linear head below 5000.
     min_site_patients: int | None = Field(None, ge=2)
+    # A `clinfuse pretrain` checkpoint (public data, no DP) the study starts from instead of a
+    # seeded initialisation; it must match the study's modalities, preprocessing and architecture.
+    initial_checkpoint: str | None = None
+
+
+#: The server learning rate of each strategy when ``federation.server_lr`` is unset
+#: (measured under DP noise: benchmarks/server_noise.py, docs/benchmarks/aggregation.md).
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1.0, "fedadam": 0.03}
 
 
 class EvaluationConfig(_Strict):

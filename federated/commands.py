@@ -67,7 +67,7 @@ def register(subparsers) -> None:
 
 def _common(p) -> None:
     p.add_argument("--config", type=Path, default=None, help="study config (default: the bundled demo study)")
-    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default=None,
+    p.add_argument("--strategy", choices=["fedavg", "fedavgm", "fedprox", "fedadam"], default=None,
                    help="aggregation (default: federation.strategy)")
     p.add_argument("--max-epsilon", type=positive_float, default=None,
                    help="every site's cap (default: the study's target epsilon)")

@@ -24,7 +24,8 @@ History (``history.json``), per round: ``sites`` (by site id only: status, metri
 ``unidentified`` (failed nodes whose site id is unknown, by node id), ``refused`` (node, claimed
 site id, reason), ``val``, ``train``, ``aggregated``, wall times, ``client_dp_epsilon`` or
 ``secagg``; per run: ``identity`` (roster, verified) and, when the study stopped early,
-``summary.stopped``.
+``summary.stopped``; per study: ``warm_start``, the provenance of ``federation.initial_checkpoint``
+(:mod:`clinfuse.training.warm_start`) or ``None``, also sent to the sites in every train config.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from clinfuse.federation.protocol import (
     RUN_ID,
     SERVER_ROUND,
     SITE,
+    WARM_START,
     SiteClaim,
     read_claim,
 )
@@ -185,14 +187,16 @@ class MessageRounds:
         self.strategy = build_strategy(s.strategy, groups=parameter_groups(build_model_for(study.cfg)),
                                        modality_aware=s.modality_aware, min_sites=s.min_sites,
                                        expected_sites=s.expected_sites, proximal_mu=s.proximal_mu,
-                                       server_lr=s.server_lr, client_dp=self.client_dp, wait_s=s.wait_seconds)
+                                       server_lr=s.server_lr, server_momentum=s.server_momentum,
+                                       client_dp=self.client_dp, wait_s=s.wait_seconds)
         self._sent: list[Message] = []
         self._arrays: ArrayRecord | None = None
 
     def train(self, server_round: int, arrays: ArrayRecord) -> list[SiteReply]:
         s, study = self.study.settings, self.study
         config = ConfigRecord({NUM_ROUNDS: s.num_rounds, LOCAL_EPOCHS: s.local_epochs, RUN_ID: study.run_id,
-                               MODALITY_AWARE: bool(s.modality_aware and not self.client_dp)})
+                               MODALITY_AWARE: bool(s.modality_aware and not self.client_dp),
+                               **study.warm_start_config()})
         sent = [m for m in self.strategy.configure_train(server_round, arrays, config, study.grid)
                 if int(m.metadata.dst_node_id) not in study.identities.refused_nodes]
         for m in sent:
@@ -242,9 +246,17 @@ def is_simulation(grid: Grid) -> bool:
 class Study:
     """What one run of the loop shares with its executor: grid, settings, study config, identities."""
 
-    def __init__(self, grid: Grid, settings: RunConfig, cfg, identities: SiteIdentities):
+    def __init__(self, grid: Grid, settings: RunConfig, cfg, identities: SiteIdentities,
+                 warm_start: dict | None = None):
         self.grid, self.settings, self.cfg, self.identities = grid, settings, cfg, identities
         self.run_id = str(grid.run.run_id)
+        self.warm_start = warm_start  # provenance of federation.initial_checkpoint, or None
+
+    def warm_start_config(self) -> dict:
+        """The train config's ``warm-start`` entry (the sites' ledgers record it), or nothing."""
+        import json
+
+        return {WARM_START: json.dumps(self.warm_start, sort_keys=True)} if self.warm_start else {}
 
     def classify(self, replies: Iterable[Message], sent: Sequence[Message], server_round: int) -> list[SiteReply]:
         return classify(replies, sent, server_round=server_round, run_id=self.run_id, identities=self.identities,
@@ -368,7 +380,16 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
     if roster is not None:
         roster.check_study(cfg.study)
     rundir = RunDir(settings.run_path)
-    first = rundir.begin(cfg, settings.describe(), resume=settings.resume, num_rounds=settings.num_rounds)
+    initial = None
+    if cfg.federation.initial_checkpoint and not (settings.resume and rundir.history()):
+        from clinfuse.federation.run_config import expand_path
+        from clinfuse.training.warm_start import read_initial_checkpoint
+
+        # Before the run directory is touched: a checkpoint that does not fit leaves nothing behind.
+        initial = read_initial_checkpoint(expand_path(cfg.federation.initial_checkpoint), cfg)
+    first = rundir.begin(cfg, settings.describe(), resume=settings.resume, num_rounds=settings.num_rounds,
+                         warm_start=initial[1] if initial else None)
+    warm_start = (rundir.document() or {}).get("warm_start")
     if settings.demo_cohort and is_simulation(grid):
         from clinfuse.data.synthetic import ensure_demo_cohort
 
@@ -386,6 +407,10 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
         last = rundir.last()
         state, strategy_state = last.state, last.strategy_state
         log(INFO, "resuming after round %d from %s", last.round, last.path)
+    elif initial is not None:
+        state = initial[0]
+        log(INFO, "round 1 starts from %s: pretrained without DP on %r (declared public; manifests sha256 %s)",
+            warm_start["checkpoint"], warm_start["dataset"], warm_start["manifest_sha256"][:16])
     else:
         seed_everything(cfg.train.seed)
         state = {k: v.numpy() for k, v in clean_state_dict(build_model_for(cfg)).items()}
@@ -396,7 +421,7 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
     identity = {"roster": str(roster.path) if roster else None, "verified": roster is not None}
     last_record: dict | None = None
     stopped: dict | None = None
-    study = Study(grid, settings, cfg, identities)
+    study = Study(grid, settings, cfg, identities, warm_start)
     if settings.secagg:
         from federated.secagg import SecAggRounds
 
@@ -459,7 +484,7 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
                "client_dp_epsilon": (last_record or {}).get("client_dp_epsilon"), "identity": identity,
                "secagg": executor.secagg, "run_dir": str(rundir.path),
                "global_checkpoint": str(rundir.global_path) if completed >= 1 else None,
-               "modalities": list(cfg.modality_names), "parameters": counts}
+               "modalities": list(cfg.modality_names), "parameters": counts, "warm_start": warm_start}
     if stopped is not None:
         summary["stopped"] = stopped
         rundir.finish(summary)

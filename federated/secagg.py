@@ -91,7 +91,8 @@ class SecAggRounds:
             fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=2, min_available_clients=2,
             accept_failures=True, fit_metrics_aggregation_fn=lambda _: {},
             on_fit_config_fn=lambda r: {SERVER_ROUND: r, "num-rounds": s.num_rounds,
-                                        "local-epochs": s.local_epochs, RUN_ID: study.run_id})
+                                        "local-epochs": s.local_epochs, RUN_ID: study.run_id,
+                                        **study.warm_start_config()})
         if s.client_dp:
             strategy = DifferentialPrivacyClientSideFixedClipping(
                 strategy, s.client_dp_noise, s.client_dp_clip, s.expected_sites)

@@ -33,14 +33,14 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from flwr.supercore import log
 
 from clinfuse.errors import InputError
 from clinfuse.federation.protocol import ARRAYS, CONFIG, DECLINED, METRICS, NUM_EXAMPLES, SERVER_ROUND
 
 CLIENT_DP_WEIGHT = "client-dp-weight"
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 
 
 class SitesUnavailable(RuntimeError):
@@ -205,6 +205,19 @@ class ClinfuseFedProx(FedProx, _ModalityAware):
         self._setup_groups(groups, modality_aware)
 
 
+class ClinfuseFedAvgM(FedAvgM, _ModalityAware):
+    """FedAvgM: server momentum (SGD with momentum on the pseudo-gradient, Flower's formulas) over
+    the modality-aware average. Momentum averages each site's DP noise over rounds while the
+    signal adds up: under DP it measured best (docs/benchmarks/aggregation.md)."""
+
+    def __init__(self, *, groups, server_lr: float, server_momentum: float, modality_aware: bool = True,
+                 min_sites: int = 2, expected_sites: int | None = None, wait_s: float = 600.0):
+        super().__init__(server_learning_rate=server_lr, server_momentum=server_momentum,
+                         **_fedavg_kwargs(min_sites))
+        self._setup_sites(min_sites, expected_sites, wait_s)
+        self._setup_groups(groups, modality_aware)
+
+
 class ClinfuseFedAdam(FedAdam, _ModalityAware):
     """FedAdam: Adam on the server applied to the modality-aware average of the sites' weights."""
 
@@ -242,8 +255,11 @@ class ClientDP:
 
 def build_strategy(name: str, *, groups: Mapping[str, Sequence[str]], modality_aware: bool = True,
                    min_sites: int = 2, expected_sites: int | None = None, proximal_mu: float = 0.01,
-                   server_lr: float = 0.01, client_dp: ClientDP | None = None, wait_s: float = 600.0) -> Strategy:
-    """The configured strategy. ``name`` is ``fedavg``, ``fedprox`` or ``fedadam``.
+                   server_lr: float = 0.03, server_momentum: float = 0.9, client_dp: ClientDP | None = None,
+                   wait_s: float = 600.0) -> Strategy:
+    """The configured strategy. ``name`` is ``fedavg``, ``fedavgm``, ``fedprox`` or ``fedadam``.
+
+    ``server_lr`` is FedAdam's eta or FedAvgM's server learning rate; ``server_momentum`` FedAvgM's.
 
     With ``client_dp`` the result is Flower's ``DifferentialPrivacyClientSideFixedClipping`` around a
     uniform FedAvg/FedProx, with Flower's RDP accountant (``strategy.privacy_spent()``); sites must
@@ -258,6 +274,8 @@ def build_strategy(name: str, *, groups: Mapping[str, Sequence[str]], modality_a
             return ClinfuseFedProx(proximal_mu=proximal_mu, **aware)
         if name == "fedadam":
             return ClinfuseFedAdam(eta=server_lr, **aware)
+        if name == "fedavgm":
+            return ClinfuseFedAvgM(server_lr=server_lr, server_momentum=server_momentum, **aware)
         return ClinfuseFedAvg(**aware)
 
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
@@ -266,6 +284,9 @@ def build_strategy(name: str, *, groups: Mapping[str, Sequence[str]], modality_a
     if name == "fedadam":
         raise InputError("client-level DP is accounted by Flower only around FedAvg's average: use strategy "
                          "fedavg or fedprox with client-dp", key="strategy")
+    if name == "fedavgm":
+        log(WARNING, "client-level DP: Flower accounts only FedAvg's plain average, so server momentum is "
+                     "not applied (strategy fedavgm runs as fedavg)")
     inner = (ClientDPFedProx(proximal_mu=proximal_mu, **common) if name == "fedprox"
              else ClientDPFedAvg(**common))
     sampled = inner.expected_sites
@@ -317,6 +338,9 @@ def export_state(strategy: Strategy) -> dict:
         value = getattr(inner, key, None)
         if value:
             state[key] = {k: np.asarray(v) for k, v in value.items()}
+    momentum = getattr(inner, "momentum_vector", None)
+    if momentum is not None:  # FedAvgM's: a list in the order of the model's arrays
+        state["momentum"] = {f"{i:05d}": np.asarray(v) for i, v in enumerate(momentum)}
     accountant = getattr(strategy, "accountant", None)
     if accountant is not None:
         state["client_dp_accountant"] = json.dumps(accountant.state_dict(), default=str)
@@ -331,6 +355,8 @@ def restore_state(strategy: Strategy, state: Mapping) -> None:
     for key in ("m_t", "v_t"):
         if key in state and hasattr(inner, key):
             setattr(inner, key, {k: np.asarray(v) for k, v in state[key].items()})
+    if "momentum" in state and hasattr(inner, "momentum_vector"):
+        inner.momentum_vector = [np.asarray(state["momentum"][k]) for k in sorted(state["momentum"])]
     accountant = getattr(strategy, "accountant", None)
     if accountant is not None and state.get("client_dp_accountant"):
         accountant.load_state_dict(json.loads(state["client_dp_accountant"]))

@@ -19,7 +19,7 @@ SAMPLES = {
     "config": "/etc/clinfuse/study.yaml", "target-epsilon": 3.5, "dp": False, "seed": 0, "roster": "/etc/roster.yaml",
     "workdir": "/tmp/w", "cohort": "/tmp/c", "run-dir": "/tmp/r", "sites-dir": "/tmp/s", "demo-cohort": True,
     "cohort-patients": 17, "max-epsilon": 2.0, "num-rounds": 4, "local-epochs": 2, "strategy": "fedprox",
-    "proximal-mu": 0.0, "server-lr": 0.3, "modality-aware": False, "min-sites": 1, "expected-sites": 5,
+    "proximal-mu": 0.0, "server-lr": 0.3, "server-momentum": 0.5, "modality-aware": False, "min-sites": 1, "expected-sites": 5,
     "wait-seconds": 12.5, "round-timeout": 30.0, "accept-failures": False, "resume": True, "stop-after-round": 2,
     "client-dp": True, "client-dp-noise": 0.0, "client-dp-clip": 0.25, "client-dp-delta": 1e-6, "secagg": True,
     "secagg-shares": 5, "secagg-threshold": 3, "secagg-max-weight": 500.0,

@@ -160,3 +160,47 @@ def test_sites_are_awaited_before_the_first_round_only():
     lonely = build_strategy("fedavg", groups=GROUPS, min_sites=3, wait_s=0.1)
     with pytest.raises(SitesUnavailable):
         lonely.connected_sites(OneDied())
+
+
+def test_fedavgm_weights_sites_by_patients_and_carries_momentum_across_rounds_and_resume():
+    """The server under DP noise (docs/benchmarks/aggregation.md): each site's weights count by its
+    patients, so a 30-patient site (the noisiest) moves the model a tenth as much as a 300-patient
+    one; server momentum adds the previous rounds' steps (Flower's FedAvgM formulas)."""
+    lr, beta = 1.0, 0.9
+    strategy = build_strategy("fedavgm", groups=GROUPS, modality_aware=False, server_lr=lr, server_momentum=beta,
+                              min_sites=2)
+    sent = send(strategy, value=0.0)
+    new, _ = strategy.aggregate_train(1, [trained(sent[0], "small", 4.0, 30, 30, 30, 30),
+                                          trained(sent[1], "large", 1.0, 300, 300, 300, 300)])
+    first = (4.0 * 30 + 1.0 * 300) / 330
+    assert all(float(a.numpy()[0]) == pytest.approx(first) for a in new.values())
+    assert first < (4.0 + 1.0) / 2 - 1  # uniform weights would let the small site drag it to 2.5
+    state = export_state(strategy)
+    assert set(state) == {"momentum"}
+
+    resumed = build_strategy("fedavgm", groups=GROUPS, modality_aware=False, server_lr=lr, server_momentum=beta,
+                             min_sites=2)
+    restore_state(resumed, state)
+    results = []
+    for s in (strategy, resumed):
+        sent = send(s, value=first, server_round=2)
+        out, _ = s.aggregate_train(2, [trained(sent[0], "small", 2.0, 30, 30, 30, 30),
+                                       trained(sent[1], "large", 2.0, 300, 300, 300, 300)])
+        results.append(float(out["head.w"].numpy()[0]))
+    momentum = beta * (0.0 - first) + (first - 2.0)  # pseudo-gradients are old - new
+    assert results[0] == pytest.approx(first - lr * momentum) == pytest.approx(results[1])
+    assert results[0] > 2.0  # momentum carries the step past the plain average
+
+
+def test_default_server_lr_follows_the_strategy_and_client_dp_runs_fedavgm_as_fedavg():
+    from clinfuse.config import DEFAULT_SERVER_LR, config_from_dict, load_config
+    from clinfuse.federation.run_config import RunConfig
+
+    data = load_config().model_dump(mode="json")
+    for name in ("fedavgm", "fedadam"):
+        data["federation"].update(strategy=name, server_lr=None)
+        settings = RunConfig.parse({}).for_study(config_from_dict(data))
+        assert settings.server_lr == DEFAULT_SERVER_LR[name]
+    assert RunConfig.parse({"server-lr": 0.5}).for_study(config_from_dict(data)).server_lr == 0.5
+    wrapped = build_strategy("fedavgm", groups=GROUPS, client_dp=ClientDP(0.5, 1.0), min_sites=1)
+    assert type(wrapped.strategy).__name__ == "ClientDPFedAvg"

@@ -15,7 +15,8 @@ Which site a node is (:func:`site_spec`)
 
 A round's instructions (the train message's ``config`` record)
     ``server-round``, ``num-rounds``, ``local-epochs``, ``run-id``, ``modality-aware``
-    (and ``proximal-mu`` for FedProx, ``clipping_norm`` for client-level DP). :func:`train_site`
+    (and ``proximal-mu`` for FedProx, ``clipping_norm`` for client-level DP, ``warm-start`` when
+    the study started from a public-data checkpoint: its provenance, which the site's ledger records). :func:`train_site`
     is the one place a site trains a round from them.
 
 A reply
@@ -59,6 +60,7 @@ IDENTITY_FIELDS = (SITE_ID, REASON, PUBLIC_KEY, LEDGER_SEQ, LEDGER_HASH, SIGNATU
 # The round's instructions (train and evaluate config records)
 SERVER_ROUND, NUM_ROUNDS, LOCAL_EPOCHS, RUN_ID = "server-round", "num-rounds", "local-epochs", "run-id"
 PROXIMAL_MU, MODALITY_AWARE = "proximal-mu", "modality-aware"
+WARM_START = "warm-start"  # JSON of the public-data checkpoint's provenance (federation.initial_checkpoint)
 CLIPPING_NORM = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM
 TRAIN, EVALUATE = "train", "evaluate"  # message types signed into a reply
 REPLY_FORMAT = "clinfuse.reply/1"
@@ -167,7 +169,23 @@ def train_site(site, state: Mapping, config: Mapping, *, run_id: str = "", modal
         rounds=int(config.get(NUM_ROUNDS, site.cfg.federation.rounds)),
         local_epochs=int(config.get(LOCAL_EPOCHS, site.cfg.federation.local_epochs)),
         run_id=str(config.get(RUN_ID, run_id)), proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
-        modality_aware=bool(config.get(MODALITY_AWARE, modality_aware)))
+        modality_aware=bool(config.get(MODALITY_AWARE, modality_aware)), warm_start=read_warm_start(config))
+
+
+def read_warm_start(config: Mapping) -> dict | None:
+    """The warm-start provenance of a round's config record (``None`` without one)."""
+    from clinfuse.training.warm_start import PRETRAINING_FORMAT
+
+    text = config.get(WARM_START)
+    if not text:
+        return None
+    try:
+        provenance = json.loads(str(text))
+    except ValueError:
+        provenance = None
+    if not isinstance(provenance, dict) or provenance.get("format") != PRETRAINING_FORMAT:
+        raise InputError(f"the round's {WARM_START} record is not a {PRETRAINING_FORMAT} provenance", key=WARM_START)
+    return provenance
 
 
 def metric_values(values: Mapping, *, drop: tuple[str, ...] = ()) -> dict[str, int | float]:

@@ -75,9 +75,10 @@ class RunConfig(BaseModel):
     # -- rounds -----------------------------------------------------------------------------
     num_rounds: int | None = Field(None, ge=1)
     local_epochs: int | None = Field(None, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] | None = None
+    strategy: Literal["fedavg", "fedavgm", "fedprox", "fedadam"] | None = None
     proximal_mu: float | None = Field(None, ge=0)
     server_lr: float | None = Field(None, gt=0)
+    server_momentum: float | None = Field(None, ge=0, lt=1)
     modality_aware: bool | None = None
     min_sites: int | None = Field(None, ge=1)
     expected_sites: int | None = Field(None, ge=1)  # default min-sites
@@ -194,12 +195,17 @@ class RunConfig(BaseModel):
         def pick(value, default):
             return default if value is None else value
 
+        from clinfuse.config import DEFAULT_SERVER_LR
+
+        strategy = pick(self.strategy, fed.strategy)
+
         return self.model_copy(update={
             "num_rounds": pick(self.num_rounds, fed.rounds),
             "local_epochs": pick(self.local_epochs, fed.local_epochs),
-            "strategy": pick(self.strategy, fed.strategy),
+            "strategy": strategy,
             "proximal_mu": pick(self.proximal_mu, fed.proximal_mu),
-            "server_lr": pick(self.server_lr, fed.server_lr),
+            "server_lr": pick(self.server_lr, pick(fed.server_lr, DEFAULT_SERVER_LR[strategy])),
+            "server_momentum": pick(self.server_momentum, fed.server_momentum),
             "modality_aware": pick(self.modality_aware, fed.modality_aware),
             "min_sites": min_sites, "expected_sites": expected,
             "accept_failures": pick(self.accept_failures, fed.accept_failures),

@@ -2,7 +2,8 @@
 
 Layout of ``run_dir``::
 
-    history.json               the study's runs and one record per completed round (rewritten atomically)
+    history.json               the study's runs, one record per completed round (rewritten atomically)
+                               and ``warm_start``: the public-data checkpoint round 1 started from
     checkpoints/round-0003.pt  the global model after round 3 (clinfuse checkpoint format)
     global.pt                  the latest global model (same format; what ``clinfuse evaluate`` reads)
 
@@ -142,12 +143,15 @@ class RunDir:
         return RoundCheckpoint(int(federation.get("round", record["round"])), state, strategy_state, path)
 
     # -- writing --------------------------------------------------------------------------------
-    def begin(self, cfg: Config, settings: dict, *, resume: bool, num_rounds: int) -> int:
+    def begin(self, cfg: Config, settings: dict, *, resume: bool, num_rounds: int,
+              warm_start: dict | None = None) -> int:
         """Open the run; returns the first round to run (1, or the round after the last checkpoint).
 
         A fresh start refuses a directory that already holds rounds (pass ``resume``); a resume
         refuses a different study configuration, which would mix two models in one history.
-        A resume that finds no completed round starts at round 1.
+        A resume that finds no completed round starts at round 1. ``warm_start`` (the provenance of
+        the public-data checkpoint round 1 starts from) is kept as the history's ``warm_start``
+        and copied into every round's checkpoint; a resume keeps the one recorded.
         """
         doc = self._read()
         done = len(doc["rounds"]) if doc else 0
@@ -167,6 +171,8 @@ class RunDir:
         if doc is None:
             doc = {"format": HISTORY_FORMAT, "study": cfg.study, "config_hash": cfg.digest(),
                    "config": cfg.model_dump(mode="json"), "runs": [], "rounds": []}
+        if not done:
+            doc["warm_start"] = warm_start
         from clinfuse.environment import versions
 
         doc["runs"].append({"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "first_round": done + 1,
@@ -201,7 +207,7 @@ class RunDir:
         path = self.checkpoint_path(server_round)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {"federation": {"round": server_round, "study": cfg.study},
-                 "strategy_state": _to_tensors(strategy_state or {})}
+                 "strategy_state": _to_tensors(strategy_state or {}), "warm_start": doc.get("warm_start")}
         save_checkpoint(path, model, cfg, metrics=to_jsonable(record.get("val") or {}),
                         privacy=to_jsonable(privacy or {"enabled": cfg.privacy.enabled, "epsilon": None}),
                         extra=extra)

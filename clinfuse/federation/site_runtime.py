@@ -209,17 +209,37 @@ class SiteRuntime:
 
     def train_round(self, global_state: dict[str, np.ndarray], *, server_round: int, rounds: int,
                     local_epochs: int, run_id: str = "", proximal_mu: float = 0.0,
-                    modality_aware: bool = True) -> RoundResult:
-        """Train one round from ``global_state``; decline (train nothing) if it would pass the cap."""
+                    modality_aware: bool = True, warm_start: dict | None = None) -> RoundResult:
+        """Train one round from ``global_state``; decline (train nothing) if it would pass the cap.
+
+        ``warm_start``: the provenance of the public-data checkpoint the study started from (as the
+        coordinator sends it); the first round that trains with it writes a signed ``"warm-start"``
+        ledger entry (:mod:`clinfuse.training.warm_start`).
+        """
         with self.privacy.locked():
             result = self._train_round(global_state, server_round=server_round, rounds=rounds,
                                        local_epochs=local_epochs, run_id=run_id, proximal_mu=proximal_mu,
-                                       modality_aware=modality_aware)
+                                       modality_aware=modality_aware, warm_start=warm_start)
             result.ledger_head = self.ledger_head()
             return result
 
+    def _record_warm_start(self, provenance: dict, global_state, *, server_round: int, run_id: str) -> None:
+        """A ``"warm-start"`` entry, once per study and pretrained checkpoint: where the weights the
+        site trains came from, and whether the weights it received are that checkpoint's."""
+        from clinfuse.training.checkpoint import state_dict_hash
+        from clinfuse.training.warm_start import ledger_provenance
+
+        recorded = ledger_provenance(provenance)
+        if any(e.get("kind") == "warm-start" and e.get("study") == self.cfg.study and e.get("pretraining") == recorded
+               for e in self.privacy.entries()):
+            return
+        received = state_dict_hash(numpy_to_state(global_state))
+        self.ledger.append("warm-start", study=self.cfg.study, run_id=run_id, round=server_round,
+                           pretraining=recorded, received_model_hash=received,
+                           received_is_checkpoint=received == recorded.get("model_hash"), site=self.site_id)
+
     def _train_round(self, global_state, *, server_round, rounds, local_epochs, run_id, proximal_mu,
-                     modality_aware) -> RoundResult:
+                     modality_aware, warm_start=None) -> RoundResult:
         from clinfuse.training.checkpoint import clean_state_dict, state_dict_hash
         from clinfuse.training.trainer import LocalTrainer, seed_everything
 
@@ -248,6 +268,8 @@ class SiteRuntime:
                            "max_epsilon": self.max_epsilon}
                 return RoundResult(None, 0, dict.fromkeys(self.cfg.modality_names, 0), metrics, reason)
 
+        if warm_start:
+            self._record_warm_start(warm_start, global_state, server_round=server_round, run_id=run_id)
         seed_everything(self.cfg.train.seed + 1000 * server_round)
         self.train_set.warm(self.progress)
         frozen = [m for m in self.cfg.modality_names if counts[m] == 0] if modality_aware else []

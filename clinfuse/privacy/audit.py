@@ -354,7 +354,7 @@ def verify_ledger(path: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                     line, seq)
             _check_on_plan(e, plans.get(study), add)
             by_study_dp[study].append(e)
-        elif kind not in ("release", "refusal"):
+        elif kind not in ("release", "refusal", "warm-start"):  # a warm start spends nothing
             add("error", "bad-entry", f"unknown entry kind {kind!r}", line, seq)
     studies = []
     for study in sorted(set(by_study_dp) | set(by_study_cfg)):

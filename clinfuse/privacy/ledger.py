@@ -9,6 +9,10 @@ Every use of the site's patient data and everything that leaves the site is one 
 - ``"dp-training"`` a stretch of DP-SGD steps: the mechanism parameters and epsilon after it
 - ``"release"``     something sent out (model update, metrics, example counts) and its hash
 - ``"refusal"``     a round the site declined (budget), with the reason
+- ``"warm-start"``  the study starts from weights pretrained without DP on data declared public:
+                    their provenance (``pretraining``: dataset, manifest sha256, rows, patients,
+                    config and model hash) as the coordinator sent it, and the hash of the weights
+                    the site received (no budget is spent: it records where the model came from)
 
 Each line is the canonical JSON of one entry (sorted keys, no spaces, ASCII). An entry carries
 ``seq`` (0, 1, 2, ...), ``prev_hash`` (the previous entry's ``hash``; 64 zeros for the first) and
@@ -51,7 +55,7 @@ try:  # POSIX only; elsewhere appends are still single writes, without the inter
 except ImportError:  # pragma: no cover
     fcntl = None
 
-KINDS = ("config", "reservation", "dp-training", "release", "refusal")
+KINDS = ("config", "reservation", "dp-training", "release", "refusal", "warm-start")
 GENESIS_HASH = "0" * 64
 LEDGER_FORMAT = "clinfuse.ledger/1"
 RESERVED = ("seq", "time", "study", "run_id", "round", "kind", "mechanism", "epsilon", "delta",

@@ -34,12 +34,20 @@ from pathlib import Path
 from clinfuse.errors import InputError
 from clinfuse.privacy.accountant import DEFAULT_TIMEOUT_S, SiteAccountant, compute_epsilon, merge_history
 from clinfuse.privacy.ledger import Ledger, dp_history, mechanism_params, read_ledger
-from clinfuse.privacy.plan import PlanStore, PrivacyPlan
+from clinfuse.privacy.plan import PLAN_FILE, PlanStore, PrivacyPlan
 from clinfuse.privacy.site_key import KEY_FILE, SiteKey
 from clinfuse.privacy.state_lock import StateLock
 
 ACCOUNTANT_FILE = "accountant.json"
 LEDGER_FILE = "ledger.jsonl"
+#: A folder holding any of these is a site's state dir (``clinfuse pretrain`` refuses data under one).
+STATE_DIR_FILES = (KEY_FILE, LEDGER_FILE, ACCOUNTANT_FILE, PLAN_FILE)
+
+
+def is_state_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a site's key, ledger, accountant or plan."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in STATE_DIR_FILES)
 
 
 def _totals(history: Iterable[Sequence]) -> Counter:

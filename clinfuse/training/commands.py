@@ -33,6 +33,38 @@ def register(subparsers) -> None:
     add_data_root_option(p)
     p.set_defaults(handler=_train)
 
+    w = subparsers.add_parser(
+        "pretrain", help="train WITHOUT DP on data the consortium declares public (a warm start)",
+        description="Train without differential privacy on public manifests: no site's budget is spent "
+                    "(no accountant or ledger is opened). The checkpoint records the dataset, the manifests' "
+                    "sha256 and the rows used; federation.initial_checkpoint starts a study from it. "
+                    "Manifests under or beside a site's state dir are refused. Only fair when the data is "
+                    "really public: its patients get no DP protection.")
+    w.add_argument("--config", type=Path, default=None, help="the study config (the federated study's own)")
+    w.add_argument("--manifest", type=Path, nargs="+", required=True, help="public manifest(s), pooled")
+    w.add_argument("--out", type=Path, required=True, help="folder for model.pt and run.json")
+    w.add_argument("--dataset-name", default=None, help="the public dataset's name (default: the manifest's folder)")
+    w.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
+    add_data_root_option(w)
+    w.set_defaults(handler=_pretrain)
+
+
+def _pretrain(args) -> int:
+    import torch
+
+    from clinfuse.config import load_config
+    from clinfuse.training.warm_start import pretrain, refuse_site_manifests
+
+    refuse_site_manifests(args.manifest)  # before the config is even read
+    cfg = load_config(args.config)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    path, provenance = pretrain(cfg, args.manifest, args.out, dataset_name=args.dataset_name, epochs=args.epochs,
+                                data_roots=args.data_roots, progress=not args.quiet)
+    print(f"checkpoint: {path} (dataset {provenance['dataset']!r}, manifests sha256 "
+          f"{provenance['manifest_sha256'][:16]}..., {provenance['patients']} patients; no privacy budget spent)")
+    return 0
+
 
 class EpochTable:
     """The epoch table ``clinfuse train`` prints, one row per :meth:`LocalTrainer.fit` record.
