@@ -52,6 +52,7 @@ class SecAggRounds:
     """Round executor over Flower's ``SecAggPlusWorkflow`` (see the module docstring)."""
 
     secagg = True
+    folds_evaluation = False
 
     def __init__(self, study: Study):
         from flwr.server import LegacyContext, ServerConfig

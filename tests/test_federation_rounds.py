@@ -160,7 +160,7 @@ def site_epsilon_after(cfg_path, manifest, rounds_done, rounds, state_dir):
 # What leaves a site
 # --------------------------------------------------------------------------------------------
 
-METRIC_KEYS = re.compile(r"^(num-examples|declined|(train|setup|eval)-seconds|examples-(image|text|tabular)"
+METRIC_KEYS = re.compile(r"^(num-examples|declined|(process|import|manifest|privacy|accountant|data|model|train|ledger|evaluate|handler)-seconds|examples-(image|text|tabular)"
                          r"|train-loss|epsilon|delta|max-epsilon|noise-multiplier|val-loss|val-auroc"
                          r"|val-aux-auroc-(image|text|tabular))$")
 
@@ -181,7 +181,8 @@ def check_reply(reply: Message, model_shapes: dict, cfg, sentences: list[str]) -
         assert "failed with" in text or "simulated crash" in text, text
     else:
         content = reply.content
-        assert set(content.keys()) <= {"arrays", "metrics", "site"}, set(content.keys())
+        # val: a train reply's evaluation of the model it received (folded evaluation)
+        assert set(content.keys()) <= {"arrays", "metrics", "site", "val"}, set(content.keys())
         if "arrays" in content.array_records:
             arrays = content["arrays"]
             assert list(arrays.keys()) == list(model_shapes)  # the model's state dict, nothing more
@@ -189,9 +190,10 @@ def check_reply(reply: Message, model_shapes: dict, cfg, sentences: list[str]) -
                 assert tuple(array.shape) == model_shapes[name], name
                 assert tuple(array.shape) not in input_shapes, name
                 assert array.dtype in ("float32", "float64", "int64"), (name, array.dtype)
-        for key, value in content["metrics"].items():
-            assert METRIC_KEYS.match(key), key
-            assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        for record in ("metrics", "val"):
+            for key, value in (content[record].items() if record in content.metric_records else ()):
+                assert METRIC_KEYS.match(key), key
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
         site = dict(content["site"])
         assert {"site-id", "public-key", "signature"} <= set(site) <= {
             "site-id", "reason", "public-key", "ledger-seq", "ledger-hash", "signature"}
@@ -238,7 +240,9 @@ def test_budget_failure_and_every_message_a_site_sends(tmp_path, cohort):
     cfg = load_config(cfg_path)
     shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
     sentences = note_sentences(cohort)
-    assert sentences and len(grid.replies) == 4 * 3 * 2
+    # a train exchange per round (from round 2 on carrying the last round's evaluation), then the
+    # last round's evaluation
+    assert sentences and len(grid.replies) == 4 * 3 + 3
     for reply in grid.replies:
         check_reply(reply, shapes, cfg, sentences)
 
@@ -261,7 +265,7 @@ def test_server_restart_with_resume_continues_model_and_epsilon(tmp_path, cohort
 
     cfg = load_config(tiny_config(tmp_path))
     shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
-    assert len(grid.replies) == 2 * 2 * 2
+    assert len(grid.replies) == 2 * 2 + 2  # rounds 2 and 3 (3 carrying 2's evaluation), then 3's
     for reply in grid.replies:  # everything the sites sent after the restart
         check_reply(reply, shapes, cfg, note_sentences(cohort))
 

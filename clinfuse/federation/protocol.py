@@ -126,7 +126,7 @@ def load_site_code() -> float:
     import time
 
     started = time.perf_counter()
-    import clinfuse.federation.site_runtime  # noqa: F401
+    import clinfuse.federation.site_runtime
     import clinfuse.training.trainer  # noqa: F401
 
     return time.perf_counter() - started

@@ -124,7 +124,10 @@ def _model_template(cfg: Config):
     key = cfg.digest()
     model = _MODELS.get(key)
     if model is None:
-        model = build_model_for(cfg)
+        # Its random initial weights are always overwritten: drawing them must not move the
+        # caller's random stream, or a seeded round would depend on which process served it.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model_for(cfg)
     _remember(_MODELS, key, model)
     return model
 
