@@ -443,3 +443,101 @@ def test_named_sites_without_dp_and_a_seed_that_fixes_the_initial_model(tmp_path
     a, b, c = first_model(7, "a"), first_model(7, "b"), first_model(8, "c")
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------
+# Exchanges: polling, and the evaluation folded into the next train message
+# --------------------------------------------------------------------------------------------
+
+class PolledGrid(LocalGrid):
+    """A deployment-like grid (not simulated): replies appear ``delay`` seconds after the push
+    and are collected with ``pull_messages``, as from a SuperLink."""
+
+    simulated = False
+
+    def __init__(self, *args, delay: float = 0.3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay, self.ready, self.pulls = delay, [], 0
+
+    def push_messages(self, messages):
+        import time
+
+        ids = []
+        for reply in self.send_and_receive(list(messages)):
+            self.ready.append((time.monotonic() + self.delay, reply))
+        for msg in self.sent[-len(messages):]:
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        import time
+
+        self.pulls += 1
+        now, wanted = time.monotonic(), set(message_ids)
+        out = [r for t, r in self.ready if t <= now and r.metadata.reply_to_message_id in wanted]
+        self.ready = [(t, r) for t, r in self.ready if r not in out]
+        return out
+
+
+def test_exchange_collects_replies_soon_after_they_arrive_and_stops_at_the_timeout(tmp_path, cohort):
+    import time
+
+    from flwr.app import ConfigRecord
+
+    from federated.rounds import exchange
+
+    content = RecordDict({"config": ConfigRecord({})})
+    # Sites that answer at once, without work: what is timed is the polling.
+    grid = PolledGrid(lambda msg, ctx: Message(RecordDict(), reply_to=msg), 2, delay=0.3, dead={1001})
+    sent = [Message(content, 1000 + k, "query", ttl=5.0) for k in range(2)]
+    started = time.monotonic()
+    replies = exchange(grid, sent, timeout=1.5)
+    took = time.monotonic() - started
+    assert [int(r.metadata.src_node_id) for r in replies] == [1000]  # 1001 never answers
+    assert 1.5 <= took < 2.0  # waited for the dead node until the timeout, not longer
+
+    grid = PolledGrid(lambda msg, ctx: Message(RecordDict(), reply_to=msg), 2, delay=0.3)
+    started = time.monotonic()
+    replies = exchange(grid, [Message(content, 1000 + k, "query", ttl=5.0) for k in range(2)], timeout=30)
+    took = time.monotonic() - started
+    assert len(replies) == 2 and 0.3 <= took < 0.6, took  # Flower's own loop would take 3 s here
+
+
+def test_folded_evaluation_records_the_same_metrics_as_an_evaluate_exchange(tmp_path, cohort):
+    """Round 1 is evaluated inside round 2's train exchange, round 2 (the last) in an exchange of
+    its own: both records hold the same metric keys, per site and averaged (timings apart: an
+    exchange of its own also times opening the site)."""
+
+    def keys(metrics):
+        return {k for k in metrics if not k.endswith("-seconds")}
+
+    summary, grid = run_rounds(base_config(tmp_path, cohort, **{"num-rounds": 2}), 3)
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
+    folded, separate = history
+    assert folded["evaluated_in_round"] == 2 and "evaluated_in_round" not in separate
+    assert keys(folded["val"]) == keys(separate["val"]) and "val-auroc" in folded["val"]
+    for name in ("site-0", "site-1", "site-2"):
+        assert keys(folded["sites"][name]["val"]) == keys(separate["sites"][name]["val"])
+        assert folded["sites"][name]["val"]["num-examples"] == separate["sites"][name]["val"]["num-examples"] > 0
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types.count("train") == 6 and types.count("evaluate") == 3
+    round2 = [m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"]["server-round"] == 2]
+    assert all(m.content["config"]["evaluate-round"] == 1 for m in round2)
+    assert summary["final_val"] == separate["val"]
+
+
+def test_a_removed_or_altered_folded_evaluation_does_not_verify(tmp_path, cohort):
+    from flwr.app import MetricRecord
+
+    from clinfuse.federation.protocol import VAL, read_claim
+
+    _, grid = run_rounds(base_config(tmp_path, cohort, **{"num-rounds": 2}), 2)
+    reply = next(r for r in grid.replies if VAL in r.content.metric_records)
+    rnd, run_id = 2, "4242"
+    assert read_claim(reply, server_round=rnd, run_id=run_id).signed
+    altered = LocalGrid.wire(reply)
+    altered.content[VAL] = MetricRecord({**dict(reply.content[VAL]), "val-auroc": 0.99})
+    assert not read_claim(altered, server_round=rnd, run_id=run_id).signed
+    removed = LocalGrid.wire(reply)
+    del removed.content[VAL]
+    assert not read_claim(removed, server_round=rnd, run_id=run_id).signed
