@@ -70,30 +70,34 @@ class ClinfuseClientApp(ClientApp):
 
     def train_handler(self, msg: Message, context: Context) -> Message:
         """Train a round; first evaluate the received model when the message asks
-        (:data:`~clinfuse.federation.protocol.EVALUATE_ROUND`)."""
+        (:data:`~clinfuse.federation.protocol.EVALUATE_ROUND`). The reply's ``<part>-seconds``
+        cover the whole message (the evaluation's parts included); ``val`` has its own."""
         startup = _startup_seconds()
         settings, spec = self.site_of(context)
         started = time.perf_counter()
-        val = None
+        val, eval_timings = None, {}
         try:
             imports = protocol.load_site_code()
             site = protocol.open_site(spec, settings)
             state, config = protocol.received_state(msg), protocol.round_config(msg)
             if protocol.EVALUATE_ROUND in config:
                 val = self._evaluate(site, state, int(config[protocol.EVALUATE_ROUND]),
-                                     str(config.get(protocol.RUN_ID, msg.metadata.run_id)))
+                                     str(config.get(protocol.RUN_ID, msg.metadata.run_id)), eval_timings)
             result = protocol.train_site(site, state, config, run_id=str(msg.metadata.run_id))
         except Exception as exc:  # noqa: BLE001 - any failure is reported by type only
             raise protocol.reported(exc, f"site {spec.site_id} training") from None
-        metrics = protocol.train_metrics(result, **startup, import_seconds=imports,
-                                         **{f"{k}_seconds": v for k, v in site.open_timings.items()},
+        parts = dict(site.open_timings)
+        for timings in (result.timings, eval_timings):
+            for part, seconds in timings.items():
+                parts[part] = parts.get(part, 0.0) + seconds
+        metrics = protocol.train_metrics(result, parts, **startup, import_seconds=imports,
                                          handler_seconds=time.perf_counter() - started)
         content = protocol.train_content(spec.site_id, result, msg.content[protocol.ARRAYS].keys(), metrics, val)
         return Message(content, reply_to=msg)
 
     @staticmethod
-    def _evaluate(site, state, server_round: int, run_id: str) -> dict:
-        timings: dict[str, float] = {}
+    def _evaluate(site, state, server_round: int, run_id: str, timings: dict[str, float] | None = None) -> dict:
+        timings = {} if timings is None else timings
         metrics = site.evaluate(state, server_round=server_round, run_id=run_id, timings=timings)
         return protocol.evaluate_metrics(metrics, **{f"{k}_seconds": v for k, v in timings.items()})
 

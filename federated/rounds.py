@@ -29,8 +29,10 @@ between polls in a deployment.
 History (``history.json``), per round: ``sites`` (by site id only: status, metrics, reason,
 ``node``, ``public_key``, ``ledger_head`` and ``val`` with its own ``ledger_head``),
 ``unidentified`` (failed nodes whose site id is unknown, by node id), ``refused`` (node, claimed
-site id, reason), ``val``, ``train``, ``aggregated``, wall times, ``client_dp_epsilon`` or
-``secagg``; per run: ``identity`` (roster, verified) and, when the study stopped early,
+site id, reason), ``val``, ``train``, ``aggregated``, ``evaluated_in_round`` (a folded
+evaluation), ``started_at`` (epoch seconds) and wall times (``train_exchange_s``, ``aggregate_s``,
+``train_wall_s`` the two together, ``eval_wall_s`` of an evaluate exchange, ``round_wall_s``
+up to the checkpoint), ``client_dp_epsilon`` or ``secagg``; per run: ``identity`` (roster, verified) and, when the study stopped early,
 ``summary.stopped``.
 """
 
@@ -473,9 +475,10 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
     try:
         executor.restore_state(strategy_state)
         for server_round in range(first, settings.num_rounds + 1):
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), time.time()
             if pending is not None:
                 replies = executor.train(server_round, arrays, evaluate_round=pending[0]["round"])
+                exchange_s = time.perf_counter() - started
                 record, train_replies = pending
                 folded = folded_evaluations(replies)
                 _log_replies(record["round"], "evaluate", folded)
@@ -484,10 +487,12 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
                 pending = None
             else:
                 replies = executor.train(server_round, arrays)
+                exchange_s = time.perf_counter() - started
             _log_replies(server_round, "train", replies)
             problem = _stop_reason(replies, settings)
             new_arrays = None
             train_metrics: dict = {}
+            aggregate_started = time.perf_counter()
             if problem is None:
                 new_arrays, train_metrics = executor.aggregate(server_round, replies)
                 if new_arrays is None:
@@ -510,8 +515,9 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
                 _log_replies(server_round, "evaluate", evaluated)
             eval_wall = time.perf_counter() - eval_started
             record = {**_round_record(server_round, replies, evaluated, identities), "aggregated": True,
-                      "train": train_metrics, "val": {}, "train_wall_s": train_wall, "eval_wall_s": eval_wall,
-                      **executor.record()}
+                      "train": train_metrics, "val": {}, "started_at": started_at, "train_wall_s": train_wall,
+                      "train_exchange_s": exchange_s, "aggregate_s": eval_started - aggregate_started,
+                      "eval_wall_s": eval_wall, **executor.record()}
             if defer:
                 record["evaluated_in_round"] = server_round + 1
             if executor.secagg:

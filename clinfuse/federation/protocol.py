@@ -205,13 +205,13 @@ def seconds_metrics(timings: Mapping[str, float]) -> dict[str, float]:
     return {f"{part}-seconds": float(s) for part, s in timings.items()}
 
 
-def train_metrics(result, **seconds: float) -> dict[str, int | float]:
+def train_metrics(result, timings: Mapping[str, float] | None = None, **seconds: float) -> dict[str, int | float]:
     """A train reply's metrics: counts (overall, per modality), the site's metrics, timings
-    (``seconds`` given as ``part_seconds=s``, and the result's own ``<part>-seconds``)."""
+    (``timings`` as ``<part>-seconds``, default the result's own; ``seconds`` as ``part_seconds=s``)."""
     out: dict[str, int | float] = {NUM_EXAMPLES: int(result.num_examples), DECLINED: int(result.declined)}
     out.update({f"examples-{m}": int(n) for m, n in result.modality_examples.items()})
     out.update(metric_values(result.metrics, drop=("declined",)))
-    out.update(seconds_metrics(result.timings))
+    out.update(seconds_metrics(result.timings if timings is None else timings))
     out.update(metric_values(seconds))
     return out
 
