@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 
 # The distributions that determine a result: the model and data code, the privacy accounting,
@@ -18,6 +19,12 @@ RESULT_PACKAGES = ("clinfuse", "torch", "monai", "opacus", "dp-accounting", "flw
 
 def versions() -> dict[str, str | None]:
     """Installed version of each of :data:`RESULT_PACKAGES` (``None`` for one not installed)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str | None]:
+    # Once per process: every ledger entry records them, and each lookup scans site-packages.
     out = {}
     for name in RESULT_PACKAGES:
         try:

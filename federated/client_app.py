@@ -1,11 +1,15 @@
 """The site's Flower ClientApp over :mod:`clinfuse.federation.protocol` (which site, what is sent).
 
 In deployment every message starts a new process: this module imports only Flower and the
-protocol at the top; torch and the model are imported by the handlers.
+protocol at the top; torch and the model are imported by the handlers. Each reply's metrics time
+the parts of the message (``process-seconds``: from the process's start to the handler, the
+first message of a process only; ``import-seconds``; the site's own parts, see
+:data:`clinfuse.federation.site_runtime.ROUND_PARTS`; ``handler-seconds`` in all).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from flwr.app import Context, Message, MessageType
@@ -14,6 +18,30 @@ from flwr.clientapp import ClientApp
 from clinfuse.federation import protocol
 from clinfuse.federation.run_config import RunConfig
 from federated.mods import client_dp_clipping_mod
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            started = int(fh.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime", encoding="ascii") as fh:
+            return max(0.0, float(fh.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_first_message = True
+
+
+def _startup_seconds() -> dict[str, float]:
+    """``{"process": s}`` for the first message of this process, ``{}`` after it."""
+    global _first_message
+    if not _first_message:
+        return {}
+    _first_message = False
+    age = _process_age()
+    return {"process_seconds": age} if age is not None else {}
 
 
 class ClinfuseClientApp(ClientApp):
@@ -41,31 +69,53 @@ class ClinfuseClientApp(ClientApp):
         return settings, protocol.site_spec(context.node_config, settings)
 
     def train_handler(self, msg: Message, context: Context) -> Message:
+        """Train a round; first evaluate the received model when the message asks
+        (:data:`~clinfuse.federation.protocol.EVALUATE_ROUND`). The reply's ``<part>-seconds``
+        cover the whole message (the evaluation's parts included); ``val`` has its own."""
+        startup = _startup_seconds()
         settings, spec = self.site_of(context)
         started = time.perf_counter()
+        val, eval_timings = None, {}
         try:
+            imports = protocol.load_site_code()
             site = protocol.open_site(spec, settings)
-            setup_s = time.perf_counter() - started
-            result = protocol.train_site(site, protocol.received_state(msg), protocol.round_config(msg),
-                                         run_id=str(msg.metadata.run_id))
+            state, config = protocol.received_state(msg), protocol.round_config(msg)
+            if protocol.EVALUATE_ROUND in config:
+                val = self._evaluate(site, state, int(config[protocol.EVALUATE_ROUND]),
+                                     str(config.get(protocol.RUN_ID, msg.metadata.run_id)), eval_timings)
+            result = protocol.train_site(site, state, config, run_id=str(msg.metadata.run_id))
         except Exception as exc:  # noqa: BLE001 - any failure is reported by type only
             raise protocol.reported(exc, f"site {spec.site_id} training") from None
-        metrics = protocol.train_metrics(result, setup_seconds=setup_s,
-                                         train_seconds=time.perf_counter() - started - setup_s)
-        content = protocol.train_content(spec.site_id, result, msg.content[protocol.ARRAYS].keys(), metrics)
+        parts = dict(site.open_timings)
+        for timings in (result.timings, eval_timings):
+            for part, seconds in timings.items():
+                parts[part] = parts.get(part, 0.0) + seconds
+        metrics = protocol.train_metrics(result, parts, **startup, import_seconds=imports,
+                                         handler_seconds=time.perf_counter() - started)
+        content = protocol.train_content(spec.site_id, result, msg.content[protocol.ARRAYS].keys(), metrics, val)
         return Message(content, reply_to=msg)
 
+    @staticmethod
+    def _evaluate(site, state, server_round: int, run_id: str, timings: dict[str, float] | None = None) -> dict:
+        timings = {} if timings is None else timings
+        metrics = site.evaluate(state, server_round=server_round, run_id=run_id, timings=timings)
+        return protocol.evaluate_metrics(metrics, **{f"{k}_seconds": v for k, v in timings.items()})
+
     def evaluate_handler(self, msg: Message, context: Context) -> Message:
+        startup = _startup_seconds()
         settings, spec = self.site_of(context)
         started = time.perf_counter()
         try:
+            imports = protocol.load_site_code()
             site = protocol.open_site(spec, settings)
             config = protocol.round_config(msg)
-            metrics = site.evaluate(protocol.received_state(msg), server_round=int(config.get(protocol.SERVER_ROUND, 0)),
-                                    run_id=str(config.get(protocol.RUN_ID, msg.metadata.run_id)))
+            metrics = self._evaluate(site, protocol.received_state(msg), int(config.get(protocol.SERVER_ROUND, 0)),
+                                     str(config.get(protocol.RUN_ID, msg.metadata.run_id)))
         except Exception as exc:  # noqa: BLE001 - any failure is reported by type only
             raise protocol.reported(exc, f"site {spec.site_id} evaluation") from None
-        metrics = protocol.evaluate_metrics(metrics, eval_seconds=time.perf_counter() - started)
+        metrics.update(protocol.metric_values({**startup, "import_seconds": imports,
+                                               **{f"{k}_seconds": v for k, v in site.open_timings.items()},
+                                               "handler_seconds": time.perf_counter() - started}))
         return Message(protocol.evaluate_content(spec.site_id, metrics), reply_to=msg)
 
     def signed(self, msg: Message, context: Context, call_next) -> Message:

@@ -9,6 +9,10 @@ one site without volumes).
 ``clinfuse federate`` runs the same simulation over manifests you name (one per site; each site
 is named after its manifest's folder unless ``--site-id`` names them).
 
+``clinfuse flower-app DIR`` writes the Flower app project of the installed package
+(:func:`write_flower_app`): ``flwr run DIR`` needs a folder whose ``pyproject.toml`` declares the
+app's components and run config, and a wheel has none.
+
 A study that stops early (too few sites trained, every site failed) prints why and exits 1; bad
 input exits 2.
 """
@@ -63,6 +67,68 @@ def register(subparsers) -> None:
                         "sampling still come from the OS's entropy")
     _common(p)
     p.set_defaults(handler=_federate)
+
+
+    p = subparsers.add_parser(
+        "flower-app", help="write a Flower app project (pyproject.toml) running the installed clinfuse apps",
+        description="Write DIR/pyproject.toml declaring the installed package's Flower apps "
+                    "(federated.server_app:app, federated.client_app:app) and every run-config key, so "
+                    "'flwr run DIR ...' works without the source tree. An existing file is never "
+                    "overwritten (exit 2).")
+    p.add_argument("dir", type=Path, help="folder to write into (created if needed)")
+    p.set_defaults(handler=_flower_app)
+
+
+#: ``[tool.flwr.app.config]`` values that differ from :class:`RunConfig`'s defaults: the demo
+#: cohort is written in the simulation engine (never in a deployment) unless turned off.
+APP_CONFIG_CHANGES = {"demo-cohort": True}
+
+
+def flower_app_config() -> dict:
+    """``[tool.flwr.app.config]``: every run-config key (``flwr run --run-config`` can set only
+    declared keys) with its default; ``""`` where the study config decides (TOML has no null)."""
+    from clinfuse.federation.run_config import RunConfig
+
+    table = {}
+    for name, info in RunConfig.model_fields.items():
+        if not info.exclude:
+            table[name.replace("_", "-")] = "" if info.default is None else info.default
+    return {**table, **APP_CONFIG_CHANGES}
+
+
+def write_flower_app(folder: Path) -> Path:
+    """Write ``folder/pyproject.toml``, a Flower app project over the installed clinfuse apps;
+    returns its path. Raises :class:`InputError` if the file exists."""
+    import tomli_w  # a dependency of flwr
+
+    from clinfuse import __version__
+    from clinfuse.errors import InputError
+    from clinfuse.fileio import atomic_write_text
+
+    path = Path(folder) / "pyproject.toml"
+    if path.exists():
+        raise InputError("exists; not overwritten (remove it or choose another folder)", file=path)
+    doc = {"build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+           "project": {"name": "clinfuse-app", "version": __version__,
+                       "description": "The clinfuse Flower apps, from the installed clinfuse package",
+                       "dependencies": [f"clinfuse=={__version__}"]},
+           "tool": {"flwr": {"app": {"publisher": "clinfuse",
+                                     "components": {"serverapp": "federated.server_app:app",
+                                                    "clientapp": "federated.client_app:app"},
+                                     "config": flower_app_config()}}}}
+    header = ("# The clinfuse Flower apps of the installed package (written by `clinfuse flower-app`).\n"
+              "# flwr run THIS_FOLDER [CONNECTION] --run-config 'num-rounds=3 config=\"/abs/study.yaml\"'\n"
+              "# Run config keys: docs/federation.md (\"\" = the study config decides; 0 means 0). Relative\n"
+              "# paths resolve against the folder the ServerApp/ClientApp processes run in: use absolute ones.\n"
+              "# Start the SuperLink with --disable-runtime-dependency-installation: clinfuse is installed.\n\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, header + tomli_w.dumps(doc))
+
+
+def _flower_app(args) -> int:
+    path = write_flower_app(args.dir)
+    print(f"wrote {path}\nrun it: flwr run {args.dir} [CONNECTION] --stream (see docs/federation.md)")
+    return 0
 
 
 def _common(p) -> None:

@@ -11,19 +11,28 @@ For the Message API and SecAgg+ alike, :func:`run_study`:
    :class:`federated.secagg.SecAggRounds`: Flower's legacy SecAgg+ workflow); every reply is read
    as trained, declined, failed or refused (a node whose signed claim to a site id does not hold);
    if fewer than ``min-sites`` trained the study stops (:class:`StudyStopped`, nothing written
-   for that round); otherwise the executor aggregates, every site evaluates the new model (one
-   shared Message-API exchange), and the round's checkpoint and history record are written;
-5. records the run's summary.
+   for that round); otherwise the executor aggregates and the round's checkpoint and history
+   record are written;
+5. evaluates each round's global model at every site: with the Message API inside the next
+   round's train exchange (each site evaluates the weights it receives before training on them,
+   :data:`~clinfuse.federation.protocol.EVALUATE_ROUND`; the round's record gets its ``val``
+   then, and its console line and ``on_round`` call come with it), in an exchange of its own
+   after the run's last round (and ``stop-after-round``), and after every round with SecAgg+;
+6. records the run's summary.
 
 Each exchange waits at most ``round-timeout`` seconds for replies (a dead site costs one wait,
 then the round goes on with the others), and its messages expire after that long (a site that
-comes back does not train for a round that is over).
+comes back does not train for a round that is over). Replies are polled for at intervals
+growing from 50 ms to 1 s (:func:`exchange`): Flower's own ``send_and_receive`` sleeps 3 s
+between polls in a deployment.
 
 History (``history.json``), per round: ``sites`` (by site id only: status, metrics, reason,
 ``node``, ``public_key``, ``ledger_head`` and ``val`` with its own ``ledger_head``),
 ``unidentified`` (failed nodes whose site id is unknown, by node id), ``refused`` (node, claimed
-site id, reason), ``val``, ``train``, ``aggregated``, wall times, ``client_dp_epsilon`` or
-``secagg``; per run: ``identity`` (roster, verified) and, when the study stopped early,
+site id, reason), ``val``, ``train``, ``aggregated``, ``evaluated_in_round`` (a folded
+evaluation), ``started_at`` (epoch seconds) and wall times (``train_exchange_s``, ``aggregate_s``,
+``train_wall_s`` the two together, ``eval_wall_s`` of an evaluate exchange, ``round_wall_s``
+up to the checkpoint), ``client_dp_epsilon`` or ``secagg``; per run: ``identity`` (roster, verified) and, when the study stopped early,
 ``summary.stopped``; per study: ``warm_start``, the provenance of ``federation.initial_checkpoint``
 (:mod:`clinfuse.training.warm_start`) or ``None``, also sent to the sites in every train config.
 """
@@ -46,6 +55,7 @@ from clinfuse.federation.protocol import (
     ARRAYS,
     CONFIG,
     DECLINED,
+    EVALUATE_ROUND,
     LOCAL_EPOCHS,
     METRICS,
     MODALITY_AWARE,
@@ -55,6 +65,7 @@ from clinfuse.federation.protocol import (
     RUN_ID,
     SERVER_ROUND,
     SITE,
+    VAL,
     WARM_START,
     SiteClaim,
     read_claim,
@@ -106,6 +117,38 @@ class SiteReply:
         return out
 
 
+def exchange(grid: Grid, messages: Sequence[Message], timeout: float) -> list[Message]:
+    """Send ``messages`` and collect their replies until all came or ``timeout`` seconds passed.
+
+    Flower's ``Grid.send_and_receive`` polls a deployment's SuperLink every 3 s; a round of a
+    few seconds' training loses up to that much per exchange. Here the interval starts at 50 ms
+    and grows by half each empty poll up to 1 s (a long round polls once a second). A simulated
+    grid is in-process: its own ``send_and_receive`` is used, Flower's in-memory grid polling
+    every 20 ms instead of its default 100 ms (its ``pull_interval``).
+    """
+    if not messages:
+        return []
+    if is_simulation(grid):
+        if isinstance(getattr(grid, "pull_interval", None), float):
+            grid.pull_interval = min(grid.pull_interval, 0.02)
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    interval = 0.05
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            break
+        if not got:
+            time.sleep(min(interval, left))
+            interval = min(interval * 1.5, 1.0)
+    return replies
+
+
 def classify(replies: Iterable[Message], sent: Sequence[Message], *, server_round: int, run_id: str,
              identities: SiteIdentities, connected: Iterable[int], timeout: float) -> list[SiteReply]:
     """Read replies to ``sent`` (train or evaluate) with their signed claims checked by
@@ -148,6 +191,22 @@ def classify(replies: Iterable[Message], sent: Sequence[Message], *, server_roun
     return sorted(out, key=lambda r: (r.site_id is None, r.site_id or "", r.node_id))
 
 
+def folded_evaluations(replies: Sequence[SiteReply]) -> list[SiteReply]:
+    """The evaluations carried in train replies (:data:`~clinfuse.federation.protocol.VAL`):
+    ``evaluated`` with the reply's (verified) claim, or ``failed`` (no message: the record names
+    the phase ``evaluate``) for a node whose train reply failed or carried none. Refused replies
+    are left to the train record."""
+    out = []
+    for r in replies:
+        if r.status in ("trained", "declined") and r.message is not None and VAL in r.message.content.metric_records:
+            out.append(SiteReply(r.node_id, r.site_id, "evaluated", dict(r.message.content[VAL]), None,
+                                 r.message, r.claim))
+        elif r.status != "refused":
+            out.append(SiteReply(r.node_id, r.site_id, "failed",
+                                 reason=r.reason if r.status == "failed" else "train reply without evaluation"))
+    return out
+
+
 def _log_replies(server_round: int, phase: str, replies: Sequence[SiteReply]) -> None:
     for r in replies:
         name = r.site_id or f"node {r.node_id}"
@@ -172,6 +231,8 @@ class MessageRounds:
     """Training through Flower's Message API strategies (:func:`federated.strategy.build_strategy`)."""
 
     secagg = False
+    #: the next round's train messages carry the evaluation of this round's model
+    folds_evaluation = True
 
     def __init__(self, study: Study):
         from clinfuse.models.fusion import parameter_groups
@@ -192,17 +253,21 @@ class MessageRounds:
         self._sent: list[Message] = []
         self._arrays: ArrayRecord | None = None
 
-    def train(self, server_round: int, arrays: ArrayRecord) -> list[SiteReply]:
+    def train(self, server_round: int, arrays: ArrayRecord, evaluate_round: int | None = None) -> list[SiteReply]:
+        """Round ``server_round``'s train exchange; with ``evaluate_round`` each site first
+        evaluates ``arrays`` as that round's global model (:func:`folded_evaluations`)."""
         s, study = self.study.settings, self.study
-        config = ConfigRecord({NUM_ROUNDS: s.num_rounds, LOCAL_EPOCHS: s.local_epochs, RUN_ID: study.run_id,
-                               MODALITY_AWARE: bool(s.modality_aware and not self.client_dp),
-                               **study.warm_start_config()})
-        sent = [m for m in self.strategy.configure_train(server_round, arrays, config, study.grid)
+        config = {NUM_ROUNDS: s.num_rounds, LOCAL_EPOCHS: s.local_epochs, RUN_ID: study.run_id,
+                  MODALITY_AWARE: bool(s.modality_aware and not self.client_dp),
+                  **study.warm_start_config()}
+        if evaluate_round is not None:
+            config[EVALUATE_ROUND] = int(evaluate_round)
+        sent = [m for m in self.strategy.configure_train(server_round, arrays, ConfigRecord(config), study.grid)
                 if int(m.metadata.dst_node_id) not in study.identities.refused_nodes]
         for m in sent:
             m.metadata.ttl = s.round_timeout
         self._sent, self._arrays = sent, arrays
-        replies = list(study.grid.send_and_receive(sent, timeout=s.round_timeout))
+        replies = exchange(study.grid, sent, s.round_timeout)
         return study.classify(replies, sent, server_round)
 
     def aggregate(self, server_round: int, replies: Sequence[SiteReply]) -> tuple[ArrayRecord | None, dict]:
@@ -269,8 +334,7 @@ class Study:
         content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({SERVER_ROUND: server_round, RUN_ID: self.run_id})})
         sent = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n, ttl=s.round_timeout)
                 for n in nodes]
-        replies = list(self.grid.send_and_receive(sent, timeout=s.round_timeout)) if sent else []
-        return self.classify(replies, sent, server_round)
+        return self.classify(exchange(self.grid, sent, s.round_timeout), sent, server_round)
 
 
 def _settings(grid: Grid, run_config) -> tuple[RunConfig, object]:
@@ -428,15 +492,40 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
         executor = SecAggRounds(study)
     else:
         executor = MessageRounds(study)
+    pending: tuple[dict, list[SiteReply]] | None = None  # a saved round awaiting its folded evaluation
+
+    def finish_round(record: dict, train: Sequence[SiteReply], evaluated: Sequence[SiteReply]) -> None:
+        """Complete ``record`` with its evaluations; log it and call ``on_round``."""
+        nonlocal last_record
+        done = _round_record(record["round"], train, evaluated, identities)
+        record.update(sites=done["sites"], unidentified=done["unidentified"], refused=done["refused"],
+                      val=weighted_means([r.metrics for r in evaluated if r.status == "evaluated"]))
+        log(INFO, "%s", format_round(record))
+        if on_round is not None:
+            on_round(record)
+        last_record = record
+
     try:
         executor.restore_state(strategy_state)
         for server_round in range(first, settings.num_rounds + 1):
-            started = time.perf_counter()
-            replies = executor.train(server_round, arrays)
+            started, started_at = time.perf_counter(), time.time()
+            if pending is not None:
+                replies = executor.train(server_round, arrays, evaluate_round=pending[0]["round"])
+                exchange_s = time.perf_counter() - started
+                record, train_replies = pending
+                folded = folded_evaluations(replies)
+                _log_replies(record["round"], "evaluate", folded)
+                finish_round(record, train_replies, folded)
+                rundir.amend_round(record["round"], record)
+                pending = None
+            else:
+                replies = executor.train(server_round, arrays)
+                exchange_s = time.perf_counter() - started
             _log_replies(server_round, "train", replies)
             problem = _stop_reason(replies, settings)
             new_arrays = None
             train_metrics: dict = {}
+            aggregate_started = time.perf_counter()
             if problem is None:
                 new_arrays, train_metrics = executor.aggregate(server_round, replies)
                 if new_arrays is None:
@@ -449,35 +538,46 @@ def run_study(grid: Grid, run_config, *, on_round: RoundCallback | None = None) 
                 break
             arrays = new_arrays
             train_wall = time.perf_counter() - started
+            stop = settings.stop_after_round
+            stops_here = bool(stop and stop <= server_round < settings.num_rounds)
+            defer = executor.folds_evaluation and server_round < settings.num_rounds and not stops_here
             eval_started = time.perf_counter()
-            evaluated = study.evaluate(server_round, arrays)
-            _log_replies(server_round, "evaluate", evaluated)
+            evaluated: list[SiteReply] = []
+            if not defer:
+                evaluated = study.evaluate(server_round, arrays)
+                _log_replies(server_round, "evaluate", evaluated)
             eval_wall = time.perf_counter() - eval_started
             record = {**_round_record(server_round, replies, evaluated, identities), "aggregated": True,
-                      "train": train_metrics,
-                      "val": weighted_means([r.metrics for r in evaluated if r.status == "evaluated"]),
-                      "train_wall_s": train_wall, "eval_wall_s": eval_wall, **executor.record()}
+                      "train": train_metrics, "val": {}, "started_at": started_at, "train_wall_s": train_wall,
+                      "train_exchange_s": exchange_s, "aggregate_s": eval_started - aggregate_started,
+                      "eval_wall_s": eval_wall, **executor.record()}
+            if defer:
+                record["evaluated_in_round"] = server_round + 1
             if executor.secagg:
                 record["secagg"] = True
             _note_epsilon(epsilon, record["sites"])
             privacy = {"enabled": cfg.privacy.enabled, "epsilon": max(epsilon.values()) if epsilon else None,
                        "per_site": dict(epsilon), "privacy_unit": "patient", "note": "epsilon is the largest "
                        "over sites; each site's guarantee covers its own patients"}
+            if not defer:
+                record["val"] = weighted_means([r.metrics for r in evaluated if r.status == "evaluated"])
             record["round_wall_s"] = time.perf_counter() - started
             rundir.save_round(server_round, {k: a.numpy() for k, a in arrays.items()}, cfg, record,
                               strategy_state=executor.export_state(), privacy=privacy)
-            log(INFO, "%s", format_round(record))
-            if on_round is not None:
-                on_round(record)
-            last_record = record
-            stop = settings.stop_after_round
-            if stop and stop <= server_round < settings.num_rounds:
+            if defer:
+                pending = (record, replies)
+            else:
+                finish_round(record, replies, evaluated)
+            if stops_here:
                 log(INFO, "stopping after round %d as asked (stop-after-round); resume to continue", server_round)
                 break
     except SitesUnavailable as exc:
-        stopped = {"round": (last_record or {}).get("round", first - 1) + 1, "reason": str(exc)}
+        stopped = {"round": (pending[0] if pending else last_record or {}).get("round", first - 1) + 1,
+                   "reason": str(exc)}
     finally:
         executor.close()
+    if pending is not None:  # the study ended before the exchange that would have evaluated it
+        finish_round(*pending, [])
     completed = (last_record or {}).get("round", first - 1)
     summary = {"rounds": completed, "num_rounds": settings.num_rounds,
                "final_val": (last_record or {}).get("val", {}), "epsilon": epsilon,

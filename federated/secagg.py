@@ -39,6 +39,7 @@ from clinfuse.federation.protocol import (
     metric_values,
     open_site,
     reported,
+    seconds_metrics,
     sign_fields,
     site_spec,
     train_site,
@@ -51,6 +52,7 @@ class SecAggRounds:
     """Round executor over Flower's ``SecAggPlusWorkflow`` (see the module docstring)."""
 
     secagg = True
+    folds_evaluation = False
 
     def __init__(self, study: Study):
         from flwr.server import LegacyContext, ServerConfig
@@ -202,12 +204,10 @@ def secagg_client_app(run_config: RunConfig, mods: list):
                 try:
                     site = open_site(spec, run_config)
                     keys = list(build_model_for(site.cfg).state_dict().keys())
-                    started = time.perf_counter()
                     result = train_site(site, dict(zip(keys, parameters)), config, modality_aware=False)
-                    train_s = time.perf_counter() - started
                 except Exception as exc:  # noqa: BLE001 - reported by type only
                     raise reported(exc, f"site {spec.site_id} training") from None
-                metrics = {DECLINED: int(result.declined), "train-seconds": train_s,
+                metrics = {DECLINED: int(result.declined), **seconds_metrics(result.timings),
                            **metric_values(result.metrics, drop=("declined",))}
                 fields = sign_fields(spec.state_dir, site_id=spec.site_id, message_type=TRAIN,
                                      server_round=int(config.get(SERVER_ROUND, 0)),

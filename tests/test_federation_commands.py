@@ -10,6 +10,8 @@ from clinfuse.cli import build_parser, main
 from clinfuse.errors import InputError
 from federated.commands import _privacy_line, _run_config, site_ids_for
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def manifests(tmp_path, *folders) -> list[Path]:
     out = []
@@ -60,3 +62,19 @@ def test_a_stopped_study_exits_1_with_the_reason(tmp_path, monkeypatch, capsys):
                  "--state-root", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 1 and "study stopped: round 1: 0 site(s) trained" in err and "no global checkpoint" in err
+
+
+def test_flower_app_declares_the_installed_apps_and_the_checkouts_run_config(tmp_path):
+    """`clinfuse flower-app DIR`: the same components and run config as this checkout's
+    pyproject.toml (so `flwr run DIR` behaves as `flwr run .` here), importable, never overwritten."""
+    import tomllib
+
+    from flwr.supercore.object_ref import load_app
+
+    assert main(["flower-app", str(tmp_path / "app")]) == 0
+    written = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    ours = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert written["components"] == ours["components"] and written["config"] == ours["config"]
+    for ref in written["components"].values():
+        assert load_app(ref, ValueError, project_dir=tmp_path / "app") is not None
+    assert main(["flower-app", str(tmp_path / "app")]) == 2

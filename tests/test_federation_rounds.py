@@ -160,7 +160,7 @@ def site_epsilon_after(cfg_path, manifest, rounds_done, rounds, state_dir):
 # What leaves a site
 # --------------------------------------------------------------------------------------------
 
-METRIC_KEYS = re.compile(r"^(num-examples|declined|(train|setup|eval)-seconds|examples-(image|text|tabular)"
+METRIC_KEYS = re.compile(r"^(num-examples|declined|(process|import|manifest|privacy|accountant|data|model|train|ledger|evaluate|handler)-seconds|examples-(image|text|tabular)"
                          r"|train-loss|epsilon|delta|max-epsilon|noise-multiplier|val-loss|val-auroc"
                          r"|val-aux-auroc-(image|text|tabular)|val-single-class|loss-at-chance|collapsed|val-predicted-classes)$")
 
@@ -181,7 +181,8 @@ def check_reply(reply: Message, model_shapes: dict, cfg, sentences: list[str]) -
         assert "failed with" in text or "simulated crash" in text, text
     else:
         content = reply.content
-        assert set(content.keys()) <= {"arrays", "metrics", "site"}, set(content.keys())
+        # val: a train reply's evaluation of the model it received (folded evaluation)
+        assert set(content.keys()) <= {"arrays", "metrics", "site", "val"}, set(content.keys())
         if "arrays" in content.array_records:
             arrays = content["arrays"]
             assert list(arrays.keys()) == list(model_shapes)  # the model's state dict, nothing more
@@ -189,9 +190,10 @@ def check_reply(reply: Message, model_shapes: dict, cfg, sentences: list[str]) -
                 assert tuple(array.shape) == model_shapes[name], name
                 assert tuple(array.shape) not in input_shapes, name
                 assert array.dtype in ("float32", "float64", "int64"), (name, array.dtype)
-        for key, value in content["metrics"].items():
-            assert METRIC_KEYS.match(key), key
-            assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        for record in ("metrics", "val"):
+            for key, value in (content[record].items() if record in content.metric_records else ()):
+                assert METRIC_KEYS.match(key), key
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
         site = dict(content["site"])
         assert {"site-id", "public-key", "signature"} <= set(site) <= {
             "site-id", "reason", "public-key", "ledger-seq", "ledger-hash", "signature"}
@@ -238,7 +240,9 @@ def test_budget_failure_and_every_message_a_site_sends(tmp_path, cohort):
     cfg = load_config(cfg_path)
     shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
     sentences = note_sentences(cohort)
-    assert sentences and len(grid.replies) == 4 * 3 * 2
+    # a train exchange per round (from round 2 on carrying the last round's evaluation), then the
+    # last round's evaluation
+    assert sentences and len(grid.replies) == 4 * 3 + 3
     for reply in grid.replies:
         check_reply(reply, shapes, cfg, sentences)
 
@@ -261,7 +265,7 @@ def test_server_restart_with_resume_continues_model_and_epsilon(tmp_path, cohort
 
     cfg = load_config(tiny_config(tmp_path))
     shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
-    assert len(grid.replies) == 2 * 2 * 2
+    assert len(grid.replies) == 2 * 2 + 2  # rounds 2 and 3 (3 carrying 2's evaluation), then 3's
     for reply in grid.replies:  # everything the sites sent after the restart
         check_reply(reply, shapes, cfg, note_sentences(cohort))
 
@@ -439,3 +443,101 @@ def test_named_sites_without_dp_and_a_seed_that_fixes_the_initial_model(tmp_path
     a, b, c = first_model(7, "a"), first_model(7, "b"), first_model(8, "c")
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------
+# Exchanges: polling, and the evaluation folded into the next train message
+# --------------------------------------------------------------------------------------------
+
+class PolledGrid(LocalGrid):
+    """A deployment-like grid (not simulated): replies appear ``delay`` seconds after the push
+    and are collected with ``pull_messages``, as from a SuperLink."""
+
+    simulated = False
+
+    def __init__(self, *args, delay: float = 0.3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay, self.ready, self.pulls = delay, [], 0
+
+    def push_messages(self, messages):
+        import time
+
+        ids = []
+        for reply in self.send_and_receive(list(messages)):
+            self.ready.append((time.monotonic() + self.delay, reply))
+        for msg in self.sent[-len(messages):]:
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        import time
+
+        self.pulls += 1
+        now, wanted = time.monotonic(), set(message_ids)
+        out = [r for t, r in self.ready if t <= now and r.metadata.reply_to_message_id in wanted]
+        self.ready = [(t, r) for t, r in self.ready if r not in out]
+        return out
+
+
+def test_exchange_collects_replies_soon_after_they_arrive_and_stops_at_the_timeout(tmp_path, cohort):
+    import time
+
+    from flwr.app import ConfigRecord
+
+    from federated.rounds import exchange
+
+    content = RecordDict({"config": ConfigRecord({})})
+    # Sites that answer at once, without work: what is timed is the polling.
+    grid = PolledGrid(lambda msg, ctx: Message(RecordDict(), reply_to=msg), 2, delay=0.3, dead={1001})
+    sent = [Message(content, 1000 + k, "query", ttl=5.0) for k in range(2)]
+    started = time.monotonic()
+    replies = exchange(grid, sent, timeout=1.5)
+    took = time.monotonic() - started
+    assert [int(r.metadata.src_node_id) for r in replies] == [1000]  # 1001 never answers
+    assert 1.5 <= took < 2.0  # waited for the dead node until the timeout, not longer
+
+    grid = PolledGrid(lambda msg, ctx: Message(RecordDict(), reply_to=msg), 2, delay=0.3)
+    started = time.monotonic()
+    replies = exchange(grid, [Message(content, 1000 + k, "query", ttl=5.0) for k in range(2)], timeout=30)
+    took = time.monotonic() - started
+    assert len(replies) == 2 and 0.3 <= took < 0.6, took  # Flower's own loop would take 3 s here
+
+
+def test_folded_evaluation_records_the_same_metrics_as_an_evaluate_exchange(tmp_path, cohort):
+    """Round 1 is evaluated inside round 2's train exchange, round 2 (the last) in an exchange of
+    its own: both records hold the same metric keys, per site and averaged (timings apart: an
+    exchange of its own also times opening the site)."""
+
+    def keys(metrics):
+        return {k for k in metrics if not k.endswith("-seconds")}
+
+    summary, grid = run_rounds(base_config(tmp_path, cohort, **{"num-rounds": 2}), 3)
+    history = json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"]
+    folded, separate = history
+    assert folded["evaluated_in_round"] == 2 and "evaluated_in_round" not in separate
+    assert keys(folded["val"]) == keys(separate["val"]) and "val-auroc" in folded["val"]
+    for name in ("site-0", "site-1", "site-2"):
+        assert keys(folded["sites"][name]["val"]) == keys(separate["sites"][name]["val"])
+        assert folded["sites"][name]["val"]["num-examples"] == separate["sites"][name]["val"]["num-examples"] > 0
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types.count("train") == 6 and types.count("evaluate") == 3
+    round2 = [m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"]["server-round"] == 2]
+    assert all(m.content["config"]["evaluate-round"] == 1 for m in round2)
+    assert summary["final_val"] == separate["val"]
+
+
+def test_a_removed_or_altered_folded_evaluation_does_not_verify(tmp_path, cohort):
+    from flwr.app import MetricRecord
+
+    from clinfuse.federation.protocol import VAL, read_claim
+
+    _, grid = run_rounds(base_config(tmp_path, cohort, **{"num-rounds": 2}), 2)
+    reply = next(r for r in grid.replies if VAL in r.content.metric_records)
+    rnd, run_id = 2, "4242"
+    assert read_claim(reply, server_round=rnd, run_id=run_id).signed
+    altered = LocalGrid.wire(reply)
+    altered.content[VAL] = MetricRecord({**dict(reply.content[VAL]), "val-auroc": 0.99})
+    assert not read_claim(altered, server_round=rnd, run_id=run_id).signed
+    removed = LocalGrid.wire(reply)
+    del removed.content[VAL]
+    assert not read_claim(removed, server_round=rnd, run_id=run_id).signed

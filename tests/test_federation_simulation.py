@@ -97,9 +97,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort):
+@pytest.mark.parametrize("app", ["checkout", "flower-app"])
+def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort, app):
     """`flwr run .` as docs/federation.md shows it: a local SuperLink started beforehand without
-    runtime dependency installation (else it downloads torch), 3 simulated SuperNodes."""
+    runtime dependency installation (else it downloads torch), 3 simulated SuperNodes. The app is
+    this checkout, or the project `clinfuse flower-app` writes over the installed package."""
     import os
     import signal
     import subprocess
@@ -132,7 +134,12 @@ def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort):
                 time.sleep(0.5)
         run_config = (f"config='{tiny_config(tmp_path)}' cohort='{cohort}' workdir='work' num-rounds=2 "
                       f"max-epsilon=100.0")
-        out = subprocess.run(["flwr", "run", str(REPO), "--stream", "--federation-config", "num-supernodes=3",
+        app_dir = REPO
+        if app == "flower-app":
+            from federated.commands import write_flower_app
+
+            app_dir = write_flower_app(tmp_path / "app").parent
+        out = subprocess.run(["flwr", "run", str(app_dir), "--stream", "--federation-config", "num-supernodes=3",
                               "--run-config", run_config], env=env, cwd=tmp_path, capture_output=True, text=True,
                              timeout=600, check=False)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

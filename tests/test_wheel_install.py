@@ -3,7 +3,9 @@
 Builds the wheel from a copy of the source tree, installs torch first (pinned, as ``.ci/run``
 does) and then the wheel with its extras and all its dependencies (pip's cache makes this a
 matter of unpacking), and runs the commands a new user runs, from a temporary folder with
-default paths: ``clinfuse init``, ``synth``, ``validate``, a DP ``train`` and ``demo``.
+default paths: ``clinfuse init``, ``synth``, ``validate``, a DP ``train`` and ``demo``; then
+``clinfuse flower-app`` and ``flwr run`` of the project it writes, on a local simulation
+SuperLink (the Flower app from the installed package, no source tree).
 """
 
 from __future__ import annotations
@@ -87,5 +89,63 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert "final validation AUROC" in out and "epsilon site-0" in out
     assert (work / ".clinfuse-demo" / "run" / "global.pt").is_file()
 
+    # 4. The Flower app from the installed package: its components load from site-packages, and
+    #    `flwr run` of the written project completes a round on a local simulation SuperLink.
+    _run([clinfuse, "flower-app", "app"], cwd=work, env=env, timings=timings, name="flower-app")
+    loaded = _run([str(bin_dir / "python"), "-c", (
+        "import sys; from flwr.supercore.object_ref import load_app; "
+        "[load_app(r, ValueError, project_dir='app') for r in ('federated.server_app:app', 'federated.client_app:app')]; "
+        "print(sys.modules['federated.server_app'].__file__); print(sys.modules['federated.client_app'].__file__)")],
+        cwd=work, env=env, timings=timings, name="load apps").split()
+    assert all(path.startswith(site_packages) for path in loaded), loaded
+    _flwr_run(work, env, bin_dir, timings)
+    history = (work / "flwr-work" / "run" / "history.json").read_text()
+    assert '"round": 1' in history
+
     print("\nwheel install test, wall seconds: "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items()))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _flwr_run(work: Path, env: dict, bin_dir: Path, timings: dict) -> None:
+    """``flwr run app`` on a local simulation SuperLink started without dependency installation
+    (docs/federation.md), 2 simulated sites, one round of the demo study; the SuperLink is
+    stopped by PID."""
+    import signal
+    import urllib.request
+
+    http, control = _free_port(), _free_port()
+    env = {**env, "FLWR_HOME": str(work / "flwr"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    (work / "flwr").mkdir()
+    superlink = subprocess.Popen(
+        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
+         "--database", str(work / "flwr" / "state.db"), "--disable-runtime-dependency-installation"],
+        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1)
+                break
+            except OSError:
+                assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
+                time.sleep(0.5)
+        _run([str(bin_dir / "flwr"), "run", "app", "--stream", "--federation-config", "num-supernodes=2",
+              "--run-config", "num-rounds=1 cohort-patients=30 workdir='flwr-work'"],
+             cwd=work, env=env, timings=timings, name="flwr run (simulation)", timeout=900)
+    finally:
+        os.killpg(superlink.pid, signal.SIGTERM)
+        try:
+            superlink.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(superlink.pid, signal.SIGKILL)
+            superlink.wait()

@@ -17,12 +17,16 @@ A round's instructions (the train message's ``config`` record)
     ``server-round``, ``num-rounds``, ``local-epochs``, ``run-id``, ``modality-aware``
     (and ``proximal-mu`` for FedProx, ``clipping_norm`` for client-level DP, ``warm-start`` when
     the study started from a public-data checkpoint: its provenance, which the site's ledger records). :func:`train_site`
-    is the one place a site trains a round from them.
+    is the one place a site trains a round from them. ``evaluate-round`` (round ``r`` > 1 of a
+    Message-API study): the received weights are round ``r - 1``'s global model; the site first
+    evaluates them as that round's evaluation, saving an exchange (a process per site in a
+    deployment) per round.
 
 A reply
     ``arrays`` (the state dict, same keys and order as received; absent when the site declined),
     ``metrics`` (:func:`train_metrics` / :func:`evaluate_metrics`: numbers only, keys with
-    hyphens, flattened by :func:`metric_values`) and ``site`` (:data:`SITE_ID`, ``reason`` when
+    hyphens, flattened by :func:`metric_values`; ``<part>-seconds`` timings), ``val`` (the
+    evaluation a train message asked for, as :func:`evaluate_metrics`) and ``site`` (:data:`SITE_ID`, ``reason`` when
     declining, and the signed identity below).
 
 Signed replies (:func:`sign_fields`, :func:`read_claim`)
@@ -30,7 +34,7 @@ Signed replies (:func:`sign_fields`, :func:`read_claim`)
     the last entry after this release) and an Ed25519 signature, made with the site key in its
     state dir, over the canonical digest of what matters (:func:`reply_digest`): the site id, the
     message type, the server round and run id it answers, the hash of the array record, the
-    metrics (epsilon included), the decline reason, the ledger head and the public key. A
+    metrics (epsilon included) and the ``val`` metrics when present, the decline reason, the ledger head and the public key. A
     replayed reply (another round or run), an altered one, or one signed by another key does not
     verify. Which key may speak for which site id is :mod:`clinfuse.federation.identity`'s job.
 """
@@ -49,8 +53,8 @@ from pathlib import Path
 from clinfuse.errors import InputError
 from clinfuse.federation.run_config import RunConfig, expand_path
 
-# Records of a message
-ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
+# Records of a message (``val``: a train reply's evaluation of the model it received, when asked)
+ARRAYS, CONFIG, METRICS, SITE, VAL = "arrays", "config", "metrics", "site", "val"
 # Metrics every reply may carry
 NUM_EXAMPLES, DECLINED = "num-examples", "declined"
 # The site record
@@ -61,6 +65,9 @@ IDENTITY_FIELDS = (SITE_ID, REASON, PUBLIC_KEY, LEDGER_SEQ, LEDGER_HASH, SIGNATU
 SERVER_ROUND, NUM_ROUNDS, LOCAL_EPOCHS, RUN_ID = "server-round", "num-rounds", "local-epochs", "run-id"
 PROXIMAL_MU, MODALITY_AWARE = "proximal-mu", "modality-aware"
 WARM_START = "warm-start"  # JSON of the public-data checkpoint's provenance (federation.initial_checkpoint)
+# In a train message: evaluate the received model (the previous round's global) before training,
+# as round ``evaluate-round``, and reply with its metrics in the ``val`` record
+EVALUATE_ROUND = "evaluate-round"
 CLIPPING_NORM = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM
 TRAIN, EVALUATE = "train", "evaluate"  # message types signed into a reply
 REPLY_FORMAT = "clinfuse.reply/1"
@@ -115,11 +122,29 @@ def site_spec(node_config: Mapping, run_config: RunConfig) -> SiteSpec:
                      "(flower-supernode --node-config)", key="manifest")
 
 
-def open_site(spec: SiteSpec, run_config: RunConfig):
-    """A fresh :class:`~clinfuse.federation.site_runtime.SiteRuntime` for one message.
+def load_site_code() -> float:
+    """Import what a site's round runs (torch, Opacus, the trainer, the privacy state); returns the
+    seconds it took (about 0 once loaded: a simulation's actor keeps it, a deployment's process
+    per message does not). Imported here, not where first used, so the benchmark's breakdown
+    counts imports as imports (Opacus' alone is seconds: it pulls SciPy and torch.distributed)."""
+    import time
 
-    Nothing is kept in memory between messages on purpose: in simulation one worker serves
-    several sites in turn, and the accountant on disk is the only truth.
+    started = time.perf_counter()
+    import opacus  # noqa: F401
+
+    import clinfuse.federation.site_runtime
+    import clinfuse.privacy.site_state
+    import clinfuse.training.trainer  # noqa: F401
+
+    return time.perf_counter() - started
+
+
+def open_site(spec: SiteSpec, run_config: RunConfig):
+    """A :class:`~clinfuse.federation.site_runtime.SiteRuntime` for one message.
+
+    Its privacy state is read from the state dir every time (in simulation one worker serves
+    several sites in turn, and the accountant on disk is the only truth); the validated manifest
+    and decoded data come from the process's cache while nothing they depend on changed.
     """
     from clinfuse.federation.site_runtime import SiteRuntime
 
@@ -198,11 +223,18 @@ def metric_values(values: Mapping, *, drop: tuple[str, ...] = ()) -> dict[str, i
     return out
 
 
-def train_metrics(result, **seconds: float) -> dict[str, int | float]:
-    """A train reply's metrics: counts (overall, per modality), the site's metrics, timings."""
+def seconds_metrics(timings: Mapping[str, float]) -> dict[str, float]:
+    """``{part: s}`` as metrics ``<part>-seconds``."""
+    return {f"{part}-seconds": float(s) for part, s in timings.items()}
+
+
+def train_metrics(result, timings: Mapping[str, float] | None = None, **seconds: float) -> dict[str, int | float]:
+    """A train reply's metrics: counts (overall, per modality), the site's metrics, timings
+    (``timings`` as ``<part>-seconds``, default the result's own; ``seconds`` as ``part_seconds=s``)."""
     out: dict[str, int | float] = {NUM_EXAMPLES: int(result.num_examples), DECLINED: int(result.declined)}
     out.update({f"examples-{m}": int(n) for m, n in result.modality_examples.items()})
     out.update(metric_values(result.metrics, drop=("declined",)))
+    out.update(seconds_metrics(result.timings if timings is None else timings))
     out.update(metric_values(seconds))
     return out
 
@@ -225,12 +257,15 @@ def received_state(message) -> dict:
     return {k: a.numpy() for k, a in message.content[ARRAYS].items()}
 
 
-def train_content(site_id: str, result, sent_keys, metrics: Mapping):
-    """The train reply's records (not yet signed: :func:`sign_reply` does that last)."""
+def train_content(site_id: str, result, sent_keys, metrics: Mapping, val: Mapping | None = None):
+    """The train reply's records (not yet signed: :func:`sign_reply` does that last); ``val``
+    the evaluation metrics the message asked for (:data:`EVALUATE_ROUND`)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
     site = {SITE_ID: site_id}
     content = RecordDict({METRICS: MetricRecord(dict(metrics))})
+    if val is not None:
+        content[VAL] = MetricRecord(dict(val))
     if result.declined:
         site[REASON] = result.declined_reason
     else:
@@ -277,22 +312,25 @@ def arrays_hash(arrays) -> str | None:
 
 def reply_digest(*, site_id: str, message_type: str, server_round: int, run_id: str,
                  arrays: str | None, metrics: Mapping, reason: str | None, head: Mapping | None,
-                 public_key: str) -> bytes:
-    """The canonical bytes a site signs and the server verifies (sorted-key JSON)."""
+                 public_key: str, val: Mapping | None = None) -> bytes:
+    """The canonical bytes a site signs and the server verifies (sorted-key JSON); ``val`` is
+    in them when the reply carries one (a removed or added ``val`` record does not verify)."""
     body = {"format": REPLY_FORMAT, "site_id": str(site_id), "message_type": str(message_type),
             "server_round": int(server_round), "run_id": str(run_id), "arrays": arrays,
             "metrics": {str(k): v for k, v in metrics.items()}, "reason": reason,
             "ledger_head": dict(head) if head else None, "public_key": public_key}
+    if val is not None:
+        body["val"] = {str(k): v for k, v in val.items()}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def sign_fields(state_dir: Path, *, site_id: str, message_type: str, server_round: int, run_id: str,
-                arrays: str | None, metrics: Mapping, reason: str | None = None) -> dict:
+                arrays: str | None, metrics: Mapping, reason: str | None = None, val: Mapping | None = None) -> dict:
     """The identity fields of a reply (site id, public key, ledger head, signature)."""
     key, head = site_key(state_dir), ledger_head(state_dir)
     signature = key.sign(reply_digest(site_id=site_id, message_type=message_type, server_round=server_round,
                                       run_id=run_id, arrays=arrays, metrics=metrics, reason=reason, head=head,
-                                      public_key=key.public_key))
+                                      public_key=key.public_key, val=val))
     fields = {SITE_ID: site_id, PUBLIC_KEY: key.public_key, SIGNATURE: signature}
     if head is not None:
         fields.update({LEDGER_SEQ: head["seq"], LEDGER_HASH: head["hash"]})
@@ -316,7 +354,7 @@ def sign_reply(reply, request, state_dir: Path) -> None:
         state_dir, site_id=str(site[SITE_ID]), message_type=request.metadata.message_type,
         server_round=int(config.get(SERVER_ROUND, 0)), run_id=str(config.get(RUN_ID, request.metadata.run_id)),
         arrays=arrays_hash(content[ARRAYS] if ARRAYS in content.array_records else None), metrics=metrics,
-        reason=site.get(REASON)))
+        reason=site.get(REASON), val=dict(content[VAL]) if VAL in content.metric_records else None))
 
 
 @dataclass(frozen=True)
@@ -338,7 +376,7 @@ class SiteClaim:
 
 
 def claim_from_fields(fields: Mapping, *, message_type: str, server_round: int, run_id: str,
-                      arrays: str | None, metrics: Mapping) -> SiteClaim | None:
+                      arrays: str | None, metrics: Mapping, val: Mapping | None = None) -> SiteClaim | None:
     """Read and verify the identity fields of a reply; ``None`` when it names no site."""
     from clinfuse.privacy.site_key import verify_signature
 
@@ -352,7 +390,7 @@ def claim_from_fields(fields: Mapping, *, message_type: str, server_round: int, 
         reason = fields.get(REASON)
         digest = reply_digest(site_id=site_id, message_type=message_type, server_round=server_round, run_id=run_id,
                               arrays=arrays, metrics=metrics, reason=str(reason) if reason is not None else None,
-                              head=head, public_key=public_key)
+                              head=head, public_key=public_key, val=val)
         signed = verify_signature(public_key, digest, signature)
     return SiteClaim(site_id, public_key if isinstance(public_key, str) else None, head, signed)
 
@@ -365,4 +403,5 @@ def read_claim(reply, *, server_round: int, run_id: str) -> SiteClaim | None:
     metrics = dict(content[METRICS]) if METRICS in content.metric_records else {}
     return claim_from_fields(content[SITE], message_type=reply.metadata.message_type, server_round=server_round,
                              run_id=run_id, metrics=metrics,
+                             val=dict(content[VAL]) if VAL in content.metric_records else None,
                              arrays=arrays_hash(content[ARRAYS] if ARRAYS in content.array_records else None))

@@ -217,6 +217,20 @@ class RunDir:
         self._write(doc)
         return path
 
+    def amend_round(self, server_round: int, fields: dict) -> None:
+        """Update the history record of an already saved round with ``fields`` (its evaluation,
+        which a study folding evaluation into the next round's train exchange learns later).
+        The checkpoint is left as saved; its ``model_hash`` and path stay in the record."""
+        doc = self._read()
+        if doc is None:
+            raise RuntimeError("RunDir.begin() must be called before amend_round()")
+        for record in doc["rounds"]:
+            if record.get("round") == server_round:
+                record.update({k: v for k, v in fields.items() if k not in ("round", "model_hash", "checkpoint")})
+                self._write(doc)
+                return
+        raise ValueError(f"round {server_round} is not in the history")
+
     def finish(self, summary: dict) -> None:
         """Record the end of the current run (final metrics, epsilon per site)."""
         doc = self._read()

@@ -20,12 +20,22 @@ history is off the plan), the epsilon it would reach after the round; if that pa
 ``max_epsilon`` it declines, trains nothing and says why. Otherwise it reserves the round's
 steps in the ledger, trains, and settles the reservation. What it returns (``RoundResult``) is
 only weights, counts, metrics and its ledger head.
+
+Within one process (a simulation's Ray actor serves many messages) the validated manifest, its
+decoded data and an untrained model of the study are kept (:func:`_site_data`,
+:func:`_model_template`) and reused while the manifest, every input file it names and the study
+config are unchanged; the privacy state (key, ledger, accountant, plan) is read from the state
+dir at every open, since another process may have trained the site since.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +60,76 @@ class RoundResult:
     history: list[dict] = field(default_factory=list)
     #: ``{"seq": int, "hash": str}`` of the site's ledger after this round's entries
     ledger_head: dict | None = None
+    #: wall seconds of each part of the round (:data:`ROUND_PARTS`), for the benchmark's breakdown
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def declined(self) -> bool:
         return self.declined_reason is not None
+
+
+#: The parts of a site's round that :attr:`RoundResult.timings` and :attr:`SiteRuntime.open_timings`
+#: time: reading and validating the manifest (or finding it in this process's cache), opening the
+#: privacy state (key, ledger check, accountant), planning and accounting, decoding the data,
+#: building the model, the local epochs, the signed ledger entries, evaluating.
+ROUND_PARTS = ("manifest", "privacy", "accountant", "data", "model", "train", "ledger", "evaluate")
+
+
+@contextmanager
+def timed(timings: dict[str, float], part: str):
+    """Add the wall seconds of the ``with`` block to ``timings[part]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[part] = timings.get(part, 0.0) + time.perf_counter() - started
+
+
+# One process may serve several sites in turn (simulation): a few entries, least recently used
+# dropped first.
+_CACHE_SIZE = 8
+_SITE_DATA: OrderedDict = OrderedDict()
+_MODELS: OrderedDict = OrderedDict()
+
+
+def _remember(cache: OrderedDict, key, value) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def _stat(path) -> tuple[str, int, int]:
+    st = Path(path).stat()
+    return str(path), st.st_size, st.st_mtime_ns
+
+
+def _still_valid(fingerprint) -> bool:
+    try:
+        return all(_stat(path) == (path, size, mtime) for path, size, mtime in fingerprint)
+    except OSError:
+        return False
+
+
+def clear_caches() -> None:
+    """Forget the validated manifests and model templates this process keeps (tests)."""
+    _SITE_DATA.clear()
+    _MODELS.clear()
+
+
+def _model_template(cfg: Config):
+    """An untrained model of ``cfg``'s study, built once per process and config (copy it)."""
+    from clinfuse.training.checkpoint import build_model_for
+
+    key = cfg.digest()
+    model = _MODELS.get(key)
+    if model is None:
+        # Its random initial weights are always overwritten: drawing them must not move the
+        # caller's random stream, or a seeded round would depend on which process served it.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model_for(cfg)
+    _remember(_MODELS, key, model)
+    return model
 
 
 def state_to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -84,7 +160,6 @@ class SiteRuntime:
 
     def __init__(self, cfg: Config, manifest: str | Path, *, site_id: str, state_dir: str | Path,
                  max_epsilon: float, progress: bool = False, data_roots=(), lock_wait_s: float = 0.0):
-        from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
         from clinfuse.privacy.site_state import SitePrivacyState
 
         if not max_epsilon > 0:
@@ -92,21 +167,18 @@ class SiteRuntime:
         self.cfg, self.site_id, self.max_epsilon, self.progress = cfg, site_id, float(max_epsilon), progress
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.data = self._read_manifest(manifest, data_roots)
-        self.data.require_records()
-        for line in self.data.skip_report():
-            _log.warning("%s: %s", site_id, line)
-        cache = default_cache_dir(manifest, cfg)
-        self.train_set = MultimodalDataset([r for r in self.data.records if r.split == "train"], cfg, cache)
-        self.val_set = MultimodalDataset([r for r in self.data.records if r.split == "val"], cfg, cache)
-        if len(self.train_set) == 0:
-            raise InputError("the site has no training rows", file=manifest)
-        self.privacy = SitePrivacyState(self.state_dir, mechanism=cfg.privacy.accountant, lock_wait_s=lock_wait_s)
-        self.key = self.privacy.key
-        self.ledger = self.privacy.ledger
-        # Checked at every open (read-only): a refused state stops the site before it answers
-        # anything. The plan is checked when it is used (plan(), train_round()).
-        self.accountant = self.privacy.open_accountant()
+        #: wall seconds of opening the site (``manifest``, ``privacy``): see :data:`ROUND_PARTS`
+        self.open_timings: dict[str, float] = {}
+        with timed(self.open_timings, "manifest"):
+            self.data, self.train_set, self.val_set = self._site_data(manifest, data_roots)
+        with timed(self.open_timings, "privacy"):
+            self.privacy = SitePrivacyState(self.state_dir, mechanism=cfg.privacy.accountant,
+                                            lock_wait_s=lock_wait_s)
+            self.key = self.privacy.key
+            self.ledger = self.privacy.ledger
+            # Checked at every open (read-only): a refused state stops the site before it answers
+            # anything. The plan is checked when it is used (plan(), train_round()).
+            self.accountant = self.privacy.open_accountant()
 
     @property
     def public_key(self) -> str:
@@ -117,10 +189,46 @@ class SiteRuntime:
         """``{"seq": int, "hash": str}`` of the last ledger entry (``seq`` -1 before any)."""
         return self.privacy.ledger_head()
 
+    def _site_data(self, manifest, data_roots):
+        """``(data, train_set, val_set)``: the validated manifest and its datasets.
+
+        Reused from this process's cache when the manifest, every input file it names (size and
+        modification time) and the study config are as they were, and that validation skipped no
+        row: a refused row is looked at again every time (a fixed file is taken, a refused one
+        stays refused). Otherwise validated in full (:meth:`_read_manifest`).
+        """
+        from clinfuse.data.dataset import MultimodalDataset, default_cache_dir
+
+        key = (str(Path(manifest).resolve()), self.cfg.digest(), tuple(str(r) for r in data_roots),
+               str(self.state_dir.resolve()))
+        cached = _SITE_DATA.get(key)
+        if cached is not None and _still_valid(cached[0]):
+            _remember(_SITE_DATA, key, cached)
+            return cached[1:]
+        _SITE_DATA.pop(key, None)
+        data, inputs = self._read_manifest(manifest, data_roots)
+        data.require_records()
+        for line in data.skip_report():
+            _log.warning("%s: %s", self.site_id, line)
+        cache = default_cache_dir(manifest, self.cfg)
+        train_set = MultimodalDataset([r for r in data.records if r.split == "train"], self.cfg, cache)
+        val_set = MultimodalDataset([r for r in data.records if r.split == "val"], self.cfg, cache)
+        if len(train_set) == 0:
+            raise InputError("the site has no training rows", file=manifest)
+        if inputs is not None and not data.skipped_rows:
+            try:
+                fingerprint = (_stat(Path(manifest)), *inputs)
+            except OSError:
+                fingerprint = None
+            if fingerprint is not None:
+                _remember(_SITE_DATA, key, (fingerprint, data, train_set, val_set))
+        return data, train_set, val_set
+
     def _read_manifest(self, manifest, data_roots):
-        """Validate the manifest in full, every round: the ClientApp is a fresh process each time,
-        and a file that was refused (undecodable, identifying) must stay refused. File findings
-        are kept in the state dir, so an unchanged file is not decoded again."""
+        """Validate the manifest in full; returns ``(data, inputs)``, ``inputs`` the
+        ``(path, size, mtime_ns)`` of every input file that decoded (``None`` if unknown). A file
+        that was refused (undecodable, identifying) stays refused. File findings are kept in the
+        state dir, so an unchanged file is not decoded again by the next process."""
         from collections import ChainMap
 
         from clinfuse.data.manifest import read_manifest
@@ -138,7 +246,11 @@ class SiteRuntime:
                              progress=self.progress)
         if used != before:
             atomic_write_json(path, used)
-        return data
+        try:
+            inputs = sorted({tuple(stat) for key in used for stat in json.loads(key)[1]})
+        except (ValueError, TypeError, IndexError):
+            inputs = None  # a memo key of another form: do not cache
+        return data, inputs
 
     # -- facts about the site that are released (counts only) ----------------------------------
 
@@ -201,9 +313,7 @@ class SiteRuntime:
 
     # -- rounds ---------------------------------------------------------------------------------
     def _model(self, global_state: dict[str, np.ndarray]):
-        from clinfuse.training.checkpoint import build_model_for
-
-        model = build_model_for(self.cfg)
+        model = copy.deepcopy(_model_template(self.cfg))
         model.load_state_dict(numpy_to_state(global_state))
         return model
 
@@ -243,6 +353,7 @@ class SiteRuntime:
         from clinfuse.training.checkpoint import clean_state_dict, state_dict_hash
         from clinfuse.training.trainer import LocalTrainer, seed_everything
 
+        t: dict[str, float] = {}
         counts = self.modality_examples()
         _log.info("%s: round %d: training %d patients (%d local epoch%s)", self.site_id, server_round,
                   self.n_patients, local_epochs, "" if local_epochs == 1 else "s")
@@ -252,55 +363,68 @@ class SiteRuntime:
         dp = self.cfg.privacy.enabled
         reservation = None
         if dp:
-            plan = self.plan(rounds, local_epochs)
-            self.accountant = self.privacy.open_accountant(repair=True, site=self.site_id)
-            for history, delta, epsilon in plan.known_epsilons():
-                self.accountant.know(history, delta, epsilon)
-            epsilon_before = self.accountant.epsilon(plan.delta)
-            steps = plan.steps_per_epoch * local_epochs
-            projected = self.accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta)
+            with timed(t, "accountant"):
+                plan = self.plan(rounds, local_epochs)
+                self.accountant = self.privacy.open_accountant(repair=True, site=self.site_id)
+                for history, delta, epsilon in plan.known_epsilons():
+                    self.accountant.know(history, delta, epsilon)
+                epsilon_before = self.accountant.epsilon(plan.delta)
+                steps = plan.steps_per_epoch * local_epochs
+                projected = self.accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, steps,
+                                                              plan.delta)
             if projected > self.max_epsilon:
                 reason = (f"round {server_round} would raise epsilon from {epsilon_before:.3f} to "
                           f"{projected:.3f}, past this site's cap {self.max_epsilon:g}; declining")
-                self.ledger.append("refusal", study=self.cfg.study, run_id=run_id, round=server_round,
-                                   epsilon=epsilon_before, delta=plan.delta, reason=reason, site=self.site_id)
+                with timed(t, "ledger"):
+                    self.ledger.append("refusal", study=self.cfg.study, run_id=run_id, round=server_round,
+                                       epsilon=epsilon_before, delta=plan.delta, reason=reason, site=self.site_id)
                 metrics = {"declined": 1.0, "epsilon": epsilon_before, "delta": plan.delta,
                            "max_epsilon": self.max_epsilon}
-                return RoundResult(None, 0, dict.fromkeys(self.cfg.modality_names, 0), metrics, reason)
+                return RoundResult(None, 0, dict.fromkeys(self.cfg.modality_names, 0), metrics, reason, timings=t)
 
         if warm_start:
             self._record_warm_start(warm_start, global_state, server_round=server_round, run_id=run_id)
         seed_everything(self.cfg.train.seed + 1000 * server_round)
-        self.train_set.warm(self.progress)
+        with timed(t, "data"):
+            self.train_set.warm(self.progress)
         frozen = [m for m in self.cfg.modality_names if counts[m] == 0] if modality_aware else []
         anchor = numpy_to_state(global_state) if proximal_mu > 0 else None
-        trainer = LocalTrainer(self.cfg, self._model(global_state), self.train_set, plan=plan if dp else None,
-                               accountant=self.accountant if dp else None, frozen_groups=frozen,
-                               prox_anchor=anchor, prox_mu=proximal_mu, progress=self.progress)
+        with timed(t, "model"):
+            trainer = LocalTrainer(self.cfg, self._model(global_state), self.train_set, plan=plan if dp else None,
+                                   accountant=self.accountant if dp else None, frozen_groups=frozen,
+                                   prox_anchor=anchor, prox_mu=proximal_mu, progress=self.progress)
         if dp:
             # Before the first step: a crash during training still counts every reserved step.
-            reservation = self.ledger.append(
-                "reservation", study=self.cfg.study, run_id=run_id, round=server_round,
-                mechanism=plan.mechanism(steps, None, plan.max_grad_norm), epsilon=projected, delta=plan.delta,
-                site=self.site_id)
-        history = trainer.fit(local_epochs, desc=f"{self.site_id} round {server_round}")
-        state = clean_state_dict(trainer.model)
+            with timed(t, "ledger"):
+                reservation = self.ledger.append(
+                    "reservation", study=self.cfg.study, run_id=run_id, round=server_round,
+                    mechanism=plan.mechanism(steps, None, plan.max_grad_norm), epsilon=projected, delta=plan.delta,
+                    site=self.site_id)
+        with timed(t, "train"):
+            history = trainer.fit(local_epochs, desc=f"{self.site_id} round {server_round}")
         metrics = {"declined": 0.0, "train_loss": float(history[-1]["train_loss"])}
         metrics.update(self._collapse_check(trainer, history[-1], server_round))
+        with timed(t, "ledger"):
+            state = clean_state_dict(trainer.model)
+            model_hash = state_dict_hash(state)
         if dp:
-            epsilon = self.accountant.epsilon(plan.delta)
+            with timed(t, "accountant"):
+                epsilon = self.accountant.epsilon(plan.delta)
             metrics.update(epsilon=epsilon, delta=plan.delta, max_epsilon=self.max_epsilon,
                            noise_multiplier=plan.noise_multiplier)
             mechanism = plan.mechanism(trainer.steps, trainer.clipping, trainer.norms)
-            self.ledger.append("dp-training", study=self.cfg.study, run_id=run_id, round=server_round,
-                               mechanism=mechanism, epsilon=epsilon, delta=plan.delta, settles=reservation["seq"],
-                               config_hash=self.cfg.digest(), model_hash=state_dict_hash(state), site=self.site_id)
+            with timed(t, "ledger"):
+                self.ledger.append("dp-training", study=self.cfg.study, run_id=run_id, round=server_round,
+                                   mechanism=mechanism, epsilon=epsilon, delta=plan.delta,
+                                   settles=reservation["seq"], config_hash=self.cfg.digest(), model_hash=model_hash,
+                                   site=self.site_id)
         num_examples = self.num_examples()
-        self.ledger.append("release", study=self.cfg.study, run_id=run_id, round=server_round,
-                           epsilon=metrics.get("epsilon"), model_hash=state_dict_hash(state),
-                           num_examples=num_examples, modality_examples=counts, metrics=metrics,
-                           site=self.site_id)
-        return RoundResult(state_to_numpy(state), num_examples, counts, metrics, None, history)
+        with timed(t, "ledger"):
+            self.ledger.append("release", study=self.cfg.study, run_id=run_id, round=server_round,
+                               epsilon=metrics.get("epsilon"), model_hash=model_hash,
+                               num_examples=num_examples, modality_examples=counts, metrics=metrics,
+                               site=self.site_id)
+        return RoundResult(state_to_numpy(state), num_examples, counts, metrics, None, history, timings=t)
 
     def _collapse_check(self, trainer, record: dict, server_round: int) -> dict:
         """Flags of a round whose model learned nothing (:func:`~clinfuse.training.trainer.collapse_flags`):
@@ -327,16 +451,26 @@ class SiteRuntime:
         return (f"{self.site_id}: no validation rows: a model that predicts a single class will not be "
                 f"detected here (only a training loss at chance is)")
 
-    def evaluate(self, global_state: dict[str, np.ndarray], *, server_round: int = 0, run_id: str = "") -> dict:
-        """Validation metrics of the global model on this site's validation split (released, logged)."""
+    def evaluate(self, global_state: dict[str, np.ndarray], *, server_round: int = 0, run_id: str = "",
+                 timings: dict[str, float] | None = None) -> dict:
+        """Validation metrics of the global model on this site's validation split (released, logged).
+
+        ``timings`` (optional) gets the wall seconds of its parts (``data``, ``model``,
+        ``evaluate``, ``ledger``) added.
+        """
         from clinfuse.training.trainer import validation_metrics
 
+        t = timings if timings is not None else {}
         if len(self.val_set) == 0:
             return {"val_examples": 0}
-        self.val_set.warm(self.progress)
-        metrics = validation_metrics(self._model(global_state), self.val_set)
+        with timed(t, "data"):
+            self.val_set.warm(self.progress)
+        with timed(t, "model"):
+            model = self._model(global_state)
+        with timed(t, "evaluate"):
+            metrics = validation_metrics(model, self.val_set)
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        with self.privacy.locked():
+        with timed(t, "ledger"), self.privacy.locked():
             self.ledger.append("release", study=self.cfg.study, run_id=run_id, round=server_round,
                                kind_detail="evaluation", metrics=metrics, site=self.site_id)
         return metrics

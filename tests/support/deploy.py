@@ -20,7 +20,7 @@ exercise the deployment engine itself rather than the simulation:
   ``FLWR_HOME``; every process started is stopped by PID (SIGTERM, then SIGKILL) in
   :meth:`LocalDeployment.stop`, which ``with`` calls even when something failed.
 - :func:`measure_deployment_round_overhead` runs the demo study through a deployment and reports
-  the round overhead, ``(round wall - slowest site's training) / round wall``.
+  the round overhead, ``(round wall - slowest site's training) / slowest site's training``.
 
 Every external command is recorded, shell-quoted, in ``LocalDeployment.commands`` (and the
 credential commands in the list passed to :func:`make_credentials`) so a guide can show exactly
@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Self
 
 LOOPBACK = "127.0.0.1"
+#: Flower 1.42's own setting for how often SuperExec polls for a task (default 1 s; docs/federation.md)
+SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"
 DEFAULT_CONNECTION = "clinfuse-local"
 ConfigValue = str | int | float | bool
 
@@ -383,7 +385,9 @@ class LocalDeployment:
 
     # -- environment ------------------------------------------------------------------------
     def _env(self, home: Path, **extra: str) -> dict[str, str]:
-        env = {**os.environ, **self.extra_env, "FLWR_HOME": str(home), **extra}
+        # Flower's SuperExec (started by the SuperLink and each SuperNode) looks for a task to
+        # launch (the ServerApp, a ClientApp process per message) every second by default.
+        env = {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, **os.environ, **self.extra_env, "FLWR_HOME": str(home), **extra}
         # The SuperLink and SuperNodes start Flower's helper executables (SuperExec, the app
         # processes) by name: make the ones of this Python's environment found first, even when
         # the venv is not activated (CI calls .venv/bin/python directly).
@@ -595,22 +599,28 @@ def _json_payload(text: str) -> dict:
 def round_overheads(history: Mapping) -> list[dict]:
     """Per round of a run directory's ``history.json``: wall time, slowest site's training, overhead.
 
-    ``overhead = (round wall - slowest site's training) / round wall``, where the round wall is
-    the server's (send, train, aggregate, evaluate, checkpoint) and a site's training time is the
-    ``train-seconds`` it reported (its local epochs only: no process start, imports or data
-    loading). Rounds in which no site trained are left out.
+    ``overhead = (round wall - slowest site's training) / slowest site's training``. The round
+    wall runs from the start of its train exchange to the start of the next round (the last
+    round: to its record, its own evaluate exchange included), so everything the server waits
+    for is in some round: messages, process start-up, imports, data, accounting, evaluation,
+    aggregation, checkpoints. A site's training time is the ``train-seconds`` it reported: its
+    local epochs only. Rounds in which no site trained are left out.
     """
+    rounds = history.get("rounds", [])
     out = []
-    for record in history.get("rounds", []):
+    for i, record in enumerate(rounds):
         trained = [s.get("train-seconds") for s in record.get("sites", {}).values()
                    if s.get("status") == "trained" and s.get("train-seconds") is not None]
         wall = record.get("round_wall_s")
+        following = rounds[i + 1] if i + 1 < len(rounds) else None
+        if following is not None and record.get("started_at") and following.get("started_at"):
+            wall = float(following["started_at"]) - float(record["started_at"])
         if not trained or not wall:
             continue
         slowest = max(float(t) for t in trained)
         out.append({"round": record["round"], "round_wall_s": float(wall), "slowest_train_s": slowest,
                     "train_phase_s": record.get("train_wall_s"), "eval_phase_s": record.get("eval_wall_s"),
-                    "overhead": (float(wall) - slowest) / float(wall)})
+                    "overhead": (float(wall) - slowest) / slowest})
     return out
 
 
@@ -633,7 +643,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     log: callable receiving progress lines (default: print to stderr).
 
     Returns a dict: ``engine`` ("deployment"), ``rounds`` (per-round dicts from
-    :func:`round_overheads`), ``mean_overhead``, ``startup_s`` (certificates to all SuperNodes
+    :func:`round_overheads`), ``history`` (the run's ``history.json``), ``mean_overhead``, ``startup_s`` (certificates to all SuperNodes
     online), ``run_wall_s`` (``flwr run`` from submission to the end), ``sites``, ``patients``,
     ``rounds_requested``, ``config``, ``run_dir``. Images are decoded into each site's cache first
     (``clinfuse site check``), as a site does before joining, so decoding is not counted.
@@ -671,7 +681,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     for r in per_round:
         log(f"round {r['round']}: wall {r['round_wall_s']:.1f} s, slowest site trained {r['slowest_train_s']:.1f} s, "
             f"overhead {r['overhead']:.0%}")
-    return {"engine": "deployment", "rounds": per_round,
+    return {"engine": "deployment", "rounds": per_round, "history": history,
             "mean_overhead": sum(r["overhead"] for r in per_round) / len(per_round) if per_round else None,
             "startup_s": startup, "run_wall_s": result.wall_s, "sites": sites, "patients": patients,
             "rounds_requested": rounds, "config": str(config), "run_dir": str(run_dir)}
