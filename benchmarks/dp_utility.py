@@ -48,10 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from benchmarks.harness import evaluate, fmt_ci, hardware, train_federated, train_pooled
+from benchmarks.harness import evaluate_many, fmt_ci, hardware, train_federated, train_pooled
 
 REPO = Path(__file__).resolve().parents[1]
-COVID_ROOT = REPO.parent / "shared" / "data" / "covid-chestxray"
+# ../shared beside the checkout (a worktree one level deeper: ../../shared)
+COVID_ROOT = next((p / "shared" / "data" / "covid-chestxray" for p in (REPO.parent, REPO.parent.parent)
+                   if (p / "shared" / "data" / "covid-chestxray" / "metadata.csv").is_file()),
+                  REPO.parent / "shared" / "data" / "covid-chestxray")
 WORK = REPO / "docs" / "benchmarks" / "reports" / "dp-utility"
 MD = REPO / "docs" / "benchmarks" / "dp-utility.md"
 
@@ -184,13 +187,21 @@ def run_config(base: dict, old: dict, *, plan: str, seed: int, epsilon: float | 
                bootstrap: int, threads: int):
     """The config of one run: the study + (for "old") the pinned settings + the run's seed,
     horizon, privacy and evaluation settings."""
-    from clinfuse.config import config_from_dict
+    from clinfuse.config import FederationConfig, ModelConfig, TrainConfig, config_from_dict
 
     raw = copy.deepcopy(base)
+    if "min_site_patients" in FederationConfig.model_fields:
+        # a study-level fact the consortium declares (the smallest site's training patients)
+        raw.setdefault("federation", {})["min_site_patients"] = old["min_site_patients"]
     if plan == "old":
         raw["model"] = copy.deepcopy(old["model"])
         for section in ("train", "privacy"):
             raw.setdefault(section, {}).update(old[section])
+        # where this version has them: the old model and trainer (fusion head, last iterate)
+        if "head" in ModelConfig.model_fields:
+            raw["model"]["head"] = "fusion"
+        if "ema_decay" in TrainConfig.model_fields:
+            raw["train"]["ema_decay"] = 0.0
         for spec in raw.get("modalities") or ():
             if spec["name"] in old.get("modality_encoder", {}):
                 spec["encoder"] = dict(old["modality_encoder"][spec["name"]])
@@ -200,6 +211,22 @@ def run_config(base: dict, old: dict, *, plan: str, seed: int, epsilon: float | 
     raw.setdefault("federation", {}).update(rounds=rounds, local_epochs=1)
     raw.setdefault("evaluation", {}).update(bootstrap=bootstrap)
     return config_from_dict(raw, source=f"benchmarks/dp_utility.py ({plan} plan)")
+
+
+def min_training_patients(manifests, base: dict) -> int:
+    """Training patients of the smallest site, by the config's patient split (no file is read
+    but the manifests)."""
+    from clinfuse.config import config_from_dict
+    from clinfuse.data.manifest import patient_split
+
+    cfg = config_from_dict(copy.deepcopy(base), source="benchmarks/dp_utility.py")
+    counts = []
+    for m in manifests:
+        with open(m, newline="", encoding="utf-8") as f:
+            split = {row["patient_id"]: row.get("split") or patient_split(row["patient_id"], cfg)
+                     for row in csv.DictReader(f)}
+        counts.append(sum(s == "train" for s in split.values()))
+    return min(counts)
 
 
 def code_hash() -> str:
@@ -212,7 +239,8 @@ def code_hash() -> str:
 
 # -- running ----------------------------------------------------------------------------------
 
-def run_one(cfg, manifests, row: str, out: Path) -> dict:
+def train_one(cfg, manifests, row: str, out: Path) -> dict:
+    """Train one row into ``out`` (emptied first); returns the cache record without metrics."""
     import shutil
 
     if out.exists():
@@ -224,9 +252,18 @@ def run_one(cfg, manifests, row: str, out: Path) -> dict:
         ckpt, info = train_federated(cfg, manifests, out, epsilon=epsilon)
     else:
         ckpt, info = train_pooled(cfg, manifests, out), {}
-    train_s = time.time() - t0
-    metrics = evaluate(ckpt, manifests, out / "evaluation")
-    return {"metrics": metrics, "info": info, "train_s": train_s, "eval_s": time.time() - t0 - train_s}
+    return {"checkpoint": str(ckpt), "metrics": None, "info": info, "train_s": time.time() - t0, "eval_s": 0.0}
+
+
+def evaluate_pending(results: dict, names: list[str], manifests, out: Path) -> None:
+    """Evaluate the trained, not yet evaluated runs ``names`` in one call; fills their metrics."""
+    if not names:
+        return
+    t0 = time.time()
+    docs = evaluate_many([Path(results[n]["checkpoint"]) for n in names], manifests, out)
+    share = (time.time() - t0) / len(names)
+    for n, doc in zip(names, docs):
+        results[n].update(metrics=doc, eval_s=share)
 
 
 def _mean(values):
@@ -236,7 +273,7 @@ def _mean(values):
 
 def summarize(results: dict, dataset: str, row: str, plan: str, seeds) -> dict | None:
     recs = [results.get(f"{dataset}|{row}|{s}|{plan}") for s in seeds]
-    recs = [r for r in recs if r is not None]
+    recs = [r for r in recs if r is not None and r.get("metrics")]
     if not recs:
         return None
     au = [r["metrics"]["auroc"]["value"] for r in recs]
@@ -352,7 +389,8 @@ def write_markdown(path: Path, args, results, datasets, plans, seeds, describe: 
             lines.append(f"- {name}: {figure}{verdict}")
             printed.append(f"[{plan}] {name}: {figure}: {'NOT RUN' if met is None else ('met' if met else 'MISSED')}")
         lines.append("")
-    recs = [r for r in results.values() if r["dataset"] in datasets and r["plan"] in plans and r["seed"] in seeds]
+    recs = [r for r in results.values() if r["dataset"] in datasets and r["plan"] in plans and r["seed"] in seeds
+            and r.get("metrics")]
     cpu = sum(r["train_s"] + r["eval_s"] for r in recs)
     codes = sorted({r["code"] for r in recs})
     lines += [
@@ -381,7 +419,7 @@ def describe_sites(dataset: str, manifests, cfg_rounds: int, extra: str = "") ->
             sizes.append(len({row["patient_id"] for row in csv.DictReader(f)}))
     title = {"covid": "(a) covid-chestxray (real images, notes, tabular)",
              "breast-cancer": "(b) breast cancer, 4 hospitals (real, tabular only)"}.get(
-        dataset, f"(c) synthetic cohort, {dataset.split('-')[1]} patients per site")
+        dataset, f"(c) synthetic cohort, {dataset.removeprefix('synth-')} patients per site")
     text = (f"{len(manifests)} sites of {', '.join(map(str, sizes))} patients (all splits); "
             f"{cfg_rounds} federated rounds x 1 local epoch (pooled: {cfg_rounds} epochs). {extra}").strip()
     return {"title": title, "text": text}
@@ -454,33 +492,46 @@ def main(argv=None) -> int:
             rounds = ROUNDS["synth"][args.quick]
             extra = "Image, note and tabular; the last site has no notes."
         rounds = args.rounds or rounds
+        old["min_site_patients"] = min_training_patients(manifests, base)
         studies[d] = (manifests, base, old, rounds)
         describe[d] = describe_sites(d, manifests, rounds, extra)
 
     command = "python benchmarks/dp_utility.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for seed in seeds:
-        for d in datasets:
-            manifests, base, old, rounds = studies[d]
+    # Seeds innermost: their plans repeat (same sites, epsilon and horizon), so the accountant's
+    # in-process cache answers seeds 1 and 2. One evaluation call per dataset and plan.
+    for d in datasets:
+        manifests, base, old, rounds = studies[d]
+        for plan in plans:
+            pending = []
             for key, label, eps, _fed in ROWS:
                 if key not in args.rows:
                     continue
-                for plan in plans:
+                for seed in seeds:
                     cfg = run_config(base, old, plan=plan, seed=seed, epsilon=eps, rounds=rounds,
                                      bootstrap=args.bootstrap, threads=args.threads)
                     fingerprint = f"{cfg.digest()[:16]}-{code}"
                     name = f"{d}|{key}|{seed}|{plan}"
-                    if results.get(name, {}).get("fingerprint") == fingerprint:
+                    rec = results.get(name, {})
+                    if rec.get("fingerprint") == fingerprint and (rec.get("metrics") or Path(rec["checkpoint"]).is_file()):
+                        if not rec.get("metrics"):
+                            pending.append(name)
                         continue
-                    rec = run_one(cfg, manifests, key, work / "runs" / d / f"seed{seed}" / plan / key)
+                    rec = train_one(cfg, manifests, key, work / "runs" / d / plan / key / f"seed{seed}")
                     rec.update(dataset=d, row=key, seed=seed, plan=plan, fingerprint=fingerprint, code=code)
                     results[name] = rec
+                    pending.append(name)
                     atomic_write_json(cache_path, {"results": results})
+                    print(f"{d:<14} {label:<26} {plan:<3} seed {seed} | trained in {rec['train_s']:.0f} s", flush=True)
+            if pending:
+                evaluate_pending(results, pending, manifests, work / "runs" / d / plan / "evaluation")
+                atomic_write_json(cache_path, {"results": results})
+                for name in pending:
+                    rec, label = results[name], {r[0]: r[1] for r in ROWS}[results[name]["row"]]
                     m = rec["metrics"]
-                    print(f"{d:<14} {label:<26} {plan:<3} seed {seed} | AUROC {fmt_ci(m['auroc'])} | "
-                          f"acc {fmt_ci(m.get('accuracy'))} | classes {m['predicted_classes']} | "
-                          f"train {rec['train_s']:.0f} s eval {rec['eval_s']:.0f} s", flush=True)
-                    # after every run: an interrupted benchmark still leaves a truthful, partial table
-                    write_markdown(md, args, results, datasets, plans, seeds, describe, time.time() - started, command)
+                    print(f"{d:<14} {label:<26} {plan:<3} seed {rec['seed']} | AUROC {fmt_ci(m['auroc'])} | "
+                          f"acc {fmt_ci(m.get('accuracy'))} | classes {m['predicted_classes']}", flush=True)
+                # after every evaluation: an interrupted benchmark still leaves a truthful, partial table
+                write_markdown(md, args, results, datasets, plans, seeds, describe, time.time() - started, command)
     printed = write_markdown(md, args, results, datasets, plans, seeds, describe, time.time() - started, command)
     print("\nTargets:")
     for line in printed:

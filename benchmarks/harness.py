@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+#: Plan fields of the DP training recipe, recorded where the plan has them.
+RECIPE_FIELDS = ("head", "optimizer", "lr", "momentum", "ema_decay", "noise_ratio")
+
 
 def train_pooled(cfg, manifests, out: Path) -> Path:
     """Non-DP training on the pooled training splits of ``manifests`` for ``cfg.train.epochs``
@@ -97,7 +100,9 @@ def train_federated(cfg, manifests, out: Path, *, modality_aware: bool = True,
                     delta_per_site={k: p.delta for k, p in plans.items()},
                     noise_multiplier_per_site={k: p.noise_multiplier for k, p in plans.items()},
                     expected_batch_per_site={k: p.expected_batch_size for k, p in plans.items()},
-                    max_grad_norm_per_site={k: p.max_grad_norm for k, p in plans.items()})
+                    max_grad_norm_per_site={k: p.max_grad_norm for k, p in plans.items()},
+                    recipe_per_site={k: {f: getattr(p, f) for f in RECIPE_FIELDS if hasattr(p, f)}
+                                     for k, p in plans.items()})
         privacy = {"enabled": True, "epsilon": max(per_site.values()), "epsilon_per_site": per_site,
                    "target_epsilon": epsilon, "privacy_unit": "patient", "level": "record (site DP-SGD)"}
     path = save_checkpoint(out / "model.pt", model, cfg, metrics=info, privacy=privacy)
@@ -105,33 +110,46 @@ def train_federated(cfg, manifests, out: Path, *, modality_aware: bool = True,
 
 
 def evaluate(checkpoint: Path, manifests, out: Path) -> dict:
-    """Evaluate on every site's ``test`` split (patient bootstrap, the checkpoint's own settings).
+    """:func:`evaluate_many` of one checkpoint."""
+    return evaluate_many([checkpoint], manifests, out)[0]
 
-    Returns ``{"auroc"|"accuracy"|"balanced_accuracy": {"value", "ci"}, "n_patients",
-    "per_site": {site: auroc entry}, "predicted_classes": {"threshold": k, "argmax": k}}``: the
-    number of distinct classes predicted over the test patients at the threshold ``evaluate``
-    chose on the ``val`` rows, and at the most probable class.
+
+def evaluate_many(checkpoints, manifests, out: Path) -> list[dict]:
+    """Evaluate checkpoints of one study on every site's ``test`` split, in one
+    ``evaluate_checkpoints`` call (the manifests are read and their files decoded once; one set
+    of patient-bootstrap resamples serves every checkpoint).
+
+    Returns, per checkpoint in order, ``{"auroc"|"accuracy"|"balanced_accuracy": {"value",
+    "ci"}, "n_patients", "n_rows", "per_site": {site: auroc entry}, "predicted_classes":
+    {"threshold": k, "argmax": k}}``: the number of distinct classes predicted over the test
+    patients at the threshold ``evaluate`` chose on the ``val`` rows, and at the most probable class.
     """
     import pandas as pd
 
     from clinfuse.evaluation.commands import evaluate_checkpoints
 
-    paths = evaluate_checkpoints([checkpoint], manifests, out, robustness=False, progress=False)
+    checkpoints = [Path(c) for c in checkpoints]
+    paths = evaluate_checkpoints(checkpoints, manifests, out, robustness=False, progress=False)
     result = json.loads(Path(paths["metrics"]).read_text())
-    run = next(iter(result["runs"].values()))
-    overall = run.get("overall", run)
-    metrics = overall["metrics"]
-    out_doc = {k: {"value": metrics[k]["value"], "ci": metrics[k]["ci"]}
-               for k in ("auroc", "accuracy", "balanced_accuracy") if k in metrics}
-    out_doc["n_patients"] = overall.get("n_patients")
-    out_doc["n_rows"] = overall.get("n_rows")
-    out_doc["per_site"] = {site: v["metrics"]["auroc"] for site, v in (run.get("per_site") or {}).items()}
+    name_of = {Path(v["path"]).resolve(): k for k, v in result["checkpoints"].items()}
     frame = pd.read_csv(paths["predictions"])
-    test = frame[frame["split"] == "test"]
-    probs = test[[c for c in test.columns if c.startswith("prob_")]].to_numpy()
-    out_doc["predicted_classes"] = {"threshold": int(test["predicted"].nunique()),
+    docs = []
+    for ckpt in checkpoints:
+        name = name_of[ckpt.resolve()]
+        run = result["runs"][name]
+        overall = run.get("overall", run)
+        metrics = overall["metrics"]
+        doc = {k: {"value": metrics[k]["value"], "ci": metrics[k]["ci"]}
+               for k in ("auroc", "accuracy", "balanced_accuracy") if k in metrics}
+        doc["n_patients"] = overall.get("n_patients")
+        doc["n_rows"] = overall.get("n_rows")
+        doc["per_site"] = {site: v["metrics"]["auroc"] for site, v in (run.get("per_site") or {}).items()}
+        test = frame[(frame["checkpoint"] == name) & (frame["split"] == "test")]
+        probs = test[[c for c in test.columns if c.startswith("prob_")]].to_numpy()
+        doc["predicted_classes"] = {"threshold": int(test["predicted"].nunique()),
                                     "argmax": len(np.unique(probs.argmax(axis=1)))}
-    return out_doc
+        docs.append(doc)
+    return docs
 
 
 def slug(text: str) -> str:
