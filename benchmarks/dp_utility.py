@@ -402,8 +402,10 @@ def write_markdown(path: Path, args, results, datasets, plans, seeds, describe: 
          + f"). Wall time of the invocation that wrote this file: {elapsed / 60:.1f} min (cached runs are "
          "not retrained)."),
         "",
-        "clinfuse sources (sha256 prefix of `clinfuse/**/*.py` + `benchmarks/harness.py`) of the runs: "
-        + ", ".join(f"`{c}`" for c in codes) + ".",
+        "clinfuse sources (sha256 prefix of `clinfuse/**/*.py` + `benchmarks/harness.py`) that trained the runs: "
+        + ", ".join(f"`{c}` ({sum(r['code'] == c for r in recs)} runs: "
+                    + ", ".join(sorted({f"{r['dataset']} {r['plan']}" for r in recs if r["code"] == c})) + ")"
+                    for c in codes) + ".",
         "",
         "```", command, "```", "",
         ("Per-run evaluation reports (report.html, metrics.json, predictions.csv), checkpoints and the "
@@ -442,6 +444,8 @@ def main(argv=None) -> int:
     p.add_argument("--md", type=Path, default=None,
                    help=f"markdown out (default {MD.relative_to(REPO)}; --quick: <workdir>/dp-utility-quick.md)")
     p.add_argument("--fresh", action="store_true", help="retrain every run, ignoring the cache")
+    p.add_argument("--keep-other-code", action="store_true",
+                   help="reuse cached runs trained by other clinfuse sources (same config); the md lists the sources")
     args = p.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in args.rows if r not in ROW_KEYS]
@@ -512,7 +516,9 @@ def main(argv=None) -> int:
                     fingerprint = f"{cfg.digest()[:16]}-{code}"
                     name = f"{d}|{key}|{seed}|{plan}"
                     rec = results.get(name, {})
-                    if rec.get("fingerprint") == fingerprint and (rec.get("metrics") or Path(rec["checkpoint"]).is_file()):
+                    same = (rec.get("fingerprint", "").split("-")[0] == fingerprint.split("-")[0]
+                            if args.keep_other_code else rec.get("fingerprint") == fingerprint)
+                    if same and (rec.get("metrics") or Path(rec["checkpoint"]).is_file()):
                         if not rec.get("metrics"):
                             pending.append(name)
                         continue
