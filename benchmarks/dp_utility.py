@@ -278,9 +278,10 @@ def summarize(results: dict, dataset: str, row: str, plan: str, seeds) -> dict |
         return None
     au = [r["metrics"]["auroc"]["value"] for r in recs]
     acc = [r["metrics"].get("accuracy", {}).get("value") for r in recs]
-    single = [r["seed"] for r in recs if min(r["metrics"]["predicted_classes"].values()) < 2]
+    single = {rule: [r["seed"] for r in recs if r["metrics"]["predicted_classes"][rule] < 2]
+              for rule in ("threshold", "argmax")}
     return {"auroc": _mean(au), "auroc_sd": float(np.std([a for a in au if a is not None])) if au else None,
-            "accuracy": _mean(acc), "seeds": [r["seed"] for r in recs], "single_class_seeds": single,
+            "accuracy": _mean(acc), "seeds": [r["seed"] for r in recs], "single_class": single,
             "records": recs}
 
 
@@ -297,13 +298,23 @@ def targets(results: dict, datasets, seeds, plan: str) -> list[tuple[str, str, b
         return name, f"{dp8['auroc']:.3f} vs {fed['auroc']:.3f} (gap {d:+.3f})", bool(d <= margin)
 
     out += [gap("breast-cancer", 0.03), gap("synth-1000", 0.03), gap("synth-200", 0.05)]
-    ran = [d for d in datasets if summarize(results, d, "dp1", plan, seeds)]
-    single = {d: summarize(results, d, "dp1", plan, seeds)["single_class_seeds"] for d in ran}
-    bad = {d: s for d, s in single.items() if s}
-    figure = ("none of " + str(sum(len(summarize(results, d, "dp1", plan, seeds)["seeds"]) for d in ran))
-              + " runs" if not bad else "; ".join(f"{d}: seed(s) {', '.join(map(str, s))}" for d, s in bad.items()))
-    out.append((("epsilon 1: no seed of any dataset predicts a single class (test patients, at the val "
-                "threshold or the argmax)"), figure if ran else "not run", (not bad) if ran else None))
+    ran = {d: summarize(results, d, "dp1", plan, seeds) for d in datasets}
+    ran = {d: v for d, v in ran.items() if v}
+    n_runs = sum(len(v["seeds"]) for v in ran.values())
+
+    def collapsed(rule):
+        bad = {d: v["single_class"][rule] for d, v in ran.items() if v["single_class"][rule]}
+        return bad, (f"none of {n_runs} runs" if not bad else
+                     "; ".join(f"{d} seed(s) {', '.join(map(str, s))}" for d, s in bad.items()))
+
+    bad, figure = collapsed("threshold")
+    _, argmax_figure = collapsed("argmax")
+    # The verdict is on the decision `clinfuse evaluate` / `predict` make (the threshold chosen on
+    # the val rows); the most probable class is shown beside it (an uncalibrated intercept can put
+    # every patient on one side of 0.5 while the model still ranks them).
+    out.append(("epsilon 1: no seed of any dataset predicts a single class for all test patients",
+                f"at the val threshold: {figure}; at the most probable class: {argmax_figure}" if ran else "not run",
+                (not bad) if ran else None))
     cov = summarize(results, "covid", "dp8", plan, seeds)
     if "covid" in datasets and cov and cov["auroc"] is not None:
         out.append(("covid: federated DP epsilon 8 mean AUROC >= 0.70", f"{cov['auroc']:.3f}", bool(cov["auroc"] >= 0.70)))
@@ -331,7 +342,25 @@ def _privacy_line(rec) -> str:
     delta = info["delta_per_site"].values()
     return (f"epsilon spent {min(eps):.2f}-{max(eps):.2f}, delta {min(delta):.2g}-{max(delta):.2g}, "
             f"noise multiplier {min(sig):.2f}-{max(sig):.2f}, expected batch {min(batch):.0f}-{max(batch):.0f}, "
-            f"clip {', '.join(sorted({f'{c:g}' for c in info['max_grad_norm_per_site'].values()}))}")
+            f"clip {', '.join(sorted({f'{c:g}' for c in info['max_grad_norm_per_site'].values()}))}"
+            + _recipe_text(info.get("recipe_per_site") or {}))
+
+
+def _recipe_text(per_site: dict) -> str:
+    """The plan's training recipe over sites, where the plan has one: head, optimizer, lr range, EMA."""
+    if not per_site or not any(per_site.values()):
+        return ""
+    parts = []
+    for field in ("head", "optimizer"):
+        values = sorted({str(r[field]) for r in per_site.values() if field in r})
+        if values:
+            parts.append(f"{field} {'/'.join(values)}")
+    for field, name in (("lr", "lr"), ("ema_decay", "EMA decay"), ("noise_ratio", "noise/batch")):
+        values = [r[field] for r in per_site.values() if field in r]
+        if values:
+            lo, hi = min(values), max(values)
+            parts.append(f"{name} {lo:.3g}" + (f"-{hi:.3g}" if hi != lo else ""))
+    return "; " + ", ".join(parts)
 
 
 def write_markdown(path: Path, args, results, datasets, plans, seeds, describe: dict, elapsed: float,
@@ -342,13 +371,28 @@ def write_markdown(path: Path, args, results, datasets, plans, seeds, describe: 
              ("Test set: every site's `test` split (patient-level split from the config). Each cell: "
               "AUROC [95% CI] / accuracy [95% CI], patient bootstrap, "
               f"{args.bootstrap} resamples; accuracy at the threshold `clinfuse evaluate` chooses on the `val` "
-              "rows (Youden). *(one class)*: the model predicts one class for every test patient, at that "
-              "threshold or at the most probable class. DP rows: DP-SGD at every site (patient-level, "
+              "rows (Youden). *(one class at threshold / argmax)*: the model predicts one class for every test "
+              "patient at that threshold / at its most probable class. DP rows: DP-SGD at every site (patient-level, "
               "Poisson sampling, noise planned for the whole horizon, each site's cap = the row's "
               "epsilon, delta = `clinfuse.privacy.plan.default_delta`: min(1e-5, 0.1/n))."), "",
              ("Plans: **old** writes the former fixed settings into the config (Adam at lr 0.002, batch "
               "32 (covid: 16), clipping norm 1.0, the 64-wide attention-fusion model of main's configs); "
               "**new** leaves every one of them out: the library's defaults and DP training plan decide."), ""]
+    shown = [r for r in ROWS if r[0] in args.rows]
+    lines += ["## Summary: mean test AUROC over seeds", "",
+              "| dataset | plan | " + " | ".join(r[1] for r in shown) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in shown) + " |"]
+    for dataset in datasets:
+        for plan in plans:
+            cells = []
+            for key, *_ in shown:
+                s = summarize(results, dataset, key, plan, seeds)
+                cells.append("not run" if s is None or s["auroc"] is None else
+                             f"{s['auroc']:.3f}" + (" *" if s["single_class"]["threshold"] else "")
+                             + (" †" if s["single_class"]["argmax"] else ""))
+            lines.append(f"| {dataset} | {plan} | " + " | ".join(cells) + " |")
+    lines += ["", ("\\* at least one seed predicts a single class for every test patient at the threshold chosen "
+                   "on the val rows; † at the most probable class (details below)."), ""]
     for dataset in datasets:
         d = describe[dataset]
         lines += [f"## {d['title']}", "", d["text"], ""]

@@ -45,8 +45,8 @@ def train_federated(cfg, manifests, out: Path, *, modality_aware: bool = True,
 
     ``epsilon`` is every site's cap (and ``cfg.privacy.target_epsilon`` should equal it) when
     ``cfg.privacy.enabled``. Each call starts fresh accountants under ``out/state``. Returns
-    ``(checkpoint, info)``; ``info`` holds declined site-rounds, the last round's train loss per
-    site and, under DP, epsilon, delta, noise multiplier and expected batch per site.
+    ``(checkpoint, info)``; ``info`` holds declined site-rounds, the last round's metrics per
+    site (train loss, and whatever else the site reports) and, under DP, epsilon, delta, noise multiplier and expected batch per site.
     """
     from clinfuse.federation.aggregation import SiteUpdate, aggregate
     from clinfuse.federation.site_runtime import SiteRuntime, numpy_to_state, state_to_numpy
@@ -76,7 +76,7 @@ def train_federated(cfg, manifests, out: Path, *, modality_aware: bool = True,
             shutil.copyfile(site_dir / "file-checks.json", checks)
         sites.append(site)
     rounds = cfg.federation.rounds
-    declined, last_loss = 0, {}
+    declined, last_metrics = 0, {}
     for r in range(1, rounds + 1):
         updates = []
         for site in sites:
@@ -85,11 +85,11 @@ def train_federated(cfg, manifests, out: Path, *, modality_aware: bool = True,
             if res.declined:
                 declined += 1
                 continue
-            last_loss[site.site_id] = res.metrics.get("train_loss")
+            last_metrics[site.site_id] = {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}
             updates.append(SiteUpdate(res.state, res.num_examples, res.modality_examples))
         global_state = aggregate(updates, global_state, groups=groups, modality_aware=modality_aware)
     model.load_state_dict(numpy_to_state(global_state))
-    info = {"declined_site_rounds": declined, "train_loss_last_round": last_loss,
+    info = {"declined_site_rounds": declined, "last_round_metrics": last_metrics,
             "n_patients": {s.site_id: s.n_patients for s in sites},
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     privacy = {"enabled": False, "epsilon": None}
