@@ -376,6 +376,10 @@ class FusionConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    # "linear": a linear head over fixed, data-independent features (clinfuse.models.linear);
+    # "fusion": encoders + fusion operator; "auto": linear when the study declares
+    # federation.min_site_patients below 5000, else fusion (clinfuse.privacy.recipe.resolve_head)
+    head: Literal["auto", "linear", "fusion"] = "auto"
     # default: follows the inputs — 64 when any modality is an image, volume, signal or note;
     # for tabular-only studies the number of fields rounded up to a power of two, within [8, 64]
     dim: int | None = Field(None, ge=8, le=2048)
@@ -431,10 +435,14 @@ class BalanceConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    # None = the plan decides (clinfuse.privacy.recipe): under DP from the site's patient count,
+    # epsilon and horizon; without DP the head's defaults. A value set here always wins.
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd"] | None = None
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)  # SGD only
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0)  # averaged iterates; 0 = the last iterate
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision, used only on CUDA
     seed: int = 0
@@ -445,7 +453,7 @@ class PrivacyConfig(_Strict):
     enabled: bool = True
     target_epsilon: float = Field(8.0, gt=0.0, allow_inf_nan=False)
     delta: float | None = Field(None, gt=0.0, lt=1.0)  # default: below 1/number of patients
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_grad_norm: float | None = Field(None, gt=0.0)  # None = the plan's (1.0)
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: Literal["auto", "hooks", "ew", "functorch"] = "auto"
     noise_multiplier: float | None = Field(None, ge=0.0)  # set to override planning (audits)
@@ -474,6 +482,9 @@ class FederationConfig(_Strict):
     client_dp_noise: float = Field(0.5, ge=0.0)
     client_dp_clip: float = Field(1.0, gt=0.0)
     secagg: bool = False
+    # The smallest site's training patients, as the consortium declares it (a study-level fact,
+    # the same at every site): model.head auto picks the linear head below 5000.
+    min_site_patients: int | None = Field(None, ge=2)
 
 
 class EvaluationConfig(_Strict):

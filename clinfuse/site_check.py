@@ -350,14 +350,34 @@ def _check_cap(cfg, data, state_dir: Path | None, max_epsilon: float | None, *, 
             return Check("cap", FAIL, head + "; budget spent: this site would decline every round", tuple(details))
         warned = bool(details)
         if plan is None:
-            # Planning runs the accountant dozens of times (a minute on a busy machine); the site
-            # does it once, at its first round, and signs the plan in its ledger.
+            # Tabulating runs the accountant once per epoch of the horizon; the site does it once,
+            # at its first round, and signs the plan in its ledger. The preview only solves for
+            # the noise: enough for the recipe and its utility forecast.
+            from clinfuse.privacy.plan import plan_privacy
+            from clinfuse.privacy.recipe import too_small
+
+            fed = cfg.federation
+            from clinfuse.errors import BudgetExceededError
+
+            try:
+                preview = plan_privacy(cfg, n_patients, fed.rounds * fed.local_epochs, history=accountant.history,
+                                       epochs_per_round=fed.local_epochs, rounds=fed.rounds, tabulate=False)
+            except BudgetExceededError as exc:
+                details.append(f"plan preview: {exc}")
+                preview = None
+            if preview is not None:
+                details += [f"plan preview (not signed): {line}" for line in describe_plan(preview)]
             details.append("no privacy plan yet: the site plans its noise for the whole study at its first round")
-            return Check("cap", WARN if warned else OK, head, tuple(details))
+            if preview is None:
+                return Check("cap", WARN, head, tuple(details))
+            return Check("cap", WARN if warned or too_small(preview) else OK, head, tuple(details))
         steps = plan.steps_per_epoch * cfg.federation.local_epochs
         after = accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta)
     except InputError as exc:
         return Check("cap", FAIL, exc.describe(), tuple(details))
+    from clinfuse.privacy.recipe import too_small
+
+    warned = warned or too_small(plan)
     details += [f"plan (signed): {line}" for line in describe_plan(plan)]
     details.append(f"next round (plan.json): noise multiplier {plan.noise_multiplier:.3f}, sample rate "
                    f"{plan.sample_rate:.3g}, {steps} steps -> epsilon {after:.3f}")

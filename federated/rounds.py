@@ -154,6 +154,12 @@ def _log_replies(server_round: int, phase: str, replies: Sequence[SiteReply]) ->
                 r.claim.site_id if r.claim else None, r.reason)
         elif r.status in ("declined", "failed"):
             log(WARNING, "round %d %s: %s %s: %s", server_round, phase, name, r.status, r.reason)
+        elif r.status == "trained" and r.metrics.get("collapsed"):
+            why = [w for k, w in (("val-single-class", "predicts a single class on its validation rows"),
+                                  ("loss-at-chance", "training loss at chance")) if r.metrics.get(k)]
+            log(WARNING, "round %d %s: %s: COLLAPSED model (%s)", server_round, phase, name, "; ".join(why))
+        elif r.status == "evaluated" and server_round == 1 and not r.metrics.get("num-examples"):
+            log(WARNING, "%s has no validation rows: a collapsed model is not monitored there", name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +315,8 @@ def format_round(record: dict) -> str:
     for name, site in sorted(record["sites"].items()):
         eps = site.get("epsilon")
         tag = {"trained": "", "declined": " DECLINED", "failed": " FAILED"}.get(site["status"], "")
+        if site.get("collapsed"):
+            tag += " COLLAPSED"
         parts.append(f"{name} eps {eps:.2f}{tag}" if eps is not None else f"{name}{tag or ' ok'}")
     if record.get("unidentified"):
         parts.append(f"{len(record['unidentified'])} unidentified node(s) failed")

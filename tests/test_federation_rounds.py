@@ -162,7 +162,7 @@ def site_epsilon_after(cfg_path, manifest, rounds_done, rounds, state_dir):
 
 METRIC_KEYS = re.compile(r"^(num-examples|declined|(train|setup|eval)-seconds|examples-(image|text|tabular)"
                          r"|train-loss|epsilon|delta|max-epsilon|noise-multiplier|val-loss|val-auroc"
-                         r"|val-aux-auroc-(image|text|tabular))$")
+                         r"|val-aux-auroc-(image|text|tabular)|val-single-class|loss-at-chance|collapsed|val-predicted-classes)$")
 
 
 def note_sentences(cohort: Path) -> list[str]:

@@ -226,6 +226,9 @@ class SiteRuntime:
         counts = self.modality_examples()
         _log.info("%s: round %d: training %d patients (%d local epoch%s)", self.site_id, server_round,
                   self.n_patients, local_epochs, "" if local_epochs == 1 else "s")
+        note = self.monitoring_note() if server_round == 1 else None
+        if note:
+            _log.warning(note)
         dp = self.cfg.privacy.enabled
         reservation = None
         if dp:
@@ -261,6 +264,7 @@ class SiteRuntime:
         history = trainer.fit(local_epochs, desc=f"{self.site_id} round {server_round}")
         state = clean_state_dict(trainer.model)
         metrics = {"declined": 0.0, "train_loss": float(history[-1]["train_loss"])}
+        metrics.update(self._collapse_check(trainer, history[-1], server_round))
         if dp:
             epsilon = self.accountant.epsilon(plan.delta)
             metrics.update(epsilon=epsilon, delta=plan.delta, max_epsilon=self.max_epsilon,
@@ -275,6 +279,31 @@ class SiteRuntime:
                            num_examples=num_examples, modality_examples=counts, metrics=metrics,
                            site=self.site_id)
         return RoundResult(state_to_numpy(state), num_examples, counts, metrics, None, history)
+
+    def _collapse_check(self, trainer, record: dict, server_round: int) -> dict:
+        """Flags of a round whose model learned nothing (:func:`~clinfuse.training.trainer.collapse_flags`):
+        one class predicted on the site's validation rows, or a training loss at chance. Logged
+        as a warning; returned for the round's metrics."""
+        from clinfuse.training.trainer import _auroc, collapse_flags, describe_collapse, predict_outputs
+
+        predicted = auroc = None
+        if len(self.val_set):
+            self.val_set.warm(self.progress)
+            out = predict_outputs(trainer.model, self.val_set)
+            predicted = len(np.unique(out["probs"].argmax(1)))
+            auroc = _auroc(out["labels"], out["probs"])
+        flags = collapse_flags(record.get("train_main_loss"), predicted, self.cfg.n_classes, auroc)
+        line = describe_collapse(flags)
+        if line:
+            _log.warning("%s: round %d: %s", self.site_id, server_round, line)
+        return flags
+
+    def monitoring_note(self) -> str | None:
+        """What to say at the start of a study when this site cannot detect a collapsed model."""
+        if len(self.val_set):
+            return None
+        return (f"{self.site_id}: no validation rows: a model that predicts a single class will not be "
+                f"detected here (only a training loss at chance is)")
 
     def evaluate(self, global_state: dict[str, np.ndarray], *, server_round: int = 0, run_id: str = "") -> dict:
         """Validation metrics of the global model on this site's validation split (released, logged)."""

@@ -77,11 +77,25 @@ class PrivacyPlan:
     prior_epsilon: float = 0.0
     epsilon_table: tuple[float | None, ...] = ()
     inputs: Mapping = field(default_factory=dict)
+    # The training recipe (clinfuse.privacy.recipe); a plan written before it existed reads as
+    # the trainer's defaults of that time. ``sources[name]``: "config" (set by the user) or "plan".
+    head: str = "fusion"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    ema_decay: float = 0.0
+    sources: Mapping = field(default_factory=dict)
     extra: Mapping = field(default_factory=dict)
 
     @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.n_patients
+
+    @property
+    def noise_ratio(self) -> float:
+        """Noise std per coordinate of one step's averaged update, in units of the clip C:
+        ``sigma / expected batch`` (the clipped mean itself has norm at most C)."""
+        return self.noise_multiplier / max(self.expected_batch_size, 1e-12)
 
     @property
     def steps_per_round(self) -> int:
@@ -133,6 +147,7 @@ class PrivacyPlan:
             if f.name != "extra":
                 doc[f.name] = getattr(self, f.name)
         doc["inputs"] = dict(self.inputs)
+        doc["sources"] = dict(self.sources)
         return _normalized(doc)
 
     @classmethod
@@ -150,8 +165,10 @@ class PrivacyPlan:
             values["prior_history"] = tuple((float(s), float(q), int(t)) for s, q, t in values.get("prior_history", ()))
             values["epsilon_table"] = tuple(None if e is None else _number(e) for e in values.get("epsilon_table", ()))
             values["prior_epsilon"] = _number(values.get("prior_epsilon", 0.0))
+            values["sources"] = dict(values.get("sources") or {})
             plan = cls(**values, extra=extra)
-            for name in ("noise_multiplier", "sample_rate", "delta", "max_grad_norm", "target_epsilon"):
+            for name in ("noise_multiplier", "sample_rate", "delta", "max_grad_norm", "target_epsilon", "lr",
+                         "momentum", "ema_decay"):
                 if not isinstance(getattr(plan, name), (int, float)) or isinstance(getattr(plan, name), bool):
                     raise TypeError(f"{name} is not a number")
         except (TypeError, ValueError) as exc:
@@ -189,15 +206,22 @@ def plan_digest(doc: Mapping) -> str:
 INPUT_NAMES = {"target_epsilon": "privacy.target_epsilon", "delta": "privacy.delta",
                "noise_multiplier": "privacy.noise_multiplier", "max_grad_norm": "privacy.max_grad_norm",
                "batch_size": "train.batch_size", "accountant": "privacy.accountant",
-               "n_patients": "the number of training patients"}
+               "n_patients": "the number of training patients", "head": "model.head"}
 
 
 def plan_inputs(cfg: Config, n_patients: int) -> dict:
-    """The settings a plan is made from; a change in any of them needs an explicit re-plan."""
+    """The settings a plan is made from; a change in any of them needs an explicit re-plan.
+
+    Clipping norm and batch size are recorded as in effect (the user's, else the recipe's), so a
+    plan made when they were fixed defaults still matches a config that leaves them unset."""
+    from clinfuse.privacy.recipe import DEFAULT_CLIP, default_batch_size, resolve_head
+
     p = cfg.privacy
     return {"study": cfg.study, "target_epsilon": p.target_epsilon, "delta": p.delta,
-            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
-            "batch_size": cfg.train.batch_size, "accountant": p.accountant, "n_patients": int(n_patients)}
+            "noise_multiplier": p.noise_multiplier,
+            "max_grad_norm": p.max_grad_norm if p.max_grad_norm is not None else DEFAULT_CLIP,
+            "batch_size": default_batch_size(cfg), "accountant": p.accountant, "n_patients": int(n_patients),
+            "head": resolve_head(cfg)}
 
 
 def check_plan_inputs(cfg: Config, n_patients: int) -> float:
@@ -230,10 +254,12 @@ def plan_privacy(cfg: Config, n_patients: int, horizon_epochs: int, history=(), 
     epsilon) and :class:`~clinfuse.errors.BudgetExceededError` when the budget is spent.
     """
     from clinfuse.privacy.accountant import compute_epsilon, normalize_history, plan_noise_multiplier
+    from clinfuse.privacy.recipe import DEFAULT_CLIP, choose_recipe, default_batch_size
 
     delta = check_plan_inputs(cfg, n_patients)
-    batch = min(cfg.train.batch_size, n_patients)
+    batch = min(default_batch_size(cfg), n_patients)
     steps_per_epoch = math.ceil(n_patients / batch)
+    batch = math.ceil(n_patients / steps_per_epoch)  # the same steps, batches as even as they go
     # Opacus' Poisson loader over k batches samples at 1/k but runs int(1 / (1/k)) steps, and its
     # accountant records 1 / (that): for some k (93, 99, 105, ...) float rounding makes it k - 1,
     # so the rate planned, sampled and accounted would differ. Take the next batch size whose k
@@ -259,13 +285,18 @@ def plan_privacy(cfg: Config, n_patients: int, horizon_epochs: int, history=(), 
                                         mechanism=mechanism)
             table.append(eps if used == mechanism else None)
         _check_table(table, cfg)
+    recipe = choose_recipe(cfg, noise_multiplier=sigma, expected_batch=sample_rate * n_patients,
+                           horizon_steps=horizon)
+    clip = cfg.privacy.max_grad_norm if cfg.privacy.max_grad_norm is not None else DEFAULT_CLIP
     return PrivacyPlan(noise_multiplier=sigma, sample_rate=sample_rate, delta=delta,
-                       max_grad_norm=cfg.privacy.max_grad_norm, n_patients=n_patients, batch_size=batch,
+                       max_grad_norm=clip, n_patients=n_patients, batch_size=batch,
                        steps_per_epoch=steps_per_epoch, horizon_steps=horizon,
                        target_epsilon=cfg.privacy.target_epsilon, accountant=mechanism, study=cfg.study,
                        rounds=rounds, epochs_per_round=epochs_per_round, prior_history=tuple(prior),
                        prior_epsilon=prior_epsilon, epsilon_table=tuple(table),
-                       inputs=plan_inputs(cfg, n_patients))
+                       inputs=plan_inputs(cfg, n_patients), head=recipe.head, optimizer=recipe.optimizer,
+                       lr=recipe.lr, momentum=recipe.momentum, ema_decay=recipe.ema_decay,
+                       sources=recipe.sources)
 
 
 def _check_table(table: Sequence[float | None], cfg: Config) -> None:
@@ -369,5 +400,25 @@ def describe_plan(plan: PrivacyPlan) -> list[str]:
         shown = ", ".join("-" if e is None else f"{e:.3f}" for e in plan.epsilon_table[:12])
         more = f", ... ({len(plan.epsilon_table)} in all)" if len(plan.epsilon_table) > 12 else ""
         lines.append(f"epsilon after each epoch: {shown}{more}")
-    return lines
+    lines.append(describe_recipe(plan))
+    from clinfuse.privacy.recipe import forecast_lines
+
+    return lines + forecast_lines(plan)
+
+
+def describe_recipe(plan: PrivacyPlan) -> str:
+    """One line: the training recipe, each value marked (config) or (plan)."""
+    src = plan.sources
+
+    def mark(name: str) -> str:
+        return f" ({src[name]})" if name in src else ""
+
+    optimizer = f"{plan.optimizer}{mark('optimizer')}"
+    if plan.optimizer == "sgd":
+        optimizer += f" momentum {plan.momentum:g}{mark('momentum')}"
+    averaging = (f"EMA of the iterates {plan.ema_decay:g}{mark('ema_decay')}" if plan.ema_decay
+                 else f"last iterate{mark('ema_decay')}")
+    return (f"recipe: {plan.head} model{mark('head')}, {plan.steps_per_epoch} step(s) per epoch of expected batch "
+            f"{plan.expected_batch_size:.3g}{mark('batch_size')}, {optimizer}, lr {plan.lr:g}{mark('lr')}, clip "
+            f"{plan.max_grad_norm:g}{mark('max_grad_norm')}, {averaging}")
 

@@ -117,7 +117,14 @@ def _new_name(name: str) -> str:
 
 
 def build_model_for(cfg: Config):
-    """A fresh model shaped for this study: its modalities (and only those), classes and widths."""
+    """A fresh model shaped for this study: its modalities (and only those), classes and widths;
+    the linear head or the fusion model as ``model.head`` says (:func:`clinfuse.privacy.recipe.resolve_head`)."""
+    from clinfuse.privacy.recipe import resolve_head
+
+    if resolve_head(cfg) == "linear":
+        from clinfuse.models.linear import build_linear_model
+
+        return build_linear_model(cfg.modalities, n_classes=cfg.n_classes)
     from clinfuse.models.fusion import build_model
 
     return build_model(cfg.modalities, cfg.model, n_classes=cfg.n_classes)

@@ -159,6 +159,12 @@ def _train(args) -> int:
             say(f"DP-SGD: {n_patients} patients, q={plan.sample_rate:.4f}, noise multiplier "
                 f"{plan.noise_multiplier:.3f}, {plan.horizon_steps} steps, target epsilon "
                 f"{plan.target_epsilon:g} at delta {plan.delta:.2e}")
+            from clinfuse.privacy.plan import describe_recipe
+            from clinfuse.privacy.recipe import forecast_lines
+
+            say(describe_recipe(plan))
+            for line in forecast_lines(plan):
+                say(line)
             logging.getLogger(__name__).info(NOISE_SOURCE)
         else:
             say("training WITHOUT differential privacy (--no-dp or privacy.enabled: false)")
@@ -173,6 +179,9 @@ def _train(args) -> int:
                 "reservation", study=cfg.study, mechanism=plan.mechanism(plan.horizon_steps, None, plan.max_grad_norm),
                 epsilon=accountant.projected_epsilon(plan.noise_multiplier, plan.sample_rate, plan.horizon_steps,
                                                      plan.delta), delta=plan.delta)
+        if val_set is None:
+            say("no validation rows: a model that predicts a single class will not be detected "
+                "(only a training loss at chance is)")
         table = EpochTable(dp=dp, val=val_set is not None)
         say(table.header())
         started = last = time.time()
@@ -184,6 +193,13 @@ def _train(args) -> int:
             say(table.row(record))
 
         history = trainer.fit(epochs, on_epoch=on_epoch)
+        from clinfuse.training.trainer import collapse_flags, describe_collapse
+
+        flags = collapse_flags(history[-1].get("train_main_loss"), history[-1].get("val_predicted_classes"),
+                               cfg.n_classes, history[-1].get("val_auroc"))
+        history[-1].update(flags)
+        if describe_collapse(flags):
+            print(describe_collapse(flags), file=sys.stderr, flush=True)
         privacy_summary = trainer.privacy_summary()
         state = clean_state_dict(trainer.model)
         if dp:

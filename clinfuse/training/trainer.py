@@ -115,7 +115,45 @@ def validation_metrics(model, dataset, *, device="cpu") -> dict:
         picked = out["aux"][m][has][np.arange(int(has.sum())), labels[has]]
         head_losses[m] = float(-np.log(picked + eps).mean()) if has.any() else float("nan")
     metrics["val_head_losses"] = head_losses
+    metrics["val_predicted_classes"] = len(np.unique(out["probs"].argmax(1)))
     return metrics
+
+
+#: A training loss at or above this share of ln(number of classes) is "at chance".
+CHANCE_LOSS_SHARE = 0.98
+#: A validation AUROC above this says the model ranks patients: small logits (early DP rounds
+#: move slowly) then give a loss near chance and one predicted class without any collapse.
+INFORMATIVE_AUROC = 0.6
+
+
+def collapse_flags(train_main_loss: float | None, predicted_classes: int | None, n_classes: int,
+                   val_auroc: float | None = None) -> dict:
+    """Signs of a model that learned nothing: ``{"val_single_class", "loss_at_chance", "collapsed"}``
+    (0/1 each).
+
+    ``train_main_loss``: the fused head's mean training cross-entropy (``None``/NaN: unknown);
+    ``predicted_classes``: how many classes the model predicts on the validation rows (``None``:
+    no validation rows); ``val_auroc``: its validation AUROC (``None``: undefined or no rows).
+    ``collapsed`` is set when either sign shows and the validation rows do not show the model
+    ranking patients (AUROC above :data:`INFORMATIVE_AUROC`). One predicted class counts only
+    where the validation rows hold every class (AUROC defined): on rows of one label it may be right.
+    """
+    single = int(predicted_classes is not None and predicted_classes < 2 and val_auroc is not None)
+    chance = int(train_main_loss is not None and math.isfinite(train_main_loss)
+                 and train_main_loss >= CHANCE_LOSS_SHARE * math.log(n_classes))
+    ranks = val_auroc is not None and val_auroc > INFORMATIVE_AUROC
+    return {"val_single_class": single, "loss_at_chance": chance, "collapsed": int((single or chance) and not ranks)}
+
+
+def describe_collapse(flags: dict) -> str | None:
+    """A warning line for :func:`collapse_flags` output, ``None`` when nothing collapsed."""
+    if not flags.get("collapsed"):
+        return None
+    why = [w for k, w in (("val_single_class", "it predicts a single class on the validation rows"),
+                          ("loss_at_chance", ("its training loss stays at chance (about ln of the number "
+                                             "of classes)"))) if flags.get(k)]
+    return ("WARNING: the model collapsed: " + " and ".join(why) + ". Under DP this usually means the noise "
+            "drowns the signal; see the plan's utility forecast (clinfuse site check / audit plan)")
 
 
 class LocalTrainer:
@@ -159,7 +197,12 @@ class LocalTrainer:
                 if name in names:
                     p.requires_grad_(False)
         self.modality_dropout = ModalityDropout(cfg.balance.modality_dropout, cfg.modality_names)
-        self.aux_weights = AuxLossWeights(cfg.balance.aux_weights, cfg.modality_names)
+        aux_cfg = cfg.balance.aux_weights
+        if not getattr(model, "trains_aux_heads", True):
+            from clinfuse.config import AuxWeightsConfig
+
+            aux_cfg = AuxWeightsConfig(mode="none")
+        self.aux_weights = AuxLossWeights(aux_cfg, cfg.modality_names)
         if self.aux_weights.mode == "gblend" and plan is not None:
             from clinfuse.errors import InputError
             # G-Blend weights are fitted on train/validation losses that DP-SGD does not cover.
@@ -174,6 +217,59 @@ class LocalTrainer:
         self.history: list[dict] = []
         self.steps = 0
         self._prepared = False
+        self.settings = self._settings()
+        self._ema: dict[str, torch.Tensor] | None = None
+        self._ema_steps = 0
+
+    def _settings(self) -> dict:
+        """Optimiser, lr, momentum, batch size and EMA decay: the user's config values where set,
+        else the plan's (DP) or the head's non-DP defaults (:mod:`clinfuse.privacy.recipe`)."""
+        from clinfuse.privacy.recipe import non_dp_settings
+
+        if self.plan is None:
+            return non_dp_settings(self.cfg)
+        t, p = self.cfg.train, self.plan
+        return {"head": p.head, "optimizer": t.optimizer or p.optimizer, "lr": t.lr if t.lr is not None else p.lr,
+                "momentum": t.momentum if t.momentum is not None else p.momentum, "batch_size": p.batch_size,
+                "ema_decay": t.ema_decay if t.ema_decay is not None else p.ema_decay}
+
+    # -- iterate averaging ---------------------------------------------------------------------
+    def _trainable_named(self):
+        module = getattr(self.model, "_module", self.model)
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """EMA of the iterates with De et al.'s warm-up: decay ``min(d, (1 + t) / (10 + t))``."""
+        decay = self.settings["ema_decay"]
+        if not decay:
+            return
+        self._ema_steps += 1
+        t = self._ema_steps
+        d = min(decay, t / (9.0 + t))
+        if self._ema is None:
+            self._ema = {n: p.detach().clone() for n, p in self._trainable_named()}
+            return
+        for n, p in self._trainable_named():
+            self._ema[n].mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the model holds the averaged iterates (no-op without averaging)."""
+        if self._ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self._trainable_named()}
+        self._swap(self._ema)
+        try:
+            yield
+        finally:
+            self._swap(saved)
+
+    @torch.no_grad()
+    def _swap(self, values: dict) -> None:
+        for n, p in self._trainable_named():
+            p.copy_(values[n])
 
     # -- setup ---------------------------------------------------------------------------------
     def _trainable(self):
@@ -181,9 +277,9 @@ class LocalTrainer:
 
     def _clipping(self):
         if not self.cfg.balance.clip_groups.enabled:
-            return "flat", self.cfg.privacy.max_grad_norm
+            return "flat", self.plan.max_grad_norm
         from clinfuse.training.balance import clip_group_norms
-        return "per_layer", clip_group_norms(self.model, self.cfg.privacy.max_grad_norm,
+        return "per_layer", clip_group_norms(self.model, self.plan.max_grad_norm,
                                              self.cfg.balance.clip_groups.shares(self.cfg.modalities))
 
     def _grad_sample_mode(self) -> str:
@@ -204,10 +300,11 @@ class LocalTrainer:
             from clinfuse.training.cpu_memory import keep_freed_memory_for_reuse
 
             keep_freed_memory_for_reuse()
-        if self.cfg.train.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+        s = self.settings
+        if s["optimizer"] == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=s["lr"], weight_decay=self.cfg.train.weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=self.cfg.train.lr, momentum=0.9,
+            self.optimizer = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"],
                                              weight_decay=self.cfg.train.weight_decay)
         if self.plan is None:
             generator = torch.Generator().manual_seed(self.cfg.train.seed)
@@ -216,7 +313,7 @@ class LocalTrainer:
             # shared with the server and every site, so both draw from OS entropy instead.
             generator = torch.Generator().manual_seed(secrets.randbits(63))
         if self.plan is None:
-            self.loader = DataLoader(self.train_set, batch_size=self.cfg.train.batch_size, shuffle=True,
+            self.loader = DataLoader(self.train_set, batch_size=self.settings["batch_size"], shuffle=True,
                                      generator=generator, drop_last=False, collate_fn=self.train_set.collate)
             self.clipping, self.norms = None, None
         else:
@@ -272,7 +369,7 @@ class LocalTrainer:
     def _prox_step(self) -> None:
         if self.prox_anchor is None:
             return
-        lr = self.cfg.train.lr
+        lr = self.settings["lr"]
         module = getattr(self.model, "_module", self.model)
         with torch.no_grad():
             for name, p in module.named_parameters():
@@ -312,13 +409,14 @@ class LocalTrainer:
                         group_norms[group] += value
                 self.optimizer.step()
                 self._prox_step()
+                self._update_ema()
                 self.steps += 1
                 head_losses.update(parts, mask)
                 total_loss += float(per_sample.detach().sum())
                 total_items += len(label)
                 bar.set_postfix(loss=f"{total_loss / max(total_items, 1):.3f}")
             record = {"epoch": len(self.history) + 1, "train_loss": total_loss / max(total_items, 1),
-                      "steps": self.steps}
+                      "train_main_loss": head_losses.means().get("main", math.nan), "steps": self.steps}
             norm_total = sum(group_norms.values()) or 1.0
             record.update({f"grad_share_{g}": v / norm_total for g, v in group_norms.items()})
             if self.plan is not None:
@@ -327,13 +425,17 @@ class LocalTrainer:
                 record["epsilon"] = self.accountant.epsilon(self.plan.delta)
             record.update({f"aux_weight_{h}": w for h, w in self.aux_weights.current().items()})
             if self.val_set is not None and len(self.val_set):
-                record.update(validation_metrics(self.model, self.val_set, device=self.device))
+                with self.averaged_weights():
+                    record.update(validation_metrics(self.model, self.val_set, device=self.device))
                 if self.aux_weights.mode == "gblend":
                     self._update_gblend(head_losses.means(), record["val_head_losses"])
             self.history.append(record)
             records.append(record)
             if on_epoch is not None:
                 on_epoch(record)
+        if self._ema is not None:
+            # What is evaluated, checkpointed and released is the average; the next fit goes on from it.
+            self._swap(self._ema)
         return records
 
     def _update_gblend(self, train_losses: dict, val_losses: dict) -> None:
