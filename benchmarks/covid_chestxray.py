@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
+
+from benchmarks.harness import evaluate, fmt_ci, hardware, slug, train_federated, train_pooled
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "covid-chestxray"
@@ -56,68 +55,6 @@ def make_config(args, seed: int, *, dp: float | None = None, ):
     return config_from_dict(raw, source="benchmarks/covid_chestxray.py")
 
 
-def train_local(cfg, manifests, out: Path) -> Path:
-    """Non-DP training on the pooled training splits of ``manifests``; returns the checkpoint."""
-    from clinfuse.training.checkpoint import build_model_for, save_checkpoint
-    from clinfuse.training.commands import load_split_datasets
-    from clinfuse.training.trainer import LocalTrainer, seed_everything
-
-    seed_everything(cfg.train.seed)
-    datasets, _ = load_split_datasets(manifests, cfg)
-    datasets["train"].warm(progress=False)
-    trainer = LocalTrainer(cfg, build_model_for(cfg), datasets["train"], plan=None, progress=False)
-    history = trainer.fit(cfg.train.epochs)
-    return save_checkpoint(out / "model.pt", trainer.model, cfg, metrics={"history": history},
-                           privacy={"enabled": False, "epsilon": None})
-
-
-def train_federated(cfg, manifests, out: Path, *, modality_aware: bool, epsilon: float | None,
-                    initial: tuple[dict, dict] | None = None) -> tuple[Path, dict]:
-    """In-process federation over SiteRuntime; returns (checkpoint, info with per-site epsilon).
-
-    ``initial``: ``(weights, provenance)`` of a public-data warm start
-    (:func:`clinfuse.training.warm_start.read_initial_checkpoint`); the sites' ledgers record it.
-    """
-    from clinfuse.federation.aggregation import SiteUpdate, aggregate
-    from clinfuse.federation.site_runtime import SiteRuntime, state_to_numpy
-    from clinfuse.models.fusion import parameter_groups
-    from clinfuse.training.checkpoint import build_model_for, save_checkpoint
-    from clinfuse.training.trainer import seed_everything
-
-    seed_everything(cfg.train.seed)
-    model = build_model_for(cfg)
-    groups = parameter_groups(model)
-    global_state = initial[0] if initial else state_to_numpy(model.state_dict())
-    if (out / "state").exists():
-        shutil.rmtree(out / "state")  # a rerun starts fresh accountants
-    sites = [SiteRuntime(cfg, m, site_id=m.parent.name, state_dir=out / "state" / m.parent.name,
-                         max_epsilon=epsilon if epsilon is not None else 1e9) for m in manifests]
-    rounds = cfg.federation.rounds
-    declined = 0
-    for r in range(1, rounds + 1):
-        updates = []
-        for site in sites:
-            res = site.train_round(global_state, server_round=r, rounds=rounds, local_epochs=1,
-                                   run_id=out.name, modality_aware=modality_aware,
-                                   warm_start=initial[1] if initial else None)
-            if res.declined:
-                declined += 1
-                continue
-            updates.append(SiteUpdate(res.state, res.num_examples, res.modality_examples))
-        global_state = aggregate(updates, global_state, groups=groups, modality_aware=modality_aware)
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in global_state.items()})
-    info = {"declined_site_rounds": declined}
-    privacy = {"enabled": False, "epsilon": None}
-    if epsilon is not None:
-        per_site = {s.site_id: s.accountant.epsilon(s.plan(rounds, 1).delta) for s in sites}
-        info["epsilon_per_site"] = per_site
-        privacy = {"enabled": True, "epsilon": max(per_site.values()), "epsilon_per_site": per_site,
-                   "target_epsilon": epsilon, "privacy_unit": "patient", "level": "record (site DP-SGD)"}
-    path = save_checkpoint(out / "model.pt", model, cfg, metrics=info, privacy=privacy,
-                           extra={"warm_start": initial[1] if initial else None})
-    return path, info
-
-
 #: Countries whose rows stand for a public pretraining set in the warm-start comparison (the whole
 #: collection is public; these three hold both labels: 65 of 143 rows COVID-19).
 PUBLIC_SITES = ("italy", "usa", "pooled-small")
@@ -132,7 +69,6 @@ def warm_start_comparison(args, manifests, seed: int, *, epsilon: float = 8.0,
     ``DP from scratch`` and ``DP from warm start``. ``args`` as :func:`make_config` reads it
     (``image_size``, ``root``, ``epochs``, ``threads``, ``rounds``, ``bootstrap``).
     """
-    from clinfuse.evaluation.commands import evaluate_checkpoints
     from clinfuse.training.warm_start import pretrain, read_initial_checkpoint
 
     public = [m for m in manifests if m.parent.name in public_sites]
@@ -155,8 +91,8 @@ def warm_start_comparison(args, manifests, seed: int, *, epsilon: float = 8.0,
                                                         epsilon=epsilon, initial=read_initial_checkpoint(ckpt, cfg))
     out = {}
     for name, path in rows.items():
-        paths = evaluate_checkpoints([path], private, path.parent / "evaluation", robustness=False, progress=False)
-        out[name] = {"auroc": {k: v for k, v in auroc_of(paths["metrics"]).items() if k in ("value", "ci", "n_patients")},
+        doc = evaluate(path, private, path.parent / "evaluation")
+        out[name] = {"auroc": {**doc["auroc"], "n_patients": doc["n_patients"]},
                      "info": {"DP from scratch": scratch, "DP from warm start": warm}.get(name, {})}
     out["provenance"] = {k: provenance[k] for k in ("dataset", "manifest_sha256", "rows", "patients")}
     out["sites"] = [m.parent.name for m in private]
@@ -198,17 +134,6 @@ def write_warm_markdown(args, results: dict, epsilon: float, elapsed: float) -> 
     atomic_write_text(WARM_MD, "\n".join(lines))
 
 
-def auroc_of(metrics_path: Path) -> dict:
-    """AUROC value and 95% CI of the single run in an evaluate metrics.json."""
-    result = json.loads(Path(metrics_path).read_text())
-    run = next(iter(result["runs"].values()))
-    overall = run.get("overall", run)
-    entry = overall["metrics"]["auroc"]
-    per_site = {site: v["metrics"]["auroc"] for site, v in (run.get("per_site") or {}).items()}
-    return {"value": entry["value"], "ci": entry["ci"], "n_patients": overall.get("n_patients"),
-            "n_rows": overall.get("n_rows"), "per_site": per_site}
-
-
 def rows_for(manifests) -> list[tuple[str, dict]]:
     rows = [("pooled (non-DP)", {"kind": "pooled"})]
     rows += [(f"site alone: {m.parent.name} (non-DP)", {"kind": "site", "site": m.parent.name}) for m in manifests]
@@ -217,31 +142,6 @@ def rows_for(manifests) -> list[tuple[str, dict]]:
     rows += [(f"federated modality-aware + DP, epsilon {e:g}", {"kind": "fed", "aware": True, "eps": e})
              for e in DP_EPSILONS]
     return rows
-
-
-def slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def hardware() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    except OSError:
-        model = platform.processor() or "?"
-    import os
-
-    return f"{model}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, CPU only"
-
-
-def fmt_ci(entry) -> str:
-    if entry is None or entry.get("value") is None:
-        return "n/a"
-    lo, hi = entry["ci"]
-    ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "[n/a]"
-    return f"{entry['value']:.3f} {ci}"
 
 
 def write_markdown(args, rows, results, command: str, n_test: dict, elapsed: float) -> None:
@@ -336,7 +236,6 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     from clinfuse.data.public.covid_chestxray import prepare_covid_chestxray
-    from clinfuse.evaluation.commands import evaluate_checkpoints
     from clinfuse.fileio import atomic_write_json
 
     started = time.time()
@@ -376,16 +275,17 @@ def main(argv=None) -> int:
             t0 = time.time()
             info = {}
             if spec["kind"] == "pooled":
-                ckpt = train_local(make_config(args, seed), manifests, out)
+                ckpt = train_pooled(make_config(args, seed), manifests, out)
             elif spec["kind"] == "site":
                 site_manifest = [m for m in manifests if m.parent.name == spec["site"]]
-                ckpt = train_local(make_config(args, seed), site_manifest, out)
+                ckpt = train_pooled(make_config(args, seed), site_manifest, out)
             else:
                 ckpt, info = train_federated(make_config(args, seed, dp=spec["eps"]), manifests, out,
                                              modality_aware=spec["aware"], epsilon=spec["eps"])
             train_s = time.time() - t0
-            paths = evaluate_checkpoints([ckpt], manifests, out / "evaluation", robustness=False, progress=False)
-            auroc = auroc_of(paths["metrics"])
+            evaluated = evaluate(ckpt, manifests, out / "evaluation")
+            auroc = {**evaluated["auroc"], "n_rows": evaluated["n_rows"], "n_patients": evaluated["n_patients"],
+                     "per_site": evaluated["per_site"]}
             n_test = {"rows": auroc["n_rows"], "patients": auroc["n_patients"]}
             results.setdefault(name, {})[str(seed)] = {"auroc": {k: auroc[k] for k in ("value", "ci")},
                                                        "per_site": auroc["per_site"], "info": info,
