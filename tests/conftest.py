@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,20 @@ from PIL import Image
 from clinfuse.config import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _restore_clinfuse_logging():
+    """Each test starts with the "clinfuse" logger unconfigured and leaves it as it found it: CLI
+    calls run clinfuse.cli.configure_logging, and a level left at WARNING (``-q``) silences the
+    progress lines later tests check."""
+    logger = logging.getLogger("clinfuse")
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    logger.setLevel(logging.NOTSET)
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    logger.propagate = propagate
 
 
 def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
