@@ -89,49 +89,22 @@ def test_secagg_plus_legacy_path_runs_and_checkpoints(tmp_path, cohort):
     assert len(summary["epsilon"]) == 3
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("app", ["checkout", "flower-app"])
 def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort, app):
     """`flwr run .` as docs/federation.md shows it: a local SuperLink started beforehand without
     runtime dependency installation (else it downloads torch), 3 simulated SuperNodes. The app is
     this checkout, or the project `clinfuse flower-app` writes over the installed package."""
     import os
-    import signal
     import subprocess
-    import time
-    import urllib.request
 
+    from support.deploy import local_simulation_superlink
     from test_federation_rounds import REPO, tiny_config
 
-    http, control = _free_port(), _free_port()
     # Flower's tools (and the processes the SuperLink spawns) from this Python's environment, also
     # when it is not activated (`make test` runs .venv/bin/python directly).
     tools = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": tools + os.pathsep + os.environ.get("PATH", ""),
-           "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    (tmp_path / "flwr").mkdir()
-    superlink = subprocess.Popen(
-        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
-         "--database", str(tmp_path / "flwr" / "state.db"), "--disable-runtime-dependency-installation"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1)
-                break
-            except OSError:
-                assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
-                time.sleep(0.5)
+    env = {**os.environ, "PATH": tools + os.pathsep + os.environ.get("PATH", "")}
+    with local_simulation_superlink(tmp_path / "flwr", env, start_timeout_s=60) as env:
         run_config = (f"config='{tiny_config(tmp_path)}' cohort='{cohort}' workdir='work' num-rounds=2 "
                       f"max-epsilon=100.0")
         app_dir = REPO
@@ -143,13 +116,6 @@ def test_flwr_run_dot_on_a_local_simulation_superlink(tmp_path, cohort, app):
                               "--run-config", run_config], env=env, cwd=tmp_path, capture_output=True, text=True,
                              timeout=600, check=False)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    finally:
-        os.killpg(superlink.pid, signal.SIGTERM)
-        try:
-            superlink.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(superlink.pid, signal.SIGKILL)
-            superlink.wait()
     history = json.loads((tmp_path / "work" / "run" / "history.json").read_text())  # relative to the SuperLink
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     assert set(history["rounds"][-1]["sites"]) == {"site-0", "site-1", "site-2"}

@@ -106,46 +106,12 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items()))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _flwr_run(work: Path, env: dict, bin_dir: Path, timings: dict) -> None:
     """``flwr run app`` on a local simulation SuperLink started without dependency installation
-    (docs/federation.md), 2 simulated sites, one round of the demo study; the SuperLink is
-    stopped by PID."""
-    import signal
-    import urllib.request
+    (docs/federation.md), 2 simulated sites, one round of the demo study."""
+    from support.deploy import local_simulation_superlink
 
-    http, control = _free_port(), _free_port()
-    env = {**env, "FLWR_HOME": str(work / "flwr"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    (work / "flwr").mkdir()
-    superlink = subprocess.Popen(
-        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
-         "--database", str(work / "flwr" / "state.db"), "--disable-runtime-dependency-installation"],
-        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1)
-                break
-            except OSError:
-                assert superlink.poll() is None and time.monotonic() < deadline, "the SuperLink did not start"
-                time.sleep(0.5)
+    with local_simulation_superlink(work / "flwr", env, bin_dir=bin_dir) as flwr_env:
         _run([str(bin_dir / "flwr"), "run", "app", "--stream", "--federation-config", "num-supernodes=2",
               "--run-config", "num-rounds=1 cohort-patients=30 workdir='flwr-work'"],
-             cwd=work, env=env, timings=timings, name="flwr run (simulation)", timeout=900)
-    finally:
-        os.killpg(superlink.pid, signal.SIGTERM)
-        try:
-            superlink.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(superlink.pid, signal.SIGKILL)
-            superlink.wait()
+             cwd=work, env=flwr_env, timings=timings, name="flwr run (simulation)", timeout=900)

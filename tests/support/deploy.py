@@ -29,6 +29,7 @@ what ran. Nothing listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -265,6 +266,41 @@ def stop_process(popen: subprocess.Popen, *, grace_s: float = 10.0) -> int | Non
         while time.monotonic() < deadline and _group_alive(pgid):
             time.sleep(0.1)
     return popen.poll()
+
+
+@contextlib.contextmanager
+def local_simulation_superlink(home: Path, env: Mapping[str, str], *, bin_dir: Path | None = None,
+                               start_timeout_s: float = 90.0):
+    """A local SuperLink in simulation mode, as docs/federation.md starts it for ``flwr run``:
+    insecure, on free loopback ports, its state under ``home`` (``FLWR_HOME``), without runtime
+    dependency installation (else it downloads torch). Yields the environment that ``flwr run``
+    needs to reach it; stops the SuperLink and what it spawned on exit. ``bin_dir``: where
+    ``flower-superlink`` is (default: the ``PATH`` of ``env``)."""
+    import urllib.request
+
+    http, control = free_port(), free_port()
+    env = {**env, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    home.mkdir(parents=True, exist_ok=True)
+    tool = str(bin_dir / "flower-superlink") if bin_dir else "flower-superlink"
+    superlink = subprocess.Popen(
+        [tool, "--insecure", "--simulation", "--isolation", "subprocess",
+         "--control-api-address", f"{LOOPBACK}:{control}", "--host", LOOPBACK, "--port", str(http),
+         "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"],
+        cwd=home.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{LOOPBACK}:{http}/health", timeout=1)
+                break
+            except OSError:
+                if superlink.poll() is not None or time.monotonic() > deadline:
+                    raise DeploymentError("the local simulation SuperLink did not start") from None
+                time.sleep(0.5)
+        yield env
+    finally:
+        stop_process(superlink, grace_s=20.0)
 
 
 def _group_alive(pgid: int) -> bool:
