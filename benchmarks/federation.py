@@ -17,16 +17,17 @@ from the run's ``history.json`` by :func:`support.deploy.round_overheads`
 Each round's time is broken into parts, from the site that finished its train message last
 (its reply's ``<part>-seconds``) and the server's record: the ClientApp process start (in a
 deployment every message is a new process: interpreter, flwr, installing the app bundle, pulling
-the message), the site code's imports (torch, Opacus, clinfuse), the manifest (validation or
-the process cache), the privacy state, the accountant (noise plan, epsilon), data decoding, the
-model, training, the signed ledger, evaluation (folded into the train message from round 2),
+the message; it forwards the message to the site's long-lived worker, started by the first one),
+reaching the worker, the site code's imports (torch, Opacus, clinfuse: a worker's first message
+only), the manifest (validation or the process cache), the privacy state, the accountant (noise
+plan, epsilon), data decoding, the model, training, the signed ledger, evaluation (folded into the train message from round 2),
 then Flower's messaging and polling (the exchange's wall less that site's time), aggregation,
 an evaluate exchange of its own (last round), and the server's checkpoint and history. In
 fresh interpreters (median of ``--repeats``): the import chain, opening a site cold and warm,
 and installing the app bundle as each deployed ClientApp process does.
 
     python benchmarks/federation.py [--engine simulation|deployment|both] [--rounds 3] [--patients 200]
-                                    [--repeats 3] [--workdir DIR] [--json OUT]
+                                    [--repeats 3] [--workdir DIR] [--json OUT] [--without-worker]
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ STARTUP_STEPS = [
 
 # (label, the site's metric without "-seconds"), in the order a message runs them
 SITE_PARTS = [("ClientApp process start (interpreter, flwr, app install, message pull)", "process"),
+              ("reaching the site's worker (deployment; starting it, first message)", "worker-start"),
               ("site code imports (torch, Opacus, clinfuse)", "import"),
               ("manifest (validated, or this process's cache)", "manifest"),
               ("privacy state (key, ledger check, accountant file)", "privacy"),
@@ -130,14 +132,16 @@ def breakdown(history: dict, walls: dict[int, float]) -> list[dict]:
         if wall is None or not sites:
             continue
         exchange = float(record.get("train_exchange_s") or record.get("train_wall_s") or 0.0)
-        slowest = max(sites, key=lambda s: s.get("process-seconds", 0.0) + s["handler-seconds"])
+        slowest = max(sites, key=lambda s: (s.get("process-seconds", 0.0) + s.get("worker-start-seconds", 0.0)
+                                            + s["handler-seconds"]))
         handler = float(slowest["handler-seconds"])
         # A simulation's actor starts with the run, before the round: count only what falls in it.
         parts = {"process": min(float(slowest.get("process-seconds", 0.0)), max(0.0, exchange - handler))}
         for _, key in SITE_PARTS[1:]:
             parts[key] = float(slowest.get(f"{key}-seconds", 0.0))
-        parts["site-other"] = handler - sum(v for k, v in parts.items() if k != "process")
-        parts["flower"] = exchange - parts["process"] - handler
+        before_handler = ("process", "worker-start")  # in the ClientApp process, before the handler runs
+        parts["site-other"] = handler - sum(v for k, v in parts.items() if k not in before_handler)
+        parts["flower"] = exchange - parts["process"] - parts["worker-start"] - handler
         parts["aggregate"] = float(record.get("aggregate_s") or 0.0)
         parts["evaluate-exchange"] = float(record.get("eval_wall_s") or 0.0)
         parts["server-other"] = wall - exchange - parts["aggregate"] - parts["evaluate-exchange"]
@@ -221,6 +225,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="start-up timings: median of this many")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--without-worker", action="store_true",
+                        help="deployment: also run with site-worker=false (a process per message does everything)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,6 +263,13 @@ def main() -> None:
                                                                      patients=args.patients, local_epochs=1)
             summarise(report["deployment"])
             print_rounds(report["deployment"])
+            if args.without_worker:
+                print("\nthe same deployment with site-worker=false (every message imports and validates again):")
+                report["deployment_without_worker"] = measure_deployment_round_overhead(
+                    workdir / "deployment", rounds=args.rounds, patients=args.patients, local_epochs=1,
+                    site_worker=False)
+                summarise(report["deployment_without_worker"])
+                print_rounds(report["deployment_without_worker"])
         report["load_after"] = load()
         print(f"\ntargets (demo config, {args.patients} patients x 3 sites, one local epoch, {args.rounds} rounds; "
               f"load average before {report['load_before']}, after {report['load_after']}):")

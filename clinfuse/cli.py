@@ -179,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Flower reports usage events to its servers unless this is "0" (read when flwr is imported; the
+#: simulation's Ray workers inherit it). clinfuse's own commands keep a hospital's runs to itself,
+#: and no process waits at exit for an unreachable telemetry host; a value set by the user wins.
+FLOWER_TELEMETRY_ENV = "FLWR_TELEMETRY_ENABLED"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault(FLOWER_TELEMETRY_ENV, "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -1,23 +1,34 @@
 """The site's Flower ClientApp over :mod:`clinfuse.federation.protocol` (which site, what is sent).
 
-In deployment every message starts a new process: this module imports only Flower and the
-protocol at the top; torch and the model are imported by the handlers. Each reply's metrics time
-the parts of the message (``process-seconds``: from the process's start to the handler, the
-first message of a process only; ``import-seconds``; the site's own parts, see
+In deployment every message starts a new process. That process imports only Flower and the
+protocol, and forwards the message and its context to the site's long-lived worker
+(:mod:`clinfuse.federation.site_worker`, started by the first message; node config
+``site-worker=false`` handles messages in the process instead), where torch, the model and the
+decoded data stay loaded. The worker runs the same handlers (:func:`serve_forwarded`).
+
+Each reply's metrics time the parts of the message (``process-seconds``: from the ClientApp
+process's start to the handler, or to forwarding; ``worker-start-seconds``: reaching the worker,
+starting it included; ``import-seconds``; the site's own parts, see
 :data:`clinfuse.federation.site_runtime.ROUND_PARTS`; ``handler-seconds`` in all).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
+from flwr.common import serde
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from clinfuse.federation import protocol
+from clinfuse.federation import protocol, site_worker
 from clinfuse.federation.run_config import RunConfig
 from federated.mods import client_dp_clipping_mod
+
+_log = logging.getLogger("clinfuse.site")
 
 
 def _process_age() -> float | None:
@@ -32,11 +43,15 @@ def _process_age() -> float | None:
 
 
 _first_message = True
+_forwarded_startup: dict[str, float] | None = None  # the forwarding process's, while the worker serves it
 
 
 def _startup_seconds() -> dict[str, float]:
-    """``{"process": s}`` for the first message of this process, ``{}`` after it."""
+    """``{"process_seconds": s}`` for the first message of this process, ``{}`` after it; in the
+    site worker, the start-up of the ClientApp process that forwarded the message."""
     global _first_message
+    if _forwarded_startup is not None:
+        return dict(_forwarded_startup)
     if not _first_message:
         return {}
     _first_message = False
@@ -125,7 +140,24 @@ class ClinfuseClientApp(ClientApp):
             protocol.sign_reply(reply, msg, self.site_of(context)[1].state_dir)
         return reply
 
+    def forwards(self, context: Context) -> bool:
+        """Whether this process hands messages to the site's worker: in deployment, unless the
+        node config says ``site-worker=false``; never for an app with its own overrides or mods
+        (the worker serves this module's :data:`app`)."""
+        if self.overrides or self.extra_mods:
+            return False
+        try:
+            return self.site_of(context)[1].worker
+        except Exception:  # noqa: BLE001 - a bad node config is reported by the handler itself
+            return False
+
     def __call__(self, message: Message, context: Context) -> Message:
+        if self.forwards(context):
+            return forward(message, context)
+        return self.handle(message, context)
+
+    def handle(self, message: Message, context: Context) -> Message:
+        """Run the message's handler in this process (SecAgg+'s legacy exchanges included)."""
         if (message.metadata.message_type == MessageType.TRAIN
                 and protocol.ARRAYS not in message.content.array_records):
             if self._secagg is None:
@@ -138,6 +170,45 @@ class ClinfuseClientApp(ClientApp):
                                                  [*self.extra_mods, secaggplus_mod, legacy_clipping_mod])
             return self._secagg(message, context)
         return super().__call__(message, context)
+
+
+def forward(message: Message, context: Context) -> Message:
+    """Hand ``message`` to the site's worker; its reply, and the context it updated (Flower keeps
+    ``context.state`` between a run's messages, SecAgg+'s keys among them), come back."""
+    startup = _startup_seconds()
+    spec = protocol.site_spec(context.node_config, RunConfig.parse(dict(context.run_config)))
+    try:
+        header, blobs = site_worker.call(
+            spec.state_dir, WORKER_HANDLER, {"startup": startup},
+            [serde.message_to_proto(message).SerializeToString(), serde.context_to_proto(context).SerializeToString()])
+    except site_worker.WorkerUnavailable as exc:
+        _log.warning("site %s: %s; handling this message in the ClientApp process", spec.site_id, exc)
+        return _handle_as_forwarded(message, context, startup)
+    context.state = serde.context_from_proto(ProtoContext.FromString(blobs[1])).state
+    return serde.message_from_proto(ProtoMessage.FromString(blobs[0]))
+
+
+def _handle_as_forwarded(message: Message, context: Context, startup: dict[str, float]) -> Message:
+    """:data:`app` handles ``message``, its replies timed with the forwarding process's ``startup``."""
+    global _forwarded_startup
+    _forwarded_startup = startup
+    try:
+        return app.handle(message, context)
+    finally:
+        _forwarded_startup = None
+
+
+def serve_forwarded(header: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
+    """The site worker's handler (:data:`WORKER_HANDLER`): a forwarded message and context in,
+    the reply and the updated context out, handled by this module's :data:`app`."""
+    message = serde.message_from_proto(ProtoMessage.FromString(blobs[0]))
+    context = serde.context_from_proto(ProtoContext.FromString(blobs[1]))
+    reply = _handle_as_forwarded(message, context, {**header.get("startup", {}),
+                                                    "worker_start_seconds": header.get("client-wait-seconds", 0.0)})
+    return {}, [serde.message_to_proto(reply).SerializeToString(), serde.context_to_proto(context).SerializeToString()]
+
+
+WORKER_HANDLER = f"{__name__}:serve_forwarded"
 
 
 def make_client_app(run_config: dict | None = None, mods: list | None = None) -> ClinfuseClientApp:

@@ -22,9 +22,9 @@ For the Message API and SecAgg+ alike, :func:`run_study`:
 
 Each exchange waits at most ``round-timeout`` seconds for replies (a dead site costs one wait,
 then the round goes on with the others), and its messages expire after that long (a site that
-comes back does not train for a round that is over). Replies are polled for at intervals
-growing from 50 ms to 1 s (:func:`exchange`): Flower's own ``send_and_receive`` sleeps 3 s
-between polls in a deployment.
+comes back does not train for a round that is over). Replies are polled for every 0.1 s, after
+30 s ever less often up to once a second (:func:`exchange`): Flower's own ``send_and_receive``
+sleeps 3 s between polls in a deployment.
 
 History (``history.json``), per round: ``sites`` (by site id only: status, metrics, reason,
 ``node``, ``public_key``, ``ledger_head`` and ``val`` with its own ``ledger_head``),
@@ -121,8 +121,9 @@ def exchange(grid: Grid, messages: Sequence[Message], timeout: float) -> list[Me
     """Send ``messages`` and collect their replies until all came or ``timeout`` seconds passed.
 
     Flower's ``Grid.send_and_receive`` polls a deployment's SuperLink every 3 s; a round of a
-    few seconds' training loses up to that much per exchange. Here the interval starts at 50 ms
-    and grows by half each empty poll up to 1 s (a long round polls once a second). A simulated
+    few seconds' training loses up to that much per exchange. Here the server polls every 0.1 s
+    for the first 30 s of an exchange (a reply of a short round is collected within 0.1 s), then
+    ever less often, up to once a second (a long round). A simulated
     grid is in-process: its own ``send_and_receive`` is used, Flower's in-memory grid polling
     every 20 ms instead of its default 100 ms (its ``pull_interval``).
     """
@@ -135,7 +136,7 @@ def exchange(grid: Grid, messages: Sequence[Message], timeout: float) -> list[Me
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
-    interval = 0.05
+    started, interval = time.monotonic(), 0.1
     while waiting:
         got = list(grid.pull_messages(waiting))
         replies.extend(got)
@@ -145,7 +146,8 @@ def exchange(grid: Grid, messages: Sequence[Message], timeout: float) -> list[Me
             break
         if not got:
             time.sleep(min(interval, left))
-            interval = min(interval * 1.5, 1.0)
+            if time.monotonic() - started > 30.0:
+                interval = min(interval * 1.5, 1.0)
     return replies
 
 

@@ -160,7 +160,7 @@ def site_epsilon_after(cfg_path, manifest, rounds_done, rounds, state_dir):
 # What leaves a site
 # --------------------------------------------------------------------------------------------
 
-METRIC_KEYS = re.compile(r"^(num-examples|declined|(process|import|manifest|privacy|accountant|data|model|train|ledger|evaluate|handler)-seconds|examples-(image|text|tabular)"
+METRIC_KEYS = re.compile(r"^(num-examples|declined|(process|worker-start|import|manifest|privacy|accountant|data|model|train|ledger|evaluate|handler)-seconds|examples-(image|text|tabular)"
                          r"|train-loss|epsilon|delta|max-epsilon|noise-multiplier|val-loss|val-auroc"
                          r"|val-aux-auroc-(image|text|tabular)|val-single-class|loss-at-chance|collapsed|val-predicted-classes)$")
 

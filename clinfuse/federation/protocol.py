@@ -88,6 +88,9 @@ class SiteSpec:
     max_epsilon: float | None  # None: the study's target epsilon
     config: Path | None  # None: configs/demo.yaml
     simulation: bool
+    # deployment: serve messages from the site's long-lived worker process (node config
+    # ``site-worker``, default true; :mod:`clinfuse.federation.site_worker`)
+    worker: bool = False
 
 
 def site_spec(node_config: Mapping, run_config: RunConfig) -> SiteSpec:
@@ -106,10 +109,13 @@ def site_spec(node_config: Mapping, run_config: RunConfig) -> SiteSpec:
         site_id = node_config["site-id"]
         if not isinstance(site_id, str) or not site_id.strip():
             raise InputError(f"site-id must be a non-empty string, got {site_id!r}", key="site-id")
+        worker = node_config.get("site-worker", True)
+        if not isinstance(worker, bool):
+            raise InputError(f"site-worker must be true or false, got {worker!r}", key="site-worker")
         return SiteSpec(manifest=expand_path(str(node_config["manifest"])), site_id=site_id,
                         state_dir=expand_path(str(node_config["state-dir"])), max_epsilon=float(cap),
                         config=expand_path(str(node_config["config"])) if node_config.get("config") else None,
-                        simulation=False)
+                        simulation=False, worker=worker)
     if "partition-id" in node_config:
         k = int(node_config["partition-id"])
         site_id = run_config.site_ids.get(k, f"site-{k}")

@@ -10,6 +10,8 @@ A :class:`SiteRuntime` holds the site's validated data and its privacy state
 ``state_dir/file-checks.json`` what validation found in each image, volume and signal file
                                (unchanged files are not re-opened by the next round's process,
                                and keep their verdict)
+``state_dir/worker.key``       secret shared by the site's ClientApp processes and its worker
+                               (:mod:`clinfuse.federation.site_worker`, deployment only)
 
 Opening a site checks its state (a refused state stops it there: a missing or older accountant,
 an edited plan or a changed target, a ledger that does not verify with the site's key). Every

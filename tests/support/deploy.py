@@ -48,6 +48,8 @@ from typing import Self
 LOOPBACK = "127.0.0.1"
 #: Flower 1.42's own setting for how often SuperExec polls for a task (default 1 s; docs/federation.md)
 SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"
+#: the deployment guide's environment for every Flower process: that poll, and no usage telemetry
+FLOWER_ENV = {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, "FLWR_TELEMETRY_ENABLED": "0"}
 DEFAULT_CONNECTION = "clinfuse-local"
 ConfigValue = str | int | float | bool
 
@@ -279,7 +281,7 @@ def local_simulation_superlink(home: Path, env: Mapping[str, str], *, bin_dir: P
     import urllib.request
 
     http, control = free_port(), free_port()
-    env = {**env, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+    env = {**FLOWER_ENV, **env, "FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control), "FLWR_DISABLE_UPDATE_CHECK": "1"}
     home.mkdir(parents=True, exist_ok=True)
     tool = str(bin_dir / "flower-superlink") if bin_dir else "flower-superlink"
@@ -423,7 +425,7 @@ class LocalDeployment:
     def _env(self, home: Path, **extra: str) -> dict[str, str]:
         # Flower's SuperExec (started by the SuperLink and each SuperNode) looks for a task to
         # launch (the ServerApp, a ClientApp process per message) every second by default.
-        env = {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, **os.environ, **self.extra_env, "FLWR_HOME": str(home), **extra}
+        env = {**FLOWER_ENV, **os.environ, **self.extra_env, "FLWR_HOME": str(home), **extra}
         # The SuperLink and SuperNodes start Flower's helper executables (SuperExec, the app
         # processes) by name: make the ones of this Python's environment found first, even when
         # the venv is not activated (CI calls .venv/bin/python directly).
@@ -663,7 +665,7 @@ def round_overheads(history: Mapping) -> list[dict]:
 def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Path | None = None,
                                       config: str | Path | None = None, sites: int = 3, patients: int = 200,
                                       rounds: int = 3, local_epochs: int = 1, max_epsilon: float | None = None,
-                                      timeout: float = 1800.0, log=None) -> dict:
+                                      site_worker: bool = True, timeout: float = 1800.0, log=None) -> dict:
     """Run the study through a real deployment on loopback and measure its round overhead.
 
     Parameters
@@ -675,6 +677,8 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
     sites, patients: demo cohort size (one SuperNode per site).
     rounds, local_epochs: the run.
     max_epsilon: each site's cap (default the config's target epsilon).
+    site_worker: the sites' ``site-worker`` node config (False: every message handled in
+        Flower's own per-message process).
     timeout: seconds the run may take.
     log: callable receiving progress lines (default: print to stderr).
 
@@ -704,7 +708,7 @@ def measure_deployment_round_overhead(workdir: str | Path, *, app_dir: str | Pat
         if not ready(checks):
             raise DeploymentError(f"{name} is not ready:\n{format_checklist(checks)}")
         nodes[name] = {"manifest": str(manifest), "site-id": name, "state-dir": str(workdir / "state" / name),
-                       "max-epsilon": cap, "config": str(config)}
+                       "max-epsilon": cap, "config": str(config), "site-worker": site_worker}
     run_dir = workdir / "run"
     started = time.monotonic()
     with LocalDeployment(app_dir, workdir / "deploy", nodes) as deployment:
