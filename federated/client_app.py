@@ -178,7 +178,7 @@ def forward(message: Message, context: Context) -> Message:
     startup = _startup_seconds()
     spec = protocol.site_spec(context.node_config, RunConfig.parse(dict(context.run_config)))
     try:
-        header, blobs = site_worker.call(
+        _, blobs = site_worker.call(
             spec.state_dir, WORKER_HANDLER, {"startup": startup},
             [serde.message_to_proto(message).SerializeToString(), serde.context_to_proto(context).SerializeToString()])
     except site_worker.WorkerUnavailable as exc:

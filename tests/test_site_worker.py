@@ -144,15 +144,21 @@ def site_workers(state_dir: Path) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"clinfuse.federation.site_worker" in argv and str(state_dir).encode() in argv:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                pids.append(int(proc.name))
+        if (b"clinfuse.federation.site_worker" in argv and str(state_dir).encode() in argv
+                and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
+            pids.append(int(proc.name))
     return pids
 
 
 def test_a_deployed_site_trains_through_one_worker_and_spends_what_it_reports(tmp_path, federation_cohort):
-    from test_federation_rounds import (LocalGrid, check_reply, ledger_has, note_sentences, site_epsilon_after,
-                                        tiny_config)
+    from test_federation_rounds import (
+        LocalGrid,
+        check_reply,
+        ledger_has,
+        note_sentences,
+        site_epsilon_after,
+        tiny_config,
+    )
 
     from clinfuse.config import load_config
     from clinfuse.training.checkpoint import build_model_for
