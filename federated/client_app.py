@@ -142,9 +142,9 @@ class ClinfuseClientApp(ClientApp):
 
     def forwards(self, context: Context) -> bool:
         """Whether this process hands messages to the site's worker: in deployment, unless the
-        node config says ``site-worker=false``; never for an app with its own overrides or mods
-        (the worker serves this module's :data:`app`)."""
-        if self.overrides or self.extra_mods:
+        node config says ``site-worker=false`` or the platform has no Unix sockets; never for an
+        app with its own overrides or mods (the worker serves this module's :data:`app`)."""
+        if self.overrides or self.extra_mods or not site_worker.AVAILABLE:
             return False
         try:
             return self.site_of(context)[1].worker

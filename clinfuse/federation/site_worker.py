@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import json
@@ -43,6 +42,14 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import AuthenticationError, Client, Listener
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system
+    fcntl = None
+
+#: whether this platform can run a site worker (Unix sockets and flock); elsewhere each message
+#: is handled in its own process
+AVAILABLE = fcntl is not None and hasattr(os, "getuid")
 KEY_FILE = "worker.key"
 DEFAULT_IDLE_TIMEOUT_S = 1800.0
 DEFAULT_START_TIMEOUT_S = 300.0
