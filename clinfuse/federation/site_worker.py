@@ -191,8 +191,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _remove(address: str) -> None:
+    """Remove a worker's socket, then its lock file (a worker started meanwhile cannot take the
+    lock until the socket is gone)."""
+    for path in (address, address + ".lock"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def serve(address: str, key: bytes, handler: Handler, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-          watch_pid: int | None = None, ready: Callable[[], None] | None = None) -> int:
+          watch_pid: int | None = None) -> int:
     """Serve requests on ``address`` until idle for ``idle_timeout_s`` or ``watch_pid`` is gone.
 
     One request at a time (a site trains one message at a time). Returns 0; returns 0 at once
@@ -211,10 +219,7 @@ def serve(address: str, key: bytes, handler: Handler, *, idle_timeout_s: float =
         done = threading.Event()
 
         def leave(code: int) -> None:
-            # The socket first: a worker started meanwhile cannot take the lock until it is gone.
-            for path in (address, address + ".lock"):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            _remove(address)
             os._exit(code)  # accept() cannot be interrupted portably
 
         def should_stop() -> bool:
@@ -227,33 +232,35 @@ def serve(address: str, key: bytes, handler: Handler, *, idle_timeout_s: float =
                     done.set()
                     leave(0)
 
-        # SIGTERM (the SuperNode's group stopped) mid-message is a crash, which the privacy
-        # state recovers from at the next open; the files go either way.
-        signal.signal(signal.SIGTERM, lambda *_: leave(128 + signal.SIGTERM))
+        # SIGTERM or SIGINT (the SuperNode's group stopped, Ctrl-C) mid-message is a crash, which
+        # the privacy state recovers from at the next open; the files go either way.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda number, _frame: leave(128 + number))
         threading.Thread(target=watchdog, daemon=True, name="site-worker-watchdog").start()
-        if ready is not None:
-            ready()
-        while not done.is_set():
-            try:
-                conn = listener.accept()
-            except (AuthenticationError, EOFError, OSError) as exc:
-                _log.warning("site worker: refused a connection (%s)", type(exc).__name__)
-                continue
-            state["busy"], state["last"] = True, time.monotonic()
-            try:
-                with conn:
-                    header, blobs = _receive(conn)
-                    try:
-                        reply, reply_blobs = handler(header, blobs)
-                        reply = {**reply, "ok": True}
-                    except Exception as exc:  # noqa: BLE001 - the client re-raises it by its text
-                        reply, reply_blobs = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, []
-                    _send(conn, reply, reply_blobs)
-            except (EOFError, OSError) as exc:
-                _log.warning("site worker: the ClientApp process went away mid-request (%s)", type(exc).__name__)
-            finally:
-                state["busy"], state["last"] = False, time.monotonic()
-        listener.close()
+        try:
+            while not done.is_set():
+                try:
+                    conn = listener.accept()
+                except (AuthenticationError, EOFError, OSError) as exc:
+                    _log.warning("site worker: refused a connection (%s)", type(exc).__name__)
+                    continue
+                state["busy"], state["last"] = True, time.monotonic()
+                try:
+                    with conn:
+                        header, blobs = _receive(conn)
+                        try:
+                            reply, reply_blobs = handler(header, blobs)
+                            reply = {**reply, "ok": True}
+                        except Exception as exc:  # noqa: BLE001 - the client re-raises it by its text
+                            reply, reply_blobs = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, []
+                        _send(conn, reply, reply_blobs)
+                except (EOFError, OSError) as exc:
+                    _log.warning("site worker: the ClientApp process went away mid-request (%s)", type(exc).__name__)
+                finally:
+                    state["busy"], state["last"] = False, time.monotonic()
+        finally:
+            listener.close()
+            _remove(address)
     return 0
 
 
