@@ -150,7 +150,8 @@ def site_workers(state_dir: Path) -> list[int]:
     return pids
 
 
-def test_a_deployed_site_trains_through_one_worker_and_spends_what_it_reports(tmp_path, federation_cohort):
+@pytest.mark.parametrize("secagg", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["message-api", "secagg"])
+def test_deployed_sites_train_through_one_worker_each_and_spend_what_they_report(tmp_path, federation_cohort, secagg):
     from test_federation_rounds import (
         LocalGrid,
         check_reply,
@@ -165,30 +166,37 @@ def test_a_deployed_site_trains_through_one_worker_and_spends_what_it_reports(tm
     from federated.client_app import app
     from federated.rounds import run_study
 
-    state_dir = tmp_path / "state" / "site-0"
-    node = {"manifest": str(federation_cohort / "site-0" / "manifest.csv"), "site-id": "site-0",
-            "state-dir": str(state_dir), "max-epsilon": 100.0, "config": str(tiny_config(tmp_path))}
-    run_config = {"config": node["config"], "workdir": str(tmp_path / "work"), "num-rounds": 2, "min-sites": 1}
-    grid = LocalGrid(app, 0, extra_nodes={2000: node})
-    grid.contexts[2000].run_config = dict(run_config)  # the run config a SuperNode hands the app
+    config, sites = str(tiny_config(tmp_path)), 3 if secagg else 2  # SecAgg+ needs 3
+    nodes = {2000 + k: {"manifest": str(federation_cohort / f"site-{k}" / "manifest.csv"), "site-id": f"site-{k}",
+                        "state-dir": str(tmp_path / "state" / f"site-{k}"), "max-epsilon": 100.0, "config": config}
+             for k in range(sites)}
+    run_config = {"config": config, "workdir": str(tmp_path / "work"), "num-rounds": 2, "min-sites": sites,
+                  "secagg": secagg}
+    grid = LocalGrid(app, 0, extra_nodes=nodes)
+    for node in nodes:
+        grid.contexts[node].run_config = dict(run_config)  # the run config a SuperNode hands the app
+    state_dirs = [Path(n["state-dir"]) for n in nodes.values()]
     try:
-        summary = run_study(grid, {"expected-sites": 1, "wait-seconds": 1, **run_config})
-        pids = site_workers(state_dir)
-        assert len(pids) == 1  # one worker served both rounds and the evaluation
+        summary = run_study(grid, {"expected-sites": sites, "wait-seconds": 1, **run_config})
+        assert [len(site_workers(d)) for d in state_dirs] == [1] * sites  # one worker per site served it all
     finally:
-        for pid in site_workers(state_dir):
-            os.kill(pid, signal.SIGTERM)
+        for state_dir in state_dirs:
+            for pid in site_workers(state_dir):
+                os.kill(pid, signal.SIGTERM)
     doc = json.loads((Path(summary["run_dir"]) / "history.json").read_text())
-    records = [r["sites"]["site-0"] for r in doc["rounds"]]
-    assert [r["status"] for r in records] == ["trained", "trained"]
-    first, second = (grid.replies[0].content["metrics"], grid.replies[1].content["metrics"])
-    assert first["worker-start-seconds"] > 0 and first["import-seconds"] > 0.05
-    assert second["import-seconds"] < 0.05  # the worker kept torch, Opacus and the model loaded
-    cfg = load_config(node["config"])
+    assert all(r["aggregated"] and r.get("secagg", False) == secagg for r in doc["rounds"])
+    cfg = load_config(config)
     shapes = {k: tuple(v.shape) for k, v in build_model_for(cfg).state_dict().items()}
-    for reply in grid.replies:  # what left the site is what a process per message sends
+    for reply in grid.replies if not secagg else ():  # what left the sites is what a process per message sends
         check_reply(reply, shapes, cfg, note_sentences(federation_cohort))
-    # What the site reports is what one accountant over every step of both rounds says.
-    expected = site_epsilon_after(node["config"], node["manifest"], 2, 2, tmp_path / "probe")
-    assert records[-1]["epsilon"] == pytest.approx(expected, rel=1e-9)
-    assert ledger_has(state_dir, records[-1]["ledger_head"])["kind"] == "release"
+    for k, node in enumerate(nodes.values()):
+        records = [r["sites"][f"site-{k}"] for r in doc["rounds"]]
+        assert [r["status"] for r in records] == ["trained", "trained"]
+        # What the site reports is what one accountant over every step of both rounds says.
+        expected = site_epsilon_after(config, node["manifest"], 2, 2, tmp_path / f"probe-{k}")
+        assert summary["epsilon"][f"site-{k}"] == pytest.approx(expected, rel=1e-9)
+        assert ledger_has(state_dirs[k], records[-1]["ledger_head"])["kind"] == "release"
+    if not secagg:  # SecAgg+'s replies carry Flower's own metrics
+        first, second = (m.content["metrics"] for m in grid.replies[:1] + grid.replies[2:3])
+        assert first["worker-start-seconds"] > 0 and first["import-seconds"] > 0.05
+        assert second["import-seconds"] < 0.05  # the worker kept torch, Opacus and the model loaded
