@@ -199,3 +199,15 @@ def test_demo_console_has_no_banner_no_warning_and_no_duplicated_line(tmp_path):
     assert any(line.startswith("starting 3 simulated sites") for line in lines)
     assert sum(line.startswith("DP noise: ") for line in lines) == 1  # once per command, not per round
     assert "final validation AUROC" in console
+
+
+@pytest.mark.parametrize("preset", [None, "1"], ids=["unset", "user-set"])
+def test_flower_telemetry_is_off_unless_the_user_turned_it_on(tmp_path, monkeypatch, preset):
+    """Flower posts usage events from every process unless FLWR_TELEMETRY_ENABLED=0; clinfuse's
+    commands (and the Ray workers and Flower processes they start) inherit its default of 0."""
+    if preset is None:
+        monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
+    else:
+        monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", preset)
+    assert main(["-q", "init", str(tmp_path / "site")]) == 0
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == ("0" if preset is None else preset)
