@@ -72,7 +72,7 @@ def test_the_key_and_socket_are_private(tmp_path, workers):
     echo(tmp_path / "state", workers)
     key = tmp_path / "state" / site_worker.KEY_FILE
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
-    address = Path(site_worker.worker_address(tmp_path / "state", site_worker.code_identity()))
+    address = Path(site_worker.worker_address(tmp_path / "state"))
     assert stat.S_IMODE(address.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(address.stat().st_mode) == 0o600
 
@@ -81,7 +81,7 @@ def test_a_process_without_the_site_key_is_refused(tmp_path, workers):
     echo(tmp_path / "state", workers)
     from multiprocessing.connection import AuthenticationError, Client
 
-    address = site_worker.worker_address(tmp_path / "state", site_worker.code_identity())
+    address = site_worker.worker_address(tmp_path / "state")
     with pytest.raises(AuthenticationError):
         Client(address, family="AF_UNIX", authkey=b"x" * 32)
     assert echo(tmp_path / "state", workers)[0]["served"] == 2  # still serving
@@ -106,15 +106,24 @@ def test_a_worker_that_dies_is_replaced_by_the_next_message(tmp_path, workers):
     assert gone(again["pid"])
     third, _ = echo(tmp_path / "state", workers)
     assert third["pid"] not in (first["pid"], again["pid"])
-    address = Path(site_worker.worker_address(tmp_path / "state", site_worker.code_identity()))
+    address = Path(site_worker.worker_address(tmp_path / "state"))
     os.kill(third["pid"], signal.SIGTERM)  # stopped: it removes its files
     assert gone(third["pid"])
     assert not address.exists() and not Path(f"{address}.lock").exists()
 
 
+def test_a_worker_running_other_code_hands_over_to_a_new_one(tmp_path, workers, monkeypatch):
+    old, _ = echo(tmp_path / "state", workers)
+    monkeypatch.setattr(site_worker, "code_identity", lambda: "an upgraded clinfuse")
+    new, _ = echo(tmp_path / "state", workers)
+    assert new["pid"] != old["pid"] and new["served"] == 1  # the old one handled nothing more
+    assert gone(old["pid"])  # one worker per site, never two
+    assert echo(tmp_path / "state", workers)[0]["pid"] == new["pid"]
+
+
 def test_a_worker_stops_when_idle_and_when_its_supernode_is_gone(tmp_path, workers):
     idle, _ = echo(tmp_path / "idle", workers, idle_timeout_s=1.0)
-    address = Path(site_worker.worker_address(tmp_path / "idle", site_worker.code_identity()))
+    address = Path(site_worker.worker_address(tmp_path / "idle"))
     assert gone(idle["pid"], 10)
     assert not address.exists() and not Path(f"{address}.lock").exists()
     supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

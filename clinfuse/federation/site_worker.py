@@ -69,7 +69,7 @@ class WorkerUnavailable(SiteWorkerError):
 
 def code_identity(packages: Sequence[str] = ("clinfuse", "federated")) -> str:
     """What decides the code a worker runs: interpreter, import path and the newest source file of
-    ``packages``. A change of any (an upgrade, another app bundle) gets a worker of its own."""
+    ``packages``. A change of any (an upgrade, another app bundle) replaces the site's worker."""
     digest = hashlib.sha256(sys.executable.encode())
     digest.update("\0".join(os.path.abspath(p) for p in sys.path if p).encode())
     for name in packages:
@@ -80,15 +80,15 @@ def code_identity(packages: Sequence[str] = ("clinfuse", "federated")) -> str:
     return digest.hexdigest()[:24]
 
 
-def worker_address(state_dir: str | Path, identity: str) -> str:
-    """The Unix socket of the worker for ``state_dir`` running code ``identity`` (short enough
-    for the 107-byte limit whatever the state dir's path)."""
+def worker_address(state_dir: str | Path) -> str:
+    """The Unix socket of the worker for ``state_dir`` (short enough for the 107-byte limit
+    whatever the state dir's path)."""
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     folder = Path(base) / f"clinfuse-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
         raise SiteWorkerError(f"{folder} must be a directory only you can use (mode 0700)")
-    tag = hashlib.sha256(f"{Path(state_dir).resolve()}\0{identity}".encode()).hexdigest()[:20]
+    tag = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:20]
     return str(folder / f"site-{tag}.sock")
 
 
@@ -127,25 +127,25 @@ def _receive(conn) -> tuple[dict, list[bytes]]:
 def call(state_dir: str | Path, handler: str, header: dict, blobs: Sequence[bytes], *,
          idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
          watch_pid: int | None = None) -> tuple[dict, list[bytes]]:
-    """Send one request to the site's worker, starting the worker if none serves this code.
+    """Send one request to the site's worker, starting one if none serves, or if the one serving
+    runs other code (:func:`code_identity`: it exits unasked and a new one takes over).
 
     Returns the handler's ``(header, blobs)``. Raises :class:`WorkerUnavailable` when no worker
-    answers within ``start_timeout_s`` (nothing sent), :class:`SiteWorkerError` when it stops
+    answers within ``start_timeout_s`` (nothing handled), :class:`SiteWorkerError` when it stops
     mid-request, and re-raises (as :class:`SiteWorkerError`) what the handler raised, by its text.
     """
     try:
-        address, key = worker_address(state_dir, code_identity()), authkey(state_dir)
+        identity, address, key = code_identity(), worker_address(state_dir), authkey(state_dir)
     except OSError as exc:
         raise WorkerUnavailable(f"no place for the site worker's socket or key: {exc}") from None
     started, spawned = time.monotonic(), None
     while True:
         try:
             conn = Client(address, family="AF_UNIX", authkey=key)
-            break
         except (FileNotFoundError, ConnectionRefusedError):
             if spawned is None:
                 try:
-                    spawned = _spawn(address, state_dir, handler, idle_timeout_s,
+                    spawned = _spawn(address, state_dir, handler, identity, idle_timeout_s,
                                      os.getppid() if watch_pid is None else watch_pid)
                 except OSError as exc:
                     raise WorkerUnavailable(f"the site worker could not be started: {exc}") from None
@@ -153,31 +153,38 @@ def call(state_dir: str | Path, handler: str, header: dict, blobs: Sequence[byte
                 spawned = None
             elif spawned.poll() is not None:
                 raise WorkerUnavailable(f"the site worker exited with status {spawned.returncode} before "
-                                      f"serving (its errors are in this SuperNode's log)") from None
+                                        f"serving (its errors are in this SuperNode's log)") from None
             if time.monotonic() - started > start_timeout_s:
                 raise WorkerUnavailable(f"the site worker did not start within {start_timeout_s:g} s") from None
             time.sleep(0.05)
+            continue
         except AuthenticationError:
             raise WorkerUnavailable(f"the process at {address} does not hold this site's worker key") from None
-    with conn:
-        try:
-            _send(conn, {**header, "client-wait-seconds": time.monotonic() - started}, blobs)
-            reply, reply_blobs = _receive(conn)
-        except (EOFError, OSError) as exc:
-            raise SiteWorkerError(f"the site worker stopped while handling the message ({type(exc).__name__})") \
-                from None
+        with conn:
+            try:
+                _send(conn, {**header, "code": identity, "client-wait-seconds": time.monotonic() - started}, blobs)
+                reply, reply_blobs = _receive(conn)
+            except (EOFError, OSError) as exc:
+                raise SiteWorkerError(f"the site worker stopped while handling the message "
+                                      f"({type(exc).__name__})") from None
+        if not reply.pop("stale", False):
+            break
+        _log.info("the site worker ran other code (an upgrade or another app bundle): starting a new one")
+        spawned = None  # it handled nothing and is leaving
     if not reply.pop("ok", False):
         raise SiteWorkerError(reply.get("error", "the site worker failed"))
     return reply, reply_blobs
 
 
-def _spawn(address: str, state_dir, handler: str, idle_timeout_s: float, watch_pid: int) -> subprocess.Popen:
+def _spawn(address: str, state_dir, handler: str, identity: str, idle_timeout_s: float,
+           watch_pid: int) -> subprocess.Popen:
     # The worker imports what this process imported: the same path (the app bundle's folder included).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
     _log.info("starting this site's worker process (it keeps the model and data loaded between rounds)")
     return subprocess.Popen(
         [sys.executable, "-m", "clinfuse.federation.site_worker", "--address", address, "--state-dir",
-         str(state_dir), "--handler", handler, "--idle-timeout", str(idle_timeout_s), "--watch-pid", str(watch_pid)],
+         str(state_dir), "--handler", handler, "--code-identity", identity, "--idle-timeout", str(idle_timeout_s),
+         "--watch-pid", str(watch_pid)],
         stdin=subprocess.DEVNULL, env=env, close_fds=True)
 
 
@@ -199,12 +206,13 @@ def _remove(address: str) -> None:
             os.unlink(path)
 
 
-def serve(address: str, key: bytes, handler: Handler, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-          watch_pid: int | None = None) -> int:
+def serve(address: str, key: bytes, handler: Handler, *, identity: str | None = None,
+          idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, watch_pid: int | None = None) -> int:
     """Serve requests on ``address`` until idle for ``idle_timeout_s`` or ``watch_pid`` is gone.
 
-    One request at a time (a site trains one message at a time). Returns 0; returns 0 at once
-    when another worker already serves ``address``.
+    One request at a time (a site trains one message at a time). A request from other code than
+    ``identity`` is answered "stale", unhandled, and the worker exits. Returns 0; returns 0 at
+    once when another worker already serves ``address``.
     """
     with open(address + ".lock", "a") as lock:
         try:
@@ -248,6 +256,9 @@ def serve(address: str, key: bytes, handler: Handler, *, idle_timeout_s: float =
                 try:
                     with conn:
                         header, blobs = _receive(conn)
+                        if identity is not None and header.get("code") != identity:
+                            _send(conn, {"ok": False, "stale": True}, [])
+                            leave(0)
                         try:
                             reply, reply_blobs = handler(header, blobs)
                             reply = {**reply, "ok": True}
@@ -277,13 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="Unix socket to listen on")
     parser.add_argument("--state-dir", required=True, help="the site's state dir (holds the worker key)")
     parser.add_argument("--handler", required=True, help="module:function serving a request")
+    parser.add_argument("--code-identity", default=None, help="serve only clients running this code")
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
                         help="exit after this many seconds without a message")
     parser.add_argument("--watch-pid", type=int, default=None, help="exit once this process is gone")
     args = parser.parse_args(argv)
     handler = load_handler(args.handler)
-    return serve(args.address, authkey(args.state_dir), handler, idle_timeout_s=args.idle_timeout,
-                 watch_pid=args.watch_pid)
+    return serve(args.address, authkey(args.state_dir), handler, identity=args.code_identity,
+                 idle_timeout_s=args.idle_timeout, watch_pid=args.watch_pid)
 
 
 if __name__ == "__main__":
