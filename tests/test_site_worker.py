@@ -77,6 +77,13 @@ def test_the_key_and_socket_are_private(tmp_path, workers):
     assert stat.S_IMODE(address.stat().st_mode) == 0o600
 
 
+def test_a_key_other_accounts_can_read_is_not_used(tmp_path):
+    site_worker.authkey(tmp_path / "state")
+    (tmp_path / "state" / site_worker.KEY_FILE).chmod(0o644)
+    with pytest.raises(WorkerUnavailable, match="chmod 600"):  # the app process then handles the message
+        site_worker.call(tmp_path / "state", ECHO, {}, [])
+
+
 def test_a_process_without_the_site_key_is_refused(tmp_path, workers):
     echo(tmp_path / "state", workers)
     from multiprocessing.connection import AuthenticationError, Client
@@ -209,3 +216,25 @@ def test_deployed_sites_train_through_one_worker_each_and_spend_what_they_report
         first, second = (m.content["metrics"] for m in grid.replies[:1] + grid.replies[2:3])
         assert first["worker-start-seconds"] > 0 and first["import-seconds"] > 0.05
         assert second["import-seconds"] < 0.05  # the worker kept torch, Opacus and the model loaded
+
+
+def test_without_a_usable_worker_the_app_process_handles_the_message(tmp_path, federation_cohort, caplog):
+    from test_federation_rounds import LocalGrid, site_epsilon_after, tiny_config
+
+    from federated.client_app import app
+    from federated.rounds import run_study
+
+    config, state_dir = str(tiny_config(tmp_path)), tmp_path / "state" / "site-0"
+    site_worker.authkey(state_dir)
+    (state_dir / site_worker.KEY_FILE).chmod(0o644)
+    node = {"manifest": str(federation_cohort / "site-0" / "manifest.csv"), "site-id": "site-0",
+            "state-dir": str(state_dir), "max-epsilon": 100.0, "config": config}
+    run_config = {"config": config, "workdir": str(tmp_path / "work"), "num-rounds": 1, "min-sites": 1}
+    grid = LocalGrid(app, 0, extra_nodes={2000: node})
+    grid.contexts[2000].run_config = dict(run_config)
+    with caplog.at_level("WARNING", logger="clinfuse.site"):
+        summary = run_study(grid, {"expected-sites": 1, "wait-seconds": 1, **run_config})
+    assert site_workers(state_dir) == []
+    assert "chmod 600" in caplog.text and "handling this message in the ClientApp process" in caplog.text
+    assert summary["epsilon"]["site-0"] == pytest.approx(
+        site_epsilon_after(config, node["manifest"], 1, 1, tmp_path / "probe"), rel=1e-9)

@@ -87,7 +87,7 @@ def worker_address(state_dir: str | Path) -> str:
     folder = Path(base) / f"clinfuse-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
-        raise SiteWorkerError(f"{folder} must be a directory only you can use (mode 0700)")
+        raise WorkerUnavailable(f"{folder} must be a directory only this account can use (mode 0700)")
     tag = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:20]
     return str(folder / f"site-{tag}.sock")
 
@@ -105,12 +105,14 @@ def authkey(state_dir: str | Path) -> bytes:
             fh.write(secrets.token_bytes(32))
             fh.flush()
             os.fsync(fh.fileno())
+    if path.stat().st_mode & 0o077:  # e.g. restored from a backup with other permissions
+        raise WorkerUnavailable(f"{path} is readable by other accounts: chmod 600 it")
     for _ in range(50):  # another process may be between creating the file and writing it
         key = path.read_bytes()
         if len(key) == 32:
             return key
         time.sleep(0.02)
-    raise SiteWorkerError(f"{path} is not a site worker key (32 bytes); delete it and retry")
+    raise WorkerUnavailable(f"{path} is not a site worker key (32 bytes); delete it")
 
 
 def _send(conn, header: dict, blobs: Sequence[bytes]) -> None:
