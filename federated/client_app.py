@@ -140,21 +140,21 @@ class ClinfuseClientApp(ClientApp):
             protocol.sign_reply(reply, msg, self.site_of(context)[1].state_dir)
         return reply
 
-    def forwards(self, context: Context) -> bool:
-        """Whether this process hands messages to the site's worker: in deployment, unless the
-        node config says ``site-worker=false`` or the platform has no Unix sockets; never for an
-        app with its own overrides or mods (the worker serves this module's :data:`app`)."""
+    def worker_site(self, context: Context) -> protocol.SiteSpec | None:
+        """The site whose worker this process hands messages to: in deployment, unless the node
+        config says ``site-worker=false`` or the platform has no Unix sockets; never for an app
+        with its own overrides or mods (the worker serves this module's :data:`app`)."""
         if self.overrides or self.extra_mods or not site_worker.AVAILABLE:
-            return False
+            return None
         try:
-            return self.site_of(context)[1].worker
+            spec = self.site_of(context)[1]
         except Exception:  # noqa: BLE001 - a bad node config is reported by the handler itself
-            return False
+            return None
+        return spec if spec.worker else None
 
     def __call__(self, message: Message, context: Context) -> Message:
-        if self.forwards(context):
-            return forward(message, context)
-        return self.handle(message, context)
+        spec = self.worker_site(context)
+        return self.handle(message, context) if spec is None else forward(message, context, spec)
 
     def handle(self, message: Message, context: Context) -> Message:
         """Run the message's handler in this process (SecAgg+'s legacy exchanges included)."""
@@ -172,11 +172,10 @@ class ClinfuseClientApp(ClientApp):
         return super().__call__(message, context)
 
 
-def forward(message: Message, context: Context) -> Message:
-    """Hand ``message`` to the site's worker; its reply, and the context it updated (Flower keeps
-    ``context.state`` between a run's messages, SecAgg+'s keys among them), come back."""
+def forward(message: Message, context: Context, spec: protocol.SiteSpec) -> Message:
+    """Hand ``message`` to the worker of site ``spec``; its reply, and the context it updated
+    (Flower keeps ``context.state`` between a run's messages, SecAgg+'s keys among them), come back."""
     startup = _startup_seconds()
-    spec = protocol.site_spec(context.node_config, RunConfig.parse(dict(context.run_config)))
     try:
         _, blobs = site_worker.call(
             spec.state_dir, WORKER_HANDLER, {"startup": startup},

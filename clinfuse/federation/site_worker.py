@@ -226,7 +226,6 @@ def serve(address: str, key: bytes, handler: Handler, *, identity: str | None = 
         listener = Listener(address, family="AF_UNIX", authkey=key)
         os.chmod(address, 0o600)
         state = {"busy": False, "last": time.monotonic()}
-        done = threading.Event()
 
         def leave(code: int) -> None:
             _remove(address)
@@ -237,9 +236,9 @@ def serve(address: str, key: bytes, handler: Handler, *, identity: str | None = 
                     or (watch_pid is not None and not _alive(watch_pid)))
 
         def watchdog() -> None:
-            while not done.wait(0.5):
+            while True:
+                time.sleep(0.5)
                 if not state["busy"] and should_stop():
-                    done.set()
                     leave(0)
 
         # SIGTERM or SIGINT (the SuperNode's group stopped, Ctrl-C) mid-message is a crash, which
@@ -248,7 +247,7 @@ def serve(address: str, key: bytes, handler: Handler, *, identity: str | None = 
             signal.signal(sig, lambda number, _frame: leave(128 + number))
         threading.Thread(target=watchdog, daemon=True, name="site-worker-watchdog").start()
         try:
-            while not done.is_set():
+            while True:
                 try:
                     conn = listener.accept()
                 except (AuthenticationError, EOFError, OSError) as exc:
