@@ -238,3 +238,57 @@ def test_without_a_usable_worker_the_app_process_handles_the_message(tmp_path, f
     assert "chmod 600" in caplog.text and "handling this message in the ClientApp process" in caplog.text
     assert summary["epsilon"]["site-0"] == pytest.approx(
         site_epsilon_after(config, node["manifest"], 1, 1, tmp_path / "probe"), rel=1e-9)
+
+
+def test_a_warm_worker_reads_the_privacy_state_from_disk_every_message(tmp_path, federation_cohort, capfd):
+    """An attacker or an accident between rounds: a deleted accountant, then an edited plan. The
+    worker that served round 1 is still alive, and still refuses both, as a fresh process would."""
+    from test_federation_rounds import LocalGrid, tiny_config
+
+    from federated.client_app import app
+    from federated.rounds import StudyStopped, run_study
+
+    config, state_dir = str(tiny_config(tmp_path)), tmp_path / "state" / "site-0"
+    node = {"manifest": str(federation_cohort / "site-0" / "manifest.csv"), "site-id": "site-0",
+            "state-dir": str(state_dir), "max-epsilon": 100.0, "config": config}
+
+    def one_round(name: str) -> str:
+        """The site's status in round 1 of a 3-round study stopped after it, or why the study stopped."""
+        run_config = {"config": config, "workdir": str(tmp_path / name), "num-rounds": 3, "min-sites": 1,
+                      "stop-after-round": 1}
+        grid = LocalGrid(app, 0, extra_nodes={2000: node})
+        grid.contexts[2000].run_config = dict(run_config)
+        try:
+            summary = run_study(grid, {"expected-sites": 1, "wait-seconds": 1, **run_config})
+        except StudyStopped as stopped:
+            return str(stopped)
+        return json.loads((Path(summary["run_dir"]) / "history.json").read_text())["rounds"][0]["sites"]["site-0"][
+            "status"]
+
+    def dp_entries() -> int:
+        from clinfuse.privacy.ledger import read_entries
+
+        return sum(e["kind"] == "dp-training" for e in read_entries(state_dir / "ledger.jsonl"))
+
+    try:
+        assert one_round("first") == "trained"
+        worker = site_workers(state_dir)
+        spent = dp_entries()
+        accountant = state_dir / "accountant.json"
+        saved = accountant.read_bytes()
+        accountant.unlink()
+        capfd.readouterr()
+        assert "0 site(s) trained" in one_round("deleted")
+        assert "refusing to start from zero" in capfd.readouterr().err  # the worker's log, on the node's console
+        accountant.write_bytes(saved)
+        plan = state_dir / "plan.json"
+        edited = json.loads(plan.read_text())
+        edited["noise_multiplier"] = edited["noise_multiplier"] * 4  # less epsilon per step on paper
+        plan.write_text(json.dumps(edited))
+        assert "0 site(s) trained" in one_round("edited")
+        assert "site replan" in capfd.readouterr().err
+        assert site_workers(state_dir) == worker  # the same warm worker refused both
+        assert dp_entries() == spent  # nothing trained, nothing spent unrecorded
+    finally:
+        for pid in site_workers(state_dir):
+            os.kill(pid, signal.SIGTERM)
