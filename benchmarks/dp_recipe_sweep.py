@@ -123,26 +123,34 @@ def auroc(y, p):
     return float(roc_auc_score(y, p[:, 1])) if p.shape[1] == 2 else float(roc_auc_score(y, p, multi_class="ovr"))
 
 
-def federate(sites, n_classes, *, rounds, lr, momentum, rng, batch=32):
-    """FedAvg of non-DP minibatch SGD with momentum (one epoch per round): the reference rows."""
-    d = sites[0][0].shape[1]
-    w = np.zeros((d, n_classes))
+def fedavg(sites, n_classes, rounds, local_steps):
+    """Patient-weighted FedAvg of a linear softmax model, one local epoch per round;
+    ``local_steps(z, onehot, local)`` yields ``(gradient, lr, momentum)`` per local step, each
+    gradient taken at ``local[0]``, the site's iterate as the previous steps left it."""
+    w = np.zeros((sites[0][0].shape[1], n_classes))
     total = sum(len(y) for _, y in sites)
     for _ in range(rounds):
         new = np.zeros_like(w)
         for z, y in sites:
-            n = len(y)
-            wl, v = w.copy(), np.zeros_like(w)
-            onehot = np.eye(n_classes)[y]
-            order = rng.permutation(n)
-            for s in range(0, n, batch):
-                b = order[s:s + batch]
-                g = z[b].T @ (softmax(z[b] @ wl) - onehot[b]) / len(b)
+            local, v = [w.copy()], np.zeros_like(w)
+            for g, lr, momentum in local_steps(z, np.eye(n_classes)[y], local):
                 v = momentum * v + g
-                wl = wl - lr * v
-            new += wl * n / total
+                local[0] = local[0] - lr * v
+            new += local[0] * len(y) / total
         w = new
     return w
+
+
+def federate(sites, n_classes, *, rounds, lr, momentum, rng, batch=32):
+    """FedAvg of non-DP minibatch SGD with momentum (one epoch per round): the reference rows."""
+
+    def local_steps(z, onehot, local):
+        order = rng.permutation(len(z))
+        for s in range(0, len(z), batch):
+            b = order[s:s + batch]
+            yield z[b].T @ (softmax(z[b] @ local[0]) - onehot[b]) / len(b), lr, momentum
+
+    return fedavg(sites, n_classes, rounds, local_steps)
 
 
 def main(argv=None) -> int:
@@ -219,33 +227,24 @@ def main(argv=None) -> int:
 
 
 def federate_sites(sites, n_classes, rounds, k_of, sig, clip, lr, mom, rng):
-    """Like :func:`federate` with each site's own sigma (planned for its own n)."""
-    d = sites[0][0].shape[1]
-    w = np.zeros((d, n_classes))
-    total = sum(len(y) for _, y in sites)
-    for _ in range(rounds):
-        new = np.zeros_like(w)
-        for z, y in sites:
-            n = len(y)
-            k, sigma = k_of(n), sig[n]
-            q = 1.0 / k
-            onehot = np.eye(n_classes)[y]
-            wl, v = w.copy(), np.zeros_like(w)
-            for _ in range(k):
-                pick = rng.random(n) < q
-                zb, yb = z[pick], onehot[pick]
-                g = np.zeros_like(w)
-                if len(zb):
-                    r = softmax(zb @ wl) - yb
-                    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(zb, axis=1)
-                    g = zb.T @ (r * np.minimum(1.0, clip / (norms + 1e-6))[:, None])
-                g = (g + rng.normal(0, sigma * clip, size=g.shape)) / (q * n)
-                v = mom * v + g
-                wl = wl - lr * v
-            new += wl * n / total
-        w = new
-    return w
+    """Like :func:`federate`, under DP-SGD: Poisson batches (rate 1/k), per-patient clipping and
+    each site's own sigma (planned for its own n)."""
 
+    def local_steps(z, onehot, local):
+        n = len(z)
+        k, sigma = k_of(n), sig[n]
+        q = 1.0 / k
+        for _ in range(k):
+            pick = rng.random(n) < q
+            zb, yb = z[pick], onehot[pick]
+            g = np.zeros((z.shape[1], n_classes))
+            if len(zb):
+                r = softmax(zb @ local[0]) - yb
+                norms = np.linalg.norm(r, axis=1) * np.linalg.norm(zb, axis=1)
+                g = zb.T @ (r * np.minimum(1.0, clip / (norms + 1e-6))[:, None])
+            yield (g + rng.normal(0, sigma * clip, size=g.shape)) / (q * n), lr, mom
+
+    return fedavg(sites, n_classes, rounds, local_steps)
 
 
 def library_run(dataset: str, epsilons, seeds: int, rounds: int = 5, overrides=()) -> None:
