@@ -162,6 +162,13 @@ def call(state_dir: str | Path, handler: str, header: dict, blobs: Sequence[byte
             continue
         except AuthenticationError:
             raise WorkerUnavailable(f"the process at {address} does not hold this site's worker key") from None
+        except (ConnectionResetError, BrokenPipeError, EOFError):
+            # A worker leaving (idle, or for newer code) between our connect and its handshake:
+            # nothing was sent; its socket goes next and a new worker is started.
+            if time.monotonic() - started > start_timeout_s:
+                raise WorkerUnavailable(f"the site worker did not start within {start_timeout_s:g} s") from None
+            time.sleep(0.05)
+            continue
         with conn:
             try:
                 _send(conn, {**header, "code": identity, "client-wait-seconds": time.monotonic() - started}, blobs)
