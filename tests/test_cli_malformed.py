@@ -309,3 +309,15 @@ def test_malformed_input_exits_2_with_one_line(case, tmp_path, checkpoint, capsy
     for name in names:
         assert name in lines[0], (name, lines[0])
     assert tree(tmp_path) == before, sorted(tree(tmp_path) - before)
+
+
+def test_a_row_with_more_fields_than_the_header_is_refused_not_shifted(tmp_path, capsys):
+    """pandas would take the first column as the index and shift every cell one column left."""
+    from clinfuse.cli import main
+    from tests.conftest import HEADER
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(",".join(HEADER) + "\n" + "p1,extra," + ",".join([""] * (len(HEADER) - 1)) + "\n")
+    assert main(["validate", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert "more fields than the header" in err and str(manifest) in err and len(err.strip().splitlines()) == 1

@@ -34,6 +34,7 @@ import codecs
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -217,9 +218,17 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         if suffix == ".csv":
             # Everything as text: validation decides what a cell means, pandas must not guess.
-            # Bytes that are not UTF-8 are kept (marked) so that only their row fails.
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig",
-                               encoding_errors=_MARK_BYTES)
+            # Bytes that are not UTF-8 are kept (marked) so that only their row fails. Never an
+            # index column: pandas would silently take the first column as the index when a row
+            # has more fields than the header, shifting every cell; such a row is refused instead.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                try:
+                    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig",
+                                       encoding_errors=_MARK_BYTES, index_col=False)
+                except pd.errors.ParserWarning:
+                    raise InputError("a row has more fields than the header (an unquoted comma?): quote "
+                                     "cells that contain commas", file=path) from None
         if suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
             return frame.astype(object).where(frame.notna(), "").map(
