@@ -94,8 +94,23 @@ def _run(argv: Sequence[str], *, record: list[str] | None = None, env: Mapping[s
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port free on ``host`` right now (the OS picks it; a race with other programs is
-    possible but unlikely in the second before the server binds it)."""
+    """A TCP port free on ``host`` right now, below the kernel's ephemeral range: a port the OS
+    picks (bind to 0) is one it also hands to outgoing connections, so a SuperNode connecting to
+    the SuperLink could take another's chosen port before it binds (seen in CI)."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            ephemeral_low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    for port in random.sample(range(20000, max(20001, ephemeral_low)), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
